@@ -1,0 +1,158 @@
+"""The systemd manager over D-Bus (pystemd): properties, reload, start/stop, reset-failed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+DESTINATION = b"org.freedesktop.systemd1"
+MANAGER_PATH = b"/org/freedesktop/systemd1"
+MANAGER_IFACE = b"org.freedesktop.systemd1.Manager"
+PROPERTIES_IFACE = b"org.freedesktop.DBus.Properties"
+
+
+class BusError(RuntimeError):
+    """systemd could not be reached or refused a request; the message is one line."""
+
+
+def _text(value: Any) -> Any:
+    """pystemd hands back bytes; turn them (recursively) into str for callers."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_text(v) for v in value)
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    return value
+
+
+def user_private_socket() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return Path(runtime) / "systemd" / "private"
+
+
+class Systemd:
+    """A connection to the user's (or, with system=True, the system's) service manager.
+
+    Like systemctl, a user connects straight to the manager's private socket when it can
+    (no D-Bus daemon needed) and falls back to the session bus.
+    """
+
+    def __init__(self, system: bool = False) -> None:
+        self.system = system
+        self._bus = None
+
+    def __enter__(self) -> "Systemd":
+        from pystemd.dbuslib import DBus, DBusAddress
+
+        private = Path("/run/systemd/private") if self.system else user_private_socket()
+        try:
+            if os.access(private, os.W_OK):
+                self._bus = DBusAddress(b"unix:path=" + os.fsencode(private), peer_to_peer=True)
+            else:
+                self._bus = DBus(user_mode=not self.system)
+            self._bus.open()
+        except Exception as e:  # pystemd raises DBusError subclasses of Exception
+            where = "system manager" if self.system else "user manager (systemd --user)"
+            raise BusError(f"cannot connect to the {where}: {_reason(e)}; see `agor-units doctor`") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
+
+    def call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: list | None = None) -> Any:
+        from pystemd.dbuslib import apply_signature
+
+        try:
+            reply = self._bus.call_method(DESTINATION, path, interface, method,
+                                          apply_signature(signature, args or []) if signature else None)
+        except Exception as e:
+            raise BusError(f"{method.decode()} failed: {_reason(e)}") from None
+        return _text(reply.body)
+
+    def manager(self, method: str, signature: str = "", *args: Any) -> Any:
+        encoded = [a.encode() if isinstance(a, str) else a for a in args]
+        return self.call(MANAGER_PATH, MANAGER_IFACE, method.encode(), signature.encode(), encoded)
+
+    def version(self) -> int:
+        """The major version of the running manager, e.g. 252 for '252.39-1~deb12u2'."""
+        props = self.call(MANAGER_PATH, PROPERTIES_IFACE, b"Get", b"ss", [MANAGER_IFACE, b"Version"])
+        text = props[0] if isinstance(props, (list, tuple)) else props
+        return parse_version(str(text))
+
+    def unit_properties(self, unit: str) -> dict[str, Any]:
+        """Unit + Service properties merged, with str keys and values."""
+        from pystemd.dbuslib import path_encode
+
+        path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+        props: dict[str, Any] = {}
+        for interface in (b"org.freedesktop.systemd1.Unit", b"org.freedesktop.systemd1.Service"):
+            body = self.call(path, PROPERTIES_IFACE, b"GetAll", b"s", [interface])
+            props.update(body[0] if isinstance(body, (list, tuple)) else body)
+        return props
+
+    def reload(self) -> None:
+        self.manager("Reload")
+
+    def reset_failed(self, unit: str) -> None:
+        """Clear failed state, NRestarts and the start limiter; a unit not loaded has none."""
+        try:
+            self.manager("ResetFailedUnit", "s", unit)
+        except BusError as e:
+            if "not loaded" not in str(e):
+                raise
+
+    def start(self, unit: str) -> None:
+        self.manager("StartUnit", "ss", unit, "replace")
+
+    def restart(self, unit: str) -> None:
+        self.manager("RestartUnit", "ss", unit, "replace")
+
+    def stop(self, unit: str) -> None:
+        self.manager("StopUnit", "ss", unit, "replace")
+
+    def enable(self, paths: list[str]) -> None:
+        self.call(MANAGER_PATH, MANAGER_IFACE, b"EnableUnitFiles", b"asbb",
+                  [[p.encode() for p in paths], False, True])
+
+    def disable(self, names: list[str]) -> None:
+        self.call(MANAGER_PATH, MANAGER_IFACE, b"DisableUnitFiles", b"asb", [[n.encode() for n in names], False])
+
+
+def parse_version(text: str) -> int:
+    digits = ""
+    for ch in text.strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    if not digits:
+        raise BusError(f"cannot parse systemd version {text!r}")
+    return int(digits)
+
+
+def _reason(error: Exception) -> str:
+    """pystemd's DBusError carries errno and the bus error message; keep it to one readable line."""
+    message = getattr(error, "err_message", None)
+    if isinstance(message, bytes):
+        message = message.decode(errors="replace")
+    errno = getattr(error, "errno", None)
+    if not message and isinstance(errno, int):
+        message = os.strerror(abs(errno))
+    return " ".join((message or str(error) or type(error).__name__).split())
+
+
+def installed_systemd_version() -> int | None:
+    """`systemctl --version` of the installed systemd, for rendering without a manager."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = out.split()
+    return parse_version(words[1]) if len(words) > 1 and words[0] == "systemd" else None

@@ -1,0 +1,247 @@
+"""agor-units: a thin command line over agor_systemd's library API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .backoff import schedule
+from .bus import BusError
+from .config import Config, ConfigError, load_config, resolve_command, restart_policy, sidecar_config
+from .health import NotInstalled
+from .install import InstallError
+from .protocol import SIDECAR_UNIT
+from .unitfile import UnitValueError
+
+EXPECTED_ERRORS = (ConfigError, InstallError, BusError, NotInstalled, UnitValueError)
+
+
+def fail(message: str) -> None:
+    click.echo(f"agor-units: error: {message}", err=True)
+    sys.exit(1)
+
+
+def friendly_errors(func):
+    """Expected problems become one line on stderr and exit status 1, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EXPECTED_ERRORS as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+
+    return wrapper
+
+
+def emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def config_options(func):
+    """Flags that override units.toml for one invocation; the sidecar command goes after `--`."""
+    options = [
+        click.option("--working-directory", metavar="PATH", help="Sidecar working directory (absolute, or ~/...)."),
+        click.option("--environment-file", metavar="PATH", help="File of VAR=value lines for the sidecar."),
+        click.option("--base-s", type=float, help="First restart delay in seconds (default 1)."),
+        click.option("--cap-s", type=float, help="Longest restart delay in seconds (default 30)."),
+        click.option("--attempts", type=int, help="Restarts before giving up (default 5)."),
+        click.option("--stability-window-s", type=float, help="Seconds of running that refill the budget (default 300)."),
+        click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG]...]"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def effective_config(ctx: click.Context, command, working_directory, environment_file, base_s, cap_s,
+                     attempts, stability_window_s) -> Config:
+    config = load_config(ctx.obj["config_path"])
+    sidecar_values = {k: v for k, v in (("working_directory", working_directory),
+                                        ("environment_file", environment_file)) if v is not None}
+    sidecar = sidecar_config(sidecar_values, config.sidecar)
+    if command:
+        sidecar = replace(sidecar, command=resolve_command(list(command)))
+    restart_values = {k: v for k, v in (("base_s", base_s), ("cap_s", cap_s), ("attempts", attempts),
+                                        ("stability_window_s", stability_window_s)) if v is not None}
+    return Config(sidecar=sidecar, restart=restart_policy(restart_values, config.restart))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agor-units")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="units.toml to use (default: $XDG_CONFIG_HOME/agor/units.toml).")
+@click.option("--system", is_flag=True, help="Use the system manager and /etc/systemd/system instead of the user's.")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
+    """Run agor's sidecar under systemd: exact restart backoff, give-up, health.
+
+    \b
+    Typical use:
+      agor-units install --now -- /usr/bin/node ~/agor/dist/claude-runner.mjs
+      agor-units health --json
+      agor-units restart          # after it gave up
+    Settings live in ~/.config/agor/units.toml ([sidecar], [restart]); flags override them.
+    """
+    ctx.obj = {"config_path": config_path, "system": system}
+
+
+@main.command()
+@config_options
+@click.option("--systemd-version", type=int, help="Render for this systemd version (default: the running one).")
+@click.option("--json", "as_json", is_flag=True, help="Print {unit name: text} as JSON.")
+@click.pass_context
+@friendly_errors
+def render(ctx, systemd_version, as_json, **overrides):
+    """Print the unit files install would write."""
+    from .bus import Systemd, installed_systemd_version
+    from .install import current_launcher
+    from .units import render_units
+
+    config = effective_config(ctx, **overrides)
+    if systemd_version is None:
+        try:
+            with Systemd(ctx.obj["system"]) as manager:
+                systemd_version = manager.version()
+        except BusError:
+            systemd_version = installed_systemd_version()
+    if systemd_version is None:
+        fail("cannot tell the systemd version; pass --systemd-version")
+    units = render_units(config, systemd_version, current_launcher(), ctx.obj["system"])
+    emit(units, as_json, "\n".join(f"# {name}\n{text}" for name, text in units.items()).rstrip("\n"))
+
+
+@main.command()
+@config_options
+@click.option("--now", is_flag=True, help="Also (re)start the sidecar with a fresh restart budget.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@click.option("--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Write the units into DIR (for packagers): no manager, no probing.")
+@click.option("--systemd-version", type=int, help="With --output: render for this systemd version.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.pass_context
+@friendly_errors
+def install(ctx, now, dry_run, output, systemd_version, as_json, **overrides):
+    """Write the units, reload systemd, enable them (and start with --now). Idempotent."""
+    from .install import install as do_install
+
+    config = effective_config(ctx, **overrides)
+    report = do_install(config, system=ctx.obj["system"], output=output, now=now, dry_run=dry_run,
+                        systemd_version=systemd_version)
+    from .units import uses_native_backoff
+
+    mode = "native" if uses_native_backoff(config, report.systemd_version) else "launcher fallback"
+    lines = [f"{'would write' if dry_run else 'wrote'} {report.directory / n}" for n in report.written]
+    lines += [f"unchanged {report.directory / n}" for n in report.unchanged]
+    lines += [f"systemd {report.systemd_version}: restart backoff {mode}, delays "
+              + ", ".join(f"{d:g}s" for d in schedule(config.restart))]
+    lines += [f"done: {a}" for a in report.actions]
+    emit(report.as_dict() | {"backoff": mode}, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.pass_context
+@friendly_errors
+def uninstall(ctx, dry_run, as_json):
+    """Stop, disable and remove exactly the units install wrote."""
+    from .install import uninstall as do_uninstall
+
+    report = do_uninstall(system=ctx.obj["system"], dry_run=dry_run)
+    lines = [f"{'would remove' if dry_run else 'removed'} {report.directory / n}" for n in report.removed]
+    lines += [f"kept {report.directory / n} (edited since install)" for n in report.kept]
+    emit(report.as_dict(), as_json, "\n".join(lines) or "nothing installed")
+
+
+HEALTH_EXIT = {"healthy": 0, "starting": 3, "restarting": 3, "failed": 4, "stopped": 5}
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the health object as JSON.")
+@click.pass_context
+@friendly_errors
+def health(ctx, as_json):
+    """The sidecar's health, from systemd.
+
+    \b
+    {"status": "healthy"}
+    {"status": "starting"}
+    {"status": "restarting", "attempt": 2, "next_retry_s": 1.4}
+    {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
+    {"status": "stopped"}
+    Exit status: 0 healthy, 3 starting/restarting, 4 failed, 5 stopped, 1 error.
+    """
+    from .health import read_health
+
+    state = read_health(SIDECAR_UNIT, ctx.obj["system"])
+    details = ", ".join(f"{k} {v}" for k, v in state.items() if k != "status")
+    emit(state, as_json, state["status"] + (f" ({details})" if details else ""))
+    sys.exit(HEALTH_EXIT[state["status"]])
+
+
+@main.command()
+@click.pass_context
+@friendly_errors
+def restart(ctx):
+    """Manual restart: clear the failed state and the restart budget, start the sidecar."""
+    from .install import manual_restart
+
+    manual_restart(ctx.obj["system"])
+    click.echo(f"restarted {SIDECAR_UNIT} with a full restart budget")
+
+
+@main.command()
+@config_options
+@click.option("--systemd-version", type=int, help="Render for this systemd version (default: the running one).")
+@click.pass_context
+@friendly_errors
+def verify(ctx, systemd_version, **overrides):
+    """Run `systemd-analyze verify` on the units rendered from the configuration."""
+    from .bus import Systemd, installed_systemd_version
+    from .install import current_launcher
+    from .units import render_units
+    from .verify import verify_units
+
+    config = effective_config(ctx, **overrides)
+    if systemd_version is None:
+        try:
+            with Systemd(ctx.obj["system"]) as manager:
+                systemd_version = manager.version()
+        except BusError:
+            systemd_version = installed_systemd_version()
+    units = render_units(config, systemd_version or 252, current_launcher(), ctx.obj["system"])
+    problems = verify_units(units, user=not ctx.obj["system"])
+    for line in problems:
+        click.echo(line, err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: {', '.join(units)} pass systemd-analyze verify")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.pass_context
+@friendly_errors
+def doctor(ctx, as_json):
+    """Check systemd version and features, the user manager, lingering and the install."""
+    from .doctor import run_checks
+
+    config = load_config(ctx.obj["config_path"])
+    checks = run_checks(config, ctx.obj["system"])
+    marks = {"ok": "ok  ", "warn": "warn", "error": "FAIL"}
+    lines = [f"[{marks[c.status]}] {c.name}: {c.detail}" + (f"\n       fix: {c.fix}" if c.fix else "") for c in checks]
+    emit([c.as_dict() for c in checks], as_json, "\n".join(lines))
+    sys.exit(1 if any(c.status == "error" for c in checks) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`agor-units doctor`: what this machine's systemd can do for agor, and how to fix what's missing."""
+
+from __future__ import annotations
+
+import ctypes.util
+import getpass
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .install import current_launcher, digest, read_manifest, unit_directory
+from .units import NATIVE_BACKOFF_VERSION, render_units, uses_native_backoff
+
+# version → what it gates for agor-systemd
+FEATURES = [
+    (243, "ExecStart ':' prefix (argv passed verbatim, no $VAR expansion) — required"),
+    (NATIVE_BACKOFF_VERSION, "RestartSteps=/RestartMaxDelaySec=/RestartUSecNext (native backoff; older: launcher fallback)"),
+    (255, "start rate limiter survives daemon-reload"),
+    (257, "restart counter reset when stopped during a restart wait"),
+    (258, "RESTART_RESET=1 notify message"),
+]
+MINIMUM_VERSION = 243
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok", "warn", "error"
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
+
+
+def run_checks(config: Config, system: bool = False) -> list[Check]:
+    from .bus import BusError, Systemd, installed_systemd_version
+
+    checks: list[Check] = []
+    installed = installed_systemd_version()
+    checks.append(Check("systemd installed", "ok" if installed else "error",
+                        f"systemd {installed}" if installed else "systemctl not found",
+                        "" if installed else "apt-get install systemd"))
+    version = None
+    user = getpass.getuser()
+    try:
+        with Systemd(system) as manager:
+            version = manager.version()
+        checks.append(Check("manager reachable", "ok", f"{'system' if system else 'user'} manager, systemd {version}"))
+    except BusError as e:
+        fix = "log in graphically or run `sudo loginctl enable-linger " + user + "`, then check $XDG_RUNTIME_DIR"
+        checks.append(Check("manager reachable", "error", str(e), "" if system else fix))
+
+    running = version or installed
+    if running:
+        if running < MINIMUM_VERSION:
+            checks.append(Check("systemd version", "error", f"systemd {running} is older than {MINIMUM_VERSION}",
+                                "upgrade systemd"))
+        for gate, feature in FEATURES:
+            checks.append(Check(f"systemd ≥ {gate}", "ok" if running >= gate else "warn", feature))
+        mode = "native" if uses_native_backoff(config, running) else "launcher fallback"
+        checks.append(Check("restart backoff", "ok", f"{mode} for the configured schedule"))
+
+    if not system:
+        linger = Path("/var/lib/systemd/linger") / user
+        checks.append(Check("lingering", "ok" if linger.exists() else "warn",
+                            "user manager runs without a login session" if linger.exists()
+                            else "the sidecar stops when you log out",
+                            "" if linger.exists() else f"sudo loginctl enable-linger {user}"))
+
+    lib = ctypes.util.find_library("systemd")
+    checks.append(Check("libsystemd", "ok" if lib else "error", lib or "libsystemd.so.0 not found (the launcher needs it)",
+                        "" if lib else "apt-get install libsystemd0"))
+
+    program = config.sidecar.command[0]
+    path = program.expand(str(Path.home())) if hasattr(program, "expand") else program
+    usable = os.path.isfile(path) and os.access(path, os.X_OK)
+    checks.append(Check("sidecar program", "ok" if usable else "error", path if usable else f"{path} is missing",
+                        "" if usable else "set [sidecar] command in ~/.config/agor/units.toml"))
+
+    directory = unit_directory(system)
+    try:
+        manifest = read_manifest(directory)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal, in a diagnosis
+        manifest = {}
+        checks.append(Check("units installed", "error", str(e)))
+    if running:
+        wanted = render_units(config, running, current_launcher(), system)
+        stale = [name for name, text in wanted.items() if manifest.get(name) != digest(text)]
+        checks.append(Check("units installed", "warn" if stale else "ok",
+                            f"not installed or out of date: {', '.join(stale)}" if stale else f"up to date in {directory}",
+                            "agor-units install --now" if stale else ""))
+    return checks

@@ -1,0 +1,121 @@
+"""The sidecar's health, computed from systemd's own unit properties.
+
+    {"status": "healthy"}
+    {"status": "starting"}                       first start, not READY yet
+    {"status": "restarting", "attempt": k, "next_retry_s": x}
+    {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
+    {"status": "stopped"}
+
+Everything comes from one GetAll of the unit: ActiveState/SubState, NRestarts, the restart
+timing (RestartUSecNext on systemd ≥ 254 in native mode; InactiveEnterTimestampMonotonic
+plus the launcher's --wait-schedule from ExecStart in fallback mode), Result,
+ExecMainCode/Status and the launcher's StatusText. Nothing is kept on the side.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .protocol import (
+    CLD_DUMPED,
+    CLD_EXITED,
+    CLD_KILLED,
+    CRASH_MARK,
+    SIDECAR_UNIT,
+    LauncherOptions,
+    describe_exit,
+    find_launcher_arguments,
+    parse_launcher_arguments,
+)
+
+Health = dict[str, Any]
+
+RESULT_TEXT = {
+    "timeout": "did not start or stop within its timeout",
+    "watchdog": "watchdog timeout",
+    "start-limit-hit": "start request repeated too quickly",
+    "resources": "systemd could not start it (missing working directory or environment file?)",
+    "oom-kill": "killed by the OOM killer",
+    "protocol": "violated the service protocol",
+    "exec-condition": "skipped by ExecCondition=",
+}
+
+
+class NotInstalled(LookupError):
+    """The unit is not known to the manager."""
+
+
+def launcher_options(props: dict[str, Any]) -> LauncherOptions | None:
+    """The launcher's settings, read back from the ExecStart= argv systemd reports."""
+    for entry in props.get("ExecStart") or []:
+        args = find_launcher_arguments(list(entry[1]))
+        if args is not None:
+            try:
+                return parse_launcher_arguments(args)
+            except ValueError:
+                return None
+    return None
+
+
+def last_error(props: dict[str, Any]) -> str:
+    status_text = props.get("StatusText") or ""
+    if CRASH_MARK in status_text:
+        return status_text.split(CRASH_MARK, 1)[1]
+    result = props.get("Result", "")
+    if result in RESULT_TEXT:
+        return RESULT_TEXT[result]
+    code, status = props.get("ExecMainCode", 0), props.get("ExecMainStatus", 0)
+    if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
+        return describe_exit(code, status)
+    return result or "unknown"
+
+
+def _seconds(usec: int) -> float:
+    return round(max(usec, 0) / 1e6, 3)
+
+
+def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
+    """Pure mapping from unit properties (str keys) to a health dict; now_usec is CLOCK_MONOTONIC."""
+    if props.get("LoadState") in ("not-found", "masked") and props.get("ActiveState") == "inactive":
+        raise NotInstalled(f"{props.get('Id', SIDECAR_UNIT)} is {props['LoadState']}; run `agor-units install`")
+    active, sub = props.get("ActiveState", ""), props.get("SubState", "")
+    restarts = int(props.get("NRestarts", 0))
+    options = launcher_options(props)
+
+    if active == "failed" and sub == "failed":
+        attempts = restarts - 1 if props.get("Result") == "start-limit-hit" else restarts
+        return {"status": "failed", "attempts": max(attempts, 0), "last_error": last_error(props)}
+    if active in ("active", "reloading"):
+        return {"status": "healthy"}
+    if sub in ("auto-restart", "failed-before-auto-restart", "dead-before-auto-restart"):
+        # native holdoff: systemd's timer fires RestartUSecNext after entering auto-restart
+        delay = props.get("RestartUSecNext", props.get("RestartUSec", 0))
+        since = props.get("StateChangeTimestampMonotonic", now_usec) if sub == "auto-restart" else now_usec
+        return {"status": "restarting", "attempt": restarts + 1, "next_retry_s": _seconds(since + delay - now_usec)}
+    if sub == "auto-restart-queued":
+        return {"status": "restarting", "attempt": restarts, "next_retry_s": 0.0}
+    if active == "activating":
+        if restarts == 0:
+            return {"status": "starting"}
+        next_retry = 0.0
+        if options is not None and options.wait_schedule:
+            # fallback: the launcher sleeps until the crash time plus delay(k)
+            delay = options.wait_schedule[min(restarts, len(options.wait_schedule)) - 1]
+            crashed = props.get("InactiveEnterTimestampMonotonic", now_usec)
+            next_retry = _seconds(crashed + round(delay * 1e6) - now_usec)
+        return {"status": "restarting", "attempt": restarts, "next_retry_s": next_retry}
+    return {"status": "stopped"}
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def read_health(unit: str = SIDECAR_UNIT, system: bool = False) -> Health:
+    """Health of `unit` from the running manager (raises BusError, NotInstalled)."""
+    from .bus import Systemd
+
+    with Systemd(system) as manager:
+        props = manager.unit_properties(unit)
+    return health_from_properties(props, monotonic_usec())

@@ -1,0 +1,127 @@
+"""Unit file text from structured data, with systemd's quoting and specifier escaping.
+
+Nothing a user typed is ever pasted into unit text: every value passes through one of
+the encoders here, which either produce text systemd parses back to exactly the input,
+or raise UnitValueError naming what cannot be expressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class UnitValueError(ValueError):
+    """A value that cannot be written into a unit file faithfully."""
+
+
+@dataclass(frozen=True)
+class HomePath:
+    """A path below the home directory of the manager's user, written with systemd's %h.
+
+    `~/x` in the configuration becomes HomePath("x"), so unit files do not hard-code a home
+    directory and `units/` renders the same on every machine.
+    """
+
+    relative: str
+
+    def expand(self, home: str) -> str:
+        return home.rstrip("/") + ("/" + self.relative if self.relative else "")
+
+    def __str__(self) -> str:
+        return "~/" + self.relative if self.relative else "~"
+
+
+Text = str | HomePath
+
+
+def check_text(value: str, what: str) -> None:
+    """Reject what no unit file can carry: NUL, and bytes that are not UTF-8."""
+    if "\0" in value:
+        raise UnitValueError(f"{what} contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnitValueError(f"{what} is not valid UTF-8: {value!r}") from None
+
+
+def _escape_exec_char(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch == '"':
+        return '\\"'
+    if ch == "%":  # specifiers are expanded on the raw line before it is split into words
+        return "%%"
+    if ch == "\n":
+        return "\\n"
+    if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        return f"\\x{ord(ch):02x}"
+    return ch
+
+
+def exec_word(value: Text, what: str = "argument") -> str:
+    """One ExecStart= word, double-quoted with C escapes; systemd unquotes it back to `value`.
+
+    `$` needs no escaping because command lines are written with the ':' prefix, which turns
+    off environment variable substitution (systemd ≥ 243).
+    """
+    if isinstance(value, HomePath):
+        check_text(value.relative, what)
+        rest = "".join(_escape_exec_char(c) for c in value.relative)
+        return '"%h' + ("/" + rest if rest else "") + '"'
+    check_text(value, what)
+    return '"' + "".join(_escape_exec_char(c) for c in value) + '"'
+
+
+def exec_line(argv: list[Text]) -> str:
+    """An ExecStart= value running argv verbatim: no $VAR expansion, every word quoted."""
+    if not argv:
+        raise UnitValueError("empty command line")
+    return ":" + " ".join(exec_word(a, f"argument {i}") for i, a in enumerate(argv))
+
+
+def path_value(value: Text, what: str) -> str:
+    """A path for settings that take the rest of the line unquoted (WorkingDirectory=, ...).
+
+    Those settings cannot carry a newline or leading/trailing whitespace, and only
+    absolute, normalized paths are accepted, so such paths are rejected here.
+    """
+    if isinstance(value, HomePath):
+        inner = value.relative
+        text = "%h" + ("/" + inner.replace("%", "%%") if inner else "")
+    else:
+        inner = value
+        if not value.startswith("/"):
+            raise UnitValueError(f"{what} must be an absolute path, got {value!r}")
+        text = value.replace("%", "%%")
+    check_text(inner, what)
+    if any(c in inner for c in "\n\r") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in inner):
+        raise UnitValueError(f"{what} contains a control character (newline?): {str(value)!r}")
+    if inner != inner.strip():
+        raise UnitValueError(f"{what} has leading or trailing whitespace: {str(value)!r}")
+    parts = inner.split("/")
+    if any(p in (".", "..") for p in parts) or "//" in inner or (inner.endswith("/") and inner != "/"):
+        raise UnitValueError(f"{what} is not a normalized path: {str(value)!r}")
+    return text
+
+
+@dataclass
+class UnitFile:
+    """Sections of (key, already-encoded value) pairs, rendered in order."""
+
+    name: str
+    sections: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    header: str = ""
+
+    def add(self, section: str, key: str, value: str) -> None:
+        if "\n" in value:
+            raise UnitValueError(f"{self.name}: value for {key}= spans lines")
+        self.sections.setdefault(section, []).append((key, value))
+
+    def render(self) -> str:
+        lines = [f"# {line}" if line else "#" for line in self.header.splitlines()]
+        for section, items in self.sections.items():
+            if lines:
+                lines.append("")
+            lines.append(f"[{section}]")
+            lines.extend(f"{key}={value}" for key, value in items)
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""A sidecar stand-in for the integration tests (run as: python3 -I -S fake_sidecar.py ...).
+
+    fake_sidecar.py --log FILE [--plan FILE] [BEHAVIOUR]
+
+Every start appends one JSON line to --log: CLOCK_MONOTONIC time, pid, argv (hex, so
+non-UTF-8 and newlines survive), cwd and FAKE_* environment variables. Then it does what
+line N of --plan says (N = this start's number; the last line repeats), else BEHAVIOUR:
+
+    exit:N        exit with status N at once (within a few ms of starting)
+    signal:NAME   die by signal NAME (KILL, TERM, SEGV, ...)
+    dump          die by SIGSEGV with a core dump
+    run:S         run S seconds, then exit with status 1
+    hang          run until signalled (SIGTERM ends it: killed by SIGTERM)
+    term-exit:N   run until SIGTERM, then exit with status N
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+
+def main(argv):
+    log_path, plan_path, behaviour = None, None, "hang"
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        if word == "--log":
+            log_path = rest.pop(0)
+        elif word == "--plan":
+            plan_path = rest.pop(0)
+        else:
+            behaviour = word
+    starts = 0
+    if log_path and os.path.exists(log_path):
+        with open(log_path, "rb") as f:
+            starts = sum(1 for _ in f)
+    record = {
+        "mono": time.clock_gettime(time.CLOCK_MONOTONIC),
+        "pid": os.getpid(),
+        "argv": [os.fsencode(a).hex() for a in sys.argv],
+        "cwd": os.getcwd(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("FAKE_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")},
+    }
+    if log_path:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if plan_path:
+        with open(plan_path) as f:
+            plan = [line.strip() for line in f if line.strip()]
+        if plan:
+            behaviour = plan[min(starts, len(plan) - 1)]
+    act(behaviour)
+
+
+def act(behaviour):
+    kind, _, arg = behaviour.partition(":")
+    if kind == "exit":
+        os._exit(int(arg))
+    if kind == "signal":
+        sig = getattr(signal, "SIG" + arg)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these cannot have handlers
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+        os._exit(99)
+    if kind == "dump":
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(5)
+        os._exit(99)
+    if kind == "run":
+        time.sleep(float(arg))
+        os._exit(1)
+    if kind == "term-exit":
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(int(arg)))
+    if kind in ("hang", "term-exit"):
+        while True:
+            time.sleep(3600)
+    sys.stderr.write(f"fake_sidecar: unknown behaviour {behaviour!r}\n")
+    os._exit(64)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

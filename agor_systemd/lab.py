@@ -940,7 +940,7 @@ class UserManager:
 
     # -- commands as the user -------------------------------------------------------------------
 
-    def run(self, argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
+    def run(self, argv: Sequence[str | bytes | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
             input: str | None = None, timeout: float = 60, check: bool = False,
             build_tools: bool = False) -> subprocess.CompletedProcess[str]:
         """Run *argv* as the user inside the lab namespace; returns the completed process (text).
@@ -953,7 +953,7 @@ class UserManager:
         if env:
             full_env.update(env)
         cmd = [*self.namespace.nsenter(wd=self.home), "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
-               "--init-groups", "--", *map(str, argv)]
+               "--init-groups", "--", *(a if isinstance(a, bytes) else str(a) for a in argv)]
         try:
             cp = subprocess.run(cmd, env=full_env, input=input, capture_output=True, text=True,
                                 timeout=timeout, check=False,

@@ -92,3 +92,26 @@ def render_units(config: Config, systemd_version: int, launcher: Sequence[str] =
     """Unit name → file text for everything `agor-units install` writes."""
     units = [sidecar_unit(config, systemd_version, launcher, system)]
     return {unit.name: unit.render() for unit in units}
+
+
+# units/ in the repository: the default config rendered for each backoff mode
+REFERENCE_VERSIONS = {"native": NATIVE_BACKOFF_VERSION, "fallback": 252}
+
+
+def reference_units() -> dict[str, str]:
+    """Relative path under units/ → text, e.g. 'native/agor-sidecar.service'."""
+    return {f"{mode}/{name}": text
+            for mode, version in REFERENCE_VERSIONS.items()
+            for name, text in render_units(Config(), version).items()}
+
+
+if __name__ == "__main__":  # python -m agor_systemd.units [DIR]: regenerate units/
+    import sys
+    from pathlib import Path
+
+    from .install import atomic_write
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "units")
+    for relative, text in reference_units().items():
+        atomic_write(root / relative, text)
+        print(root / relative)

@@ -56,7 +56,7 @@ class NativeBackoff:
 
     def delay_usec(self, attempt: int) -> int:
         """What systemd will wait before restart `attempt` (same formula, in µs)."""
-        if attempt <= 1 or self.steps == 0 or self.restart_usec >= self.max_delay_usec:
+        if attempt <= 1 or self.steps == 0 or self.restart_usec == 0 or self.restart_usec >= self.max_delay_usec:
             return self.restart_usec
         if attempt > self.steps:
             return self.max_delay_usec
@@ -67,17 +67,19 @@ class NativeBackoff:
 def native_backoff(policy: RestartPolicy) -> NativeBackoff | None:
     """RestartSec/RestartSteps/RestartMaxDelaySec for `policy`, or None if the formula can't match.
 
-    The doubling schedule is geometric until the cap bites; systemd's curve reaches its
-    maximum exactly at step RestartSteps+1, so a cap that truncates a doubling (1, 2, 4, 8,
-    16, 30) cannot be expressed. A schedule that is constant, or doubles all the way through
-    the restart budget, can.
+    systemd's curve is geometric and reaches its maximum exactly at step RestartSteps+1, then
+    stays there. A schedule that doubles and then plateaus at its last value (1, 2, 4, 8, 16 or
+    1, 2, 4, 8, 16, 16) fits; a cap that truncates a doubling (1, 2, 4, 8, 10) does not. systemd
+    computes in long double and truncates to µs; this check uses double, which for some step
+    counts lands 1 µs low where systemd is exact — those schedules then use the fallback, which
+    is exact too. The reverse (accepting what systemd computes differently) does not happen.
     """
     delays = [to_usec(d) for d in schedule(policy)]
     if not delays:
         return NativeBackoff(restart_usec=to_usec(min(policy.base_s, policy.cap_s)))
     if all(d == delays[0] for d in delays):
         return NativeBackoff(restart_usec=delays[0])
-    native = NativeBackoff(restart_usec=delays[0], steps=len(delays) - 1, max_delay_usec=delays[-1])
+    native = NativeBackoff(restart_usec=delays[0], steps=delays.index(delays[-1]), max_delay_usec=delays[-1])
     if all(native.delay_usec(k) == d for k, d in enumerate(delays, start=1)):
         return native
     return None

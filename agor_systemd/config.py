@@ -127,7 +127,7 @@ def resolve_command(argv: list[str]) -> tuple[Text, ...]:
         found = shutil.which(program)
         if found is None:
             raise ConfigError(f"[sidecar] command {program!r} was not found on PATH; give an absolute path")
-        words[0] = found
+        words[0] = os.path.abspath(found)  # PATH may hold relative entries
     return tuple(words)
 
 

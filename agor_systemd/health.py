@@ -88,23 +88,23 @@ def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
         return {"status": "failed", "attempts": max(attempts, 0), "last_error": last_error(props)}
     if active in ("active", "reloading"):
         return {"status": "healthy"}
-    if sub in ("auto-restart", "failed-before-auto-restart", "dead-before-auto-restart"):
+    waiting = sub in ("auto-restart", "failed-before-auto-restart", "dead-before-auto-restart")
+    if options is not None and options.wait_schedule and (waiting or (active == "activating" and restarts)):
+        # fallback: the launcher sleeps until the crash time plus delay(k)
+        attempt = restarts + 1 if waiting else restarts
+        delay = options.wait_schedule[min(attempt, len(options.wait_schedule)) - 1]
+        crashed = props.get("InactiveEnterTimestampMonotonic", now_usec)
+        return {"status": "restarting", "attempt": attempt,
+                "next_retry_s": _seconds(crashed + round(delay * 1e6) - now_usec)}
+    if waiting:
         # native holdoff: systemd's timer fires RestartUSecNext after entering auto-restart
         delay = props.get("RestartUSecNext", props.get("RestartUSec", 0))
         since = props.get("StateChangeTimestampMonotonic", now_usec) if sub == "auto-restart" else now_usec
         return {"status": "restarting", "attempt": restarts + 1, "next_retry_s": _seconds(since + delay - now_usec)}
-    if sub == "auto-restart-queued":
+    if sub == "auto-restart-queued" or (active == "activating" and restarts):
         return {"status": "restarting", "attempt": restarts, "next_retry_s": 0.0}
     if active == "activating":
-        if restarts == 0:
-            return {"status": "starting"}
-        next_retry = 0.0
-        if options is not None and options.wait_schedule:
-            # fallback: the launcher sleeps until the crash time plus delay(k)
-            delay = options.wait_schedule[min(restarts, len(options.wait_schedule)) - 1]
-            crashed = props.get("InactiveEnterTimestampMonotonic", now_usec)
-            next_retry = _seconds(crashed + round(delay * 1e6) - now_usec)
-        return {"status": "restarting", "attempt": restarts, "next_retry_s": next_retry}
+        return {"status": "starting"}
     return {"status": "stopped"}
 
 

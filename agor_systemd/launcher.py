@@ -129,9 +129,9 @@ def monotonic_usec() -> int:
 def wait_before_restart(options: LauncherOptions, bus: ManagerBus) -> int:
     """Fallback backoff: wait until delay(k) has passed since the crash; returns k."""
     attempt = bus.restart_count(options.unit)
-    if attempt == 0:
-        return 0
     schedule = options.wait_schedule or ()
+    if attempt == 0 or not schedule:
+        return attempt
     delay_usec = round(schedule[min(attempt, len(schedule)) - 1] * 1_000_000)
     restart_at = bus.inactive_since_usec(options.unit) + delay_usec
     while (remaining := restart_at - monotonic_usec()) > 0:

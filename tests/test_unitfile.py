@@ -402,9 +402,12 @@ def test_systemd_ends_a_line_at_carriage_return():
 
 @needs_analyze
 def test_systemd_refuses_a_quote_in_the_program_path():
-    text = "[Service]\nExecStart=" + exec_line(['/usr/bin/py"thon3', "-V"]) + "\n"
+    # systemd: "Executable name contains special characters" even when quoted; so we refuse first
+    text = '[Service]\nExecStart=:"/usr/bin/py\\"thon3" "-V"\n'
     problems = verify_units({"agor-quote.service": text}, user=False)
     assert any("special characters" in p for p in problems), problems
+    with pytest.raises(UnitValueError, match="cannot be started by systemd"):
+        exec_line(['/usr/bin/py"thon3', "-V"])
 
 
 @needs_analyze

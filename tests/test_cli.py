@@ -1,0 +1,262 @@
+"""agor-units on the command line, without a service manager (click's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from agor_systemd.cli import main
+from agor_systemd.install import MANIFEST, digest
+from agor_systemd.protocol import SIDECAR_UNIT
+
+COMMANDS = ["render", "install", "uninstall", "health", "restart", "verify", "doctor", "demo"]
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """A user with no config, no runtime directory contents and no reachable bus."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    return {
+        "HOME": str(tmp_path / "home"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/no-such-bus",
+    }
+
+
+def run(env: dict[str, str], *args: str) -> Result:
+    return CliRunner(env=env).invoke(main, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert result.stdout == ""
+    assert result.stderr.startswith("agor-units: error: "), result.stderr
+    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    return result.stderr
+
+
+def launcher_prefix() -> str:
+    """install/render start the launcher with the running interpreter."""
+    return f':"{sys.executable}" "-I" "-m" "agor_systemd.launcher" '
+
+
+# --- help and version ---------------------------------------------------------------------------
+
+
+def test_main_help_lists_every_command(env):
+    result = run(env, "--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert f"  {command} " in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_command_help(env, command, flag):
+    result = run(env, command, flag)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Usage: main {command} ")
+    assert result.stderr == ""
+
+
+def test_version(env):
+    from agor_systemd import __version__
+
+    result = run(env, "--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"agor-units, version {__version__}\n"
+
+
+# --- render ----------------------------------------------------------------------------------
+
+
+def test_render_quotes_the_command(env):
+    result = run(env, "render", "--systemd-version", "254", "--", "/bin/true", "a b", "$HOME", "50%")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"# {SIDECAR_UNIT}"
+    exec_start = [line for line in lines if line.startswith("ExecStart=")]
+    assert exec_start == [f"ExecStart={launcher_prefix()}"
+                          '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
+                          '"--" "/bin/true" "a b" "$HOME" "50%%"']
+    assert "RestartSteps=4" in lines
+
+
+def test_render_for_252_uses_the_launchers_wait(env):
+    result = run(env, "render", "--systemd-version", "252", "--", "/bin/true")
+    assert result.exit_code == 0, result.output
+    assert '"--wait-schedule" "1,2,4,8,16"' in result.stdout
+    assert "RestartSec=0" in result.stdout.splitlines()
+
+
+def test_render_json(env):
+    result = run(env, "render", "--systemd-version", "254", "--json", "--", "/bin/true", "a b")
+    assert result.exit_code == 0, result.output
+    units = json.loads(result.stdout)
+    assert list(units) == [SIDECAR_UNIT]
+    assert f'"--" "/bin/true" "a b"\n' in units[SIDECAR_UNIT]
+    assert units[SIDECAR_UNIT].endswith("[Install]\nWantedBy=default.target\n")
+
+
+def test_render_flags_override_the_config(env, tmp_path):
+    config = tmp_path / "units.toml"
+    config.write_text('[sidecar]\ncommand = ["/bin/false"]\n[restart]\nattempts = 3\n')
+    result = run(env, "--config", str(config), "render", "--systemd-version", "254", "--attempts", "7",
+                 "--working-directory", "~/agor", "--environment-file", "/etc/agor.env")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert '"--attempts" "7"' in text and '"--wait-schedule" "1,2,4,8,16,30,30"' in text  # not expressible
+    assert '"--" "/bin/false"\n' in text
+    assert "WorkingDirectory=%h/agor\n" in text and "EnvironmentFile=/etc/agor.env\n" in text
+
+
+def test_render_reads_the_default_config_file(env):
+    config_dir = Path(env["XDG_CONFIG_HOME"]) / "agor"
+    config_dir.mkdir(parents=True)
+    (config_dir / "units.toml").write_text('[sidecar]\ncommand = ["/bin/echo", "from file"]\n')
+    result = run(env, "render", "--systemd-version", "254")
+    assert '"--" "/bin/echo" "from file"\n' in result.stdout
+
+
+def test_render_without_version_and_manager_asks_systemctl(env):
+    import shutil
+
+    if shutil.which("systemctl") is None:
+        pytest.skip("no systemctl")
+    from agor_systemd.bus import installed_systemd_version
+
+    version = installed_systemd_version()
+    result = run(env, "render", "--", "/bin/true")
+    assert result.exit_code == 0, result.output
+    assert ("RestartSteps=4" in result.stdout) == (version >= 254)
+
+
+# --- errors are one line, exit 1 ----------------------------------------------------------------
+
+
+def test_bad_config_file(env, tmp_path):
+    config = tmp_path / "units.toml"
+    config.write_text("[restart]\nattempts = 'five'\n")
+    result = run(env, "--config", str(config), "render", "--systemd-version", "254")
+    assert_one_line_error(result, str(config), "[restart] attempts must be a number")
+
+
+def test_invalid_toml(env, tmp_path):
+    config = tmp_path / "units.toml"
+    config.write_text("[restart\n")
+    assert_one_line_error(run(env, "--config", str(config), "render", "--systemd-version", "254"), str(config))
+
+
+def test_missing_config_file(env, tmp_path):
+    result = run(env, "--config", str(tmp_path / "nope.toml"), "render", "--systemd-version", "254")
+    assert_one_line_error(result, "nope.toml: no such file")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--base-s", "0"], "[restart] base_s must be between 0.001 and 3600"),
+    (["--cap-s", "0.5"], "[restart] cap_s (0.5) is smaller than base_s (1)"),
+    (["--working-directory", "relative"], "working_directory must be an absolute path"),
+    (["--environment-file", "/etc/*.env"], "glob character"),
+    (["--", "no-such-agor-program"], "[sidecar] command 'no-such-agor-program' was not found on PATH"),
+    (["--", "/bin/true", "\udcff"], "[sidecar] command argument 1 is not valid UTF-8"),
+])
+def test_bad_overrides(env, args, fragment):
+    assert_one_line_error(run(env, "render", "--systemd-version", "254", *args), fragment)
+
+
+# --- install --output (packagers: no manager) ---------------------------------------------------
+
+
+def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
+    out = tmp_path / "out"
+    first = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    assert first.exit_code == 0, first.output
+    assert first.stdout.splitlines() == [
+        f"wrote {out / SIDECAR_UNIT}",
+        "systemd 252: restart backoff launcher fallback, delays 1s, 2s, 4s, 8s, 16s",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, MANIFEST])  # no temp files left
+    text = (out / SIDECAR_UNIT).read_text()
+    assert f'ExecStart={launcher_prefix()}' in text and '"--" "/bin/true"\n' in text
+    assert oct((out / SIDECAR_UNIT).stat().st_mode & 0o777) == oct(0o644)
+    assert json.loads((out / MANIFEST).read_text()) == {"units": {SIDECAR_UNIT: digest(text)}}
+
+    manifest_before = (out / MANIFEST).stat().st_mtime_ns
+    second = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    assert second.exit_code == 0, second.output
+    assert second.stdout.splitlines()[0] == f"unchanged {out / SIDECAR_UNIT}"
+    assert not any(line.startswith("wrote ") for line in second.stdout.splitlines())
+    assert (out / MANIFEST).stat().st_mtime_ns == manifest_before
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, MANIFEST])
+
+
+def test_install_output_native_report(env, tmp_path):
+    result = run(env, "install", "--output", str(tmp_path / "o"), "--systemd-version", "254", "--", "/bin/true")
+    assert "systemd 254: restart backoff native, delays 1s, 2s, 4s, 8s, 16s" in result.stdout
+
+
+def test_install_output_rewrites_its_own_unit_when_the_config_changes(env, tmp_path):
+    out = tmp_path / "out"
+    run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    result = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/false")
+    assert result.stdout.splitlines()[0] == f"wrote {out / SIDECAR_UNIT}"
+    assert '"--" "/bin/false"\n' in (out / SIDECAR_UNIT).read_text()
+
+
+def test_install_output_dry_run_writes_nothing(env, tmp_path):
+    out = tmp_path / "out"
+    result = run(env, "install", "--output", str(out), "--systemd-version", "252", "--dry-run", "--", "/bin/true")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"would write {out / SIDECAR_UNIT}"
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_install_output_json(env, tmp_path):
+    out = tmp_path / "out"
+    result = run(env, "install", "--output", str(out), "--systemd-version", "254", "--json", "--", "/bin/true")
+    report = json.loads(result.stdout)
+    assert report == {"directory": str(out), "systemd_version": 254, "written": [SIDECAR_UNIT], "unchanged": [],
+                      "removed": [], "kept": [], "actions": [], "dry_run": False, "backoff": "native"}
+
+
+def test_install_output_refuses_a_foreign_unit(env, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SIDECAR_UNIT).write_text("[Service]\nExecStart=/usr/bin/someone-elses\n")
+    result = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    assert_one_line_error(result, "exists and was not written by agor-units")
+    assert (out / SIDECAR_UNIT).read_text() == "[Service]\nExecStart=/usr/bin/someone-elses\n"
+
+
+def test_install_output_with_a_corrupt_manifest(env, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST).write_text("{not json")
+    result = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    assert_one_line_error(result, MANIFEST, "unreadable", "remove it to start over")
+
+
+# --- commands that need the manager fail in one line without one ---------------------------------
+
+
+def test_health_without_a_manager(env):
+    stderr = assert_one_line_error(run(env, "health"), "cannot connect to the user manager")
+    assert "agor-units doctor" in stderr
+
+
+def test_health_json_without_a_manager(env):
+    assert_one_line_error(run(env, "health", "--json"), "cannot connect to the user manager")
+
+
+def test_restart_without_a_manager(env):
+    assert_one_line_error(run(env, "restart"), "cannot connect to the user manager")

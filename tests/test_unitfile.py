@@ -185,10 +185,8 @@ def test_all_hostile_words_in_one_line_round_trip():
     assert parse_exec(line) == (":", argv)
 
 
-@pytest.mark.parametrize("code", [c for c in range(0x20)] + [0x7F])
+@pytest.mark.parametrize("code", [*range(1, 0x20), 0x7F])  # NUL: see test_nul_is_rejected
 def test_every_control_character_round_trips(code):
-    if code == 0:
-        pytest.skip("NUL is rejected, see test_nul_is_rejected")
     argv = ["/bin/x", f"a{chr(code)}b"]
     assert parse_exec(exec_line(argv)) == (":", argv)
 

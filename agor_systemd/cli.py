@@ -75,6 +75,20 @@ def effective_config(ctx: click.Context, command, working_directory, environment
     return Config(sidecar=sidecar, restart=restart_policy(restart_values, config.restart))
 
 
+def target_version(system: bool) -> int:
+    """The running manager's version, else the installed systemd's."""
+    from .bus import Systemd, installed_systemd_version
+
+    try:
+        with Systemd(system) as manager:
+            return manager.version()
+    except BusError:
+        version = installed_systemd_version()
+    if version is None:
+        fail("cannot tell the systemd version; pass --systemd-version")
+    return version
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agor-units")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -102,20 +116,12 @@ def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
 @friendly_errors
 def render(ctx, systemd_version, as_json, **overrides):
     """Print the unit files install would write."""
-    from .bus import Systemd, installed_systemd_version
     from .install import current_launcher
     from .units import render_units
 
     config = effective_config(ctx, **overrides)
-    if systemd_version is None:
-        try:
-            with Systemd(ctx.obj["system"]) as manager:
-                systemd_version = manager.version()
-        except BusError:
-            systemd_version = installed_systemd_version()
-    if systemd_version is None:
-        fail("cannot tell the systemd version; pass --systemd-version")
-    units = render_units(config, systemd_version, current_launcher(), ctx.obj["system"])
+    units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
+                         ctx.obj["system"])
     emit(units, as_json, "\n".join(f"# {name}\n{text}" for name, text in units.items()).rstrip("\n"))
 
 
@@ -206,19 +212,13 @@ def restart(ctx):
 @friendly_errors
 def verify(ctx, systemd_version, **overrides):
     """Run `systemd-analyze verify` on the units rendered from the configuration."""
-    from .bus import Systemd, installed_systemd_version
     from .install import current_launcher
     from .units import render_units
     from .verify import verify_units
 
     config = effective_config(ctx, **overrides)
-    if systemd_version is None:
-        try:
-            with Systemd(ctx.obj["system"]) as manager:
-                systemd_version = manager.version()
-        except BusError:
-            systemd_version = installed_systemd_version()
-    units = render_units(config, systemd_version or 252, current_launcher(), ctx.obj["system"])
+    units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
+                         ctx.obj["system"])
     problems = verify_units(units, user=not ctx.obj["system"])
     for line in problems:
         click.echo(line, err=True)

@@ -445,7 +445,7 @@ class Demo:
         for problem in problems:
             error(self.say, f"cleaning up: {problem}")
         if ns is not None and not problems:
-            echo(f"cleaned up: units uninstalled, user manager and lab namespace stopped "
+            echo(f"cleaned up: {'units uninstalled, ' if self.installed else ''}user manager and lab namespace stopped "
                  f"(user {self.user} is kept for the next demo; `userdel -r {self.user}` removes it)")
         return not problems
 

@@ -200,15 +200,21 @@ def run(options: LauncherOptions) -> None:
         sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
     notify("READY=1", f"STATUS=running; pid {sidecar.pid}")
     if bus is None:
-        bus = ManagerBus(options.system)
-        attempt = bus.restart_count(options.unit)
+        try:
+            bus = ManagerBus(options.system)
+            attempt = bus.restart_count(options.unit)
+        except OSError as e:  # keep supervising; StartLimitBurst= still ends a crash loop
+            log(f"{e}; cannot tell the attempt number, so the start limit will end a crash loop")
     notify(f"STATUS=running; pid {sidecar.pid}; attempt {attempt}/{options.attempts}")
 
     ended = sidecar.wait(max(0.0, options.stability_window_s - (time.monotonic() - started)))
     if ended is None:
-        if attempt:
-            bus.reset_failed(options.unit)
-            log(f"sidecar stable for {options.stability_window_s:g}s: restart budget reset")
+        if attempt and bus is not None:
+            try:
+                bus.reset_failed(options.unit)
+                log(f"sidecar stable for {options.stability_window_s:g}s: restart budget reset")
+            except OSError as e:
+                log(f"{e}; the restart budget was not reset")
         attempt = 0
         notify(f"STATUS=running; pid {sidecar.pid}; stable")
         ended = sidecar.wait(None)

@@ -44,8 +44,8 @@ def unit_directory(system: bool = False) -> Path:
 
 
 def current_launcher() -> list[str]:
-    """Start the launcher with this very interpreter (a venv's python finds its packages)."""
-    return [sys.executable, "-I", "-m", "agor_systemd.launcher"]
+    """Start the launcher with this very interpreter and this very copy of the package."""
+    return [sys.executable, "-I", "-S", str(Path(__file__).resolve().parent / "_launch.py")]
 
 
 def digest(text: str) -> str:

@@ -93,7 +93,7 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
 def find_launcher_arguments(argv: list[str]) -> list[str] | None:
     """The launcher's own arguments inside a full ExecStart argv (interpreter, -m, module, ...)."""
     for i, word in enumerate(argv):
-        if word == "agor_systemd.launcher" or word.endswith("/agor-launch"):
+        if word == "agor_systemd.launcher" or word.endswith(("/agor_systemd/_launch.py", "/agor-launch")):
             return argv[i + 1:]
     return None
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from agor_systemd.cli import main
-from agor_systemd.install import MANIFEST, digest
+from agor_systemd.install import MANIFEST, current_launcher, digest
 from agor_systemd.protocol import SIDECAR_UNIT
 
 COMMANDS = ["render", "install", "uninstall", "health", "restart", "verify", "doctor", "demo"]
@@ -27,6 +27,10 @@ def env(tmp_path) -> dict[str, str]:
         "XDG_RUNTIME_DIR": str(runtime),
         "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/no-such-bus",
     }
+
+
+def launch_script() -> str:
+    return current_launcher()[-1]
 
 
 def run(env: dict[str, str], *args: str) -> Result:
@@ -46,7 +50,7 @@ def assert_one_line_error(result: Result, *fragments: str) -> str:
 
 def launcher_prefix() -> str:
     """install/render start the launcher with the running interpreter."""
-    return f':"{sys.executable}" "-I" "-m" "agor_systemd.launcher" '
+    return f':"{sys.executable}" "-I" "-S" "{launch_script()}" '
 
 
 # --- help and version ---------------------------------------------------------------------------

@@ -201,9 +201,10 @@ def test_system_mode_reaches_the_launcher():
 
 
 def test_default_launcher_is_the_packaged_one():
-    assert PACKAGED_LAUNCHER == ("/usr/bin/python3", "-I", "-m", "agor_systemd.launcher")
+    script = "/usr/lib/python3/dist-packages/agor_systemd/_launch.py"
+    assert PACKAGED_LAUNCHER == ("/usr/bin/python3", "-I", "-S", script)
     text = render_units(Config(), 254)[SIDECAR_UNIT]
-    assert one(text, "Service", "ExecStart").startswith(':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" ')
+    assert one(text, "Service", "ExecStart").startswith(f':"/usr/bin/python3" "-I" "-S" "{script}" ')
 
 
 def test_every_line_stands_alone():

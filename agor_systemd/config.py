@@ -33,7 +33,7 @@ class ConfigError(ValueError):
     """A configuration problem, worded as one line for the user."""
 
 
-# agor starts its runner with Deno when it can; these are the flags it passes.
+# agor's runner; a placeholder until the user names their own (doctor checks it exists)
 DEFAULT_COMMAND: tuple[Text, ...] = (
     "/usr/bin/node",
     HomePath(".local/share/agor/dist/claude-runner.mjs"),
@@ -48,9 +48,28 @@ class SidecarConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    interval_s: float = 30.0  # WatchdogSec=; 0 turns the watchdog off
+    ready: str = "line"  # "line", "immediate", "socket:PATH", "tcp:PORT"
+    ready_timeout_s: float = 10.0  # agor's own readiness timeout
+
+
+AGOR_DATA = ".local/share/agor"
+
+
+@dataclass(frozen=True)
+class WalcheckConfig:
+    interval_s: float = 300.0
+    databases: tuple[Text, ...] = (HomePath(f"{AGOR_DATA}/sessions.db"), HomePath(f"{AGOR_DATA}/btmsg.db"))
+    busy_timeout_s: float = 5.0  # agor's busy_timeout
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    walcheck: WalcheckConfig = field(default_factory=WalcheckConfig)
 
 
 def config_home() -> Path:
@@ -71,38 +90,93 @@ def home_text(value: str) -> Text:
     return value
 
 
+# key: (minimum, maximum); seconds are kept to whole microseconds by systemd
 _RESTART_LIMITS = {
-    # key: (minimum, maximum); seconds are kept to whole microseconds by systemd
     "base_s": (0.001, 3600.0),
     "cap_s": (0.001, 86400.0),
     "attempts": (0, 1000),
     "stability_window_s": (1.0, 30 * 86400.0),
 }
+_WATCHDOG_LIMITS = {
+    "interval_s": (0.0, 86400.0),  # 0 turns the watchdog off
+    "ready_timeout_s": (0.1, 3600.0),
+}
+_WALCHECK_LIMITS = {
+    "interval_s": (1.0, 7 * 86400.0),
+    "busy_timeout_s": (0.0, 600.0),
+}
+_WHOLE_NUMBERS = {"attempts"}
 
 
-def _number(table: str, key: str, value: Any) -> float:
+def _number(table: str, key: str, value: Any, limits: dict[str, tuple[float, float]]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"[{table}] {key} must be a number, got {value!r}")
-    low, high = _RESTART_LIMITS[key]
+    if key in _WHOLE_NUMBERS and not isinstance(value, int):
+        raise ConfigError(f"[{table}] {key} must be a whole number, got {value!r}")
+    low, high = limits[key]
     if not low <= value <= high:
         raise ConfigError(f"[{table}] {key} must be between {low:g} and {high:g}, got {value!r}")
     return value
 
 
-def restart_policy(values: dict[str, Any], base: RestartPolicy | None = None) -> RestartPolicy:
-    policy = base or RestartPolicy()
+def _numbers(table: str, values: dict[str, Any], base, limits: dict[str, tuple[float, float]],
+             other_keys: tuple[str, ...] = ()):
+    """Apply the numeric settings of one table to the dataclass `base`; other keys are skipped."""
     for key, value in values.items():
-        if key not in _RESTART_LIMITS:
-            raise ConfigError(f"[restart] has no setting {key!r} (known: {', '.join(_RESTART_LIMITS)})")
-        number = _number("restart", key, value)
-        if key == "attempts":
-            if not isinstance(value, int):
-                raise ConfigError(f"[restart] attempts must be a whole number, got {value!r}")
-            number = int(value)
-        policy = replace(policy, **{key: number})
+        if key in other_keys:
+            continue
+        if key not in limits:
+            known = ", ".join([*limits, *other_keys])
+            raise ConfigError(f"[{table}] has no setting {key!r} (known: {known})")
+        base = replace(base, **{key: _number(table, key, value, limits)})
+    return base
+
+
+def restart_policy(values: dict[str, Any], base: RestartPolicy | None = None) -> RestartPolicy:
+    policy = _numbers("restart", values, base or RestartPolicy(), _RESTART_LIMITS)
     if policy.cap_s < policy.base_s:
         raise ConfigError(f"[restart] cap_s ({policy.cap_s:g}) is smaller than base_s ({policy.base_s:g})")
     return policy
+
+
+READY_MODES = ("line", "immediate", "socket:PATH", "tcp:PORT")
+
+
+def check_ready(value: Any) -> str:
+    """How the launcher knows the sidecar is ready: a {"type":"ready"} line on stdout (agor's
+    runners print it), a unix socket or TCP port that accepts, or at once."""
+    if not isinstance(value, str):
+        raise ConfigError(f"[watchdog] ready must be a string, one of {', '.join(READY_MODES)}")
+    kind, _, arg = value.partition(":")
+    if value in ("line", "immediate"):
+        return value
+    if kind == "socket" and arg.startswith("/"):
+        check_text(arg, "[watchdog] ready socket path")
+        return value
+    if kind == "tcp" and arg.isdigit() and 1 <= int(arg) <= 65535:
+        return value
+    raise ConfigError(f"[watchdog] ready must be one of {', '.join(READY_MODES)} "
+                      f"(absolute socket path, port 1-65535), got {value!r}")
+
+
+def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) -> WatchdogConfig:
+    watchdog = _numbers("watchdog", values, base or WatchdogConfig(), _WATCHDOG_LIMITS, ("ready",))
+    if "ready" in values:
+        watchdog = replace(watchdog, ready=check_ready(values["ready"]))
+    return watchdog
+
+
+def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) -> WalcheckConfig:
+    walcheck = _numbers("walcheck", values, base or WalcheckConfig(), _WALCHECK_LIMITS, ("databases",))
+    if "databases" in values:
+        paths = values["databases"]
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ConfigError("[walcheck] databases must be a list of paths")
+        words = tuple(home_text(p) for p in paths)
+        for word in words:
+            _checked("database", lambda w: path_value(w, "[walcheck] databases entry"), word)
+        walcheck = replace(walcheck, databases=words)
+    return walcheck
 
 
 def _checked(what: str, check, value):
@@ -161,8 +235,12 @@ def parse_config(data: dict[str, Any]) -> Config:
             config = replace(config, sidecar=sidecar_config(values))
         elif table == "restart":
             config = replace(config, restart=restart_policy(values))
+        elif table == "watchdog":
+            config = replace(config, watchdog=watchdog_config(values))
+        elif table == "walcheck":
+            config = replace(config, walcheck=walcheck_config(values))
         else:
-            raise ConfigError(f"unknown table [{table}] (known: [sidecar], [restart])")
+            raise ConfigError(f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck])")
     return config
 
 

@@ -13,7 +13,15 @@ import click
 from . import __version__
 from .backoff import schedule
 from .bus import BusError
-from .config import Config, ConfigError, load_config, resolve_command, restart_policy, sidecar_config
+from .config import (
+    Config,
+    ConfigError,
+    load_config,
+    resolve_command,
+    restart_policy,
+    sidecar_config,
+    watchdog_config,
+)
 from .health import NotInstalled
 from .install import InstallError
 from .protocol import SIDECAR_UNIT
@@ -55,6 +63,12 @@ def config_options(func):
         click.option("--cap-s", type=float, help="Longest restart delay in seconds (default 30)."),
         click.option("--attempts", type=int, help="Restarts before giving up (default 5)."),
         click.option("--stability-window-s", type=float, help="Seconds of running that refill the budget (default 300)."),
+        click.option("--watchdog-s", type=float, help="WatchdogSec=: a sidecar hung this long is restarted (default 30; 0 off)."),
+        click.option("--ready", metavar="MODE", help="When the sidecar is ready: line (default), immediate, socket:PATH, tcp:PORT."),
+        click.option("--ready-timeout-s", type=float, help="Not ready within this long fails the attempt (default 10)."),
+        click.option("--activity-timeout-s", type=float, help="No output for this long counts as hung (default 0: off)."),
+        click.option("--probe", metavar="CHECK", help="Liveness probe: socket:PATH, tcp:PORT or exec:SHELL-COMMAND."),
+        click.option("--probe-timeout-s", type=float, help="How long the probe may take (default 5)."),
         click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG]...]"),
     ]
     for option in reversed(options):
@@ -63,7 +77,8 @@ def config_options(func):
 
 
 def effective_config(ctx: click.Context, command, working_directory, environment_file, base_s, cap_s,
-                     attempts, stability_window_s) -> Config:
+                     attempts, stability_window_s, watchdog_s, ready, ready_timeout_s, activity_timeout_s,
+                     probe, probe_timeout_s) -> Config:
     config = load_config(ctx.obj["config_path"])
     sidecar_values = {k: v for k, v in (("working_directory", working_directory),
                                         ("environment_file", environment_file)) if v is not None}
@@ -72,7 +87,12 @@ def effective_config(ctx: click.Context, command, working_directory, environment
         sidecar = replace(sidecar, command=resolve_command(list(command)))
     restart_values = {k: v for k, v in (("base_s", base_s), ("cap_s", cap_s), ("attempts", attempts),
                                         ("stability_window_s", stability_window_s)) if v is not None}
-    return Config(sidecar=sidecar, restart=restart_policy(restart_values, config.restart))
+    watchdog_values = {k: v for k, v in (("interval_s", watchdog_s), ("ready", ready),
+                                         ("ready_timeout_s", ready_timeout_s),
+                                         ("activity_timeout_s", activity_timeout_s), ("probe", probe),
+                                         ("probe_timeout_s", probe_timeout_s)) if v is not None}
+    return replace(config, sidecar=sidecar, restart=restart_policy(restart_values, config.restart),
+                   watchdog=watchdog_config(watchdog_values, config.watchdog))
 
 
 def target_version(system: bool) -> int:

@@ -52,6 +52,9 @@ class WatchdogConfig:
     interval_s: float = 30.0  # WatchdogSec=; 0 turns the watchdog off
     ready: str = "line"  # "line", "immediate", "socket:PATH", "tcp:PORT"
     ready_timeout_s: float = 10.0  # agor's own readiness timeout
+    activity_timeout_s: float = 0.0  # > 0: no output for this long counts as hung
+    probe: str | None = None  # "socket:PATH", "tcp:PORT" or "exec:SHELL COMMAND" that must succeed
+    probe_timeout_s: float = 5.0
 
 
 AGOR_DATA = ".local/share/agor"
@@ -100,6 +103,8 @@ _RESTART_LIMITS = {
 _WATCHDOG_LIMITS = {
     "interval_s": (0.0, 86400.0),  # 0 turns the watchdog off
     "ready_timeout_s": (0.1, 3600.0),
+    "activity_timeout_s": (0.0, 86400.0),
+    "probe_timeout_s": (0.1, 3600.0),
 }
 _WALCHECK_LIMITS = {
     "interval_s": (1.0, 7 * 86400.0),
@@ -140,29 +145,36 @@ def restart_policy(values: dict[str, Any], base: RestartPolicy | None = None) ->
 
 
 READY_MODES = ("line", "immediate", "socket:PATH", "tcp:PORT")
+PROBE_MODES = ("socket:PATH", "tcp:PORT", "exec:COMMAND")
 
 
-def check_ready(value: Any) -> str:
-    """How the launcher knows the sidecar is ready: a {"type":"ready"} line on stdout (agor's
-    runners print it), a unix socket or TCP port that accepts, or at once."""
-    if not isinstance(value, str):
-        raise ConfigError(f"[watchdog] ready must be a string, one of {', '.join(READY_MODES)}")
-    kind, _, arg = value.partition(":")
-    if value in ("line", "immediate"):
-        return value
-    if kind == "socket" and arg.startswith("/"):
-        check_text(arg, "[watchdog] ready socket path")
-        return value
-    if kind == "tcp" and arg.isdigit() and 1 <= int(arg) <= 65535:
-        return value
-    raise ConfigError(f"[watchdog] ready must be one of {', '.join(READY_MODES)} "
+def check_endpoint(key: str, value: Any, plain: tuple[str, ...], modes: tuple[str, ...]) -> str:
+    """A readiness/liveness endpoint: one of `plain`, socket:/abs/path, tcp:PORT (or exec:CMD)."""
+    if isinstance(value, str):
+        kind, _, arg = value.partition(":")
+        if value in plain:
+            return value
+        if kind == "socket" and arg.startswith("/"):
+            _checked(key, lambda a: check_text(a, f"[watchdog] {key} socket path"), arg)
+            return value
+        if kind == "tcp" and arg.isdigit() and 1 <= int(arg) <= 65535:
+            return value
+        if kind == "exec" and "exec:COMMAND" in modes and arg.strip():
+            _checked(key, lambda a: check_text(a, f"[watchdog] {key} command"), arg)
+            return value
+    raise ConfigError(f"[watchdog] {key} must be one of {', '.join(modes)} "
                       f"(absolute socket path, port 1-65535), got {value!r}")
 
 
 def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) -> WatchdogConfig:
-    watchdog = _numbers("watchdog", values, base or WatchdogConfig(), _WATCHDOG_LIMITS, ("ready",))
+    """How the launcher knows the sidecar is ready (a {"type":"ready"} line on stdout, which
+    agor's runners print; a unix socket or TCP port that accepts; or at once) and alive."""
+    watchdog = _numbers("watchdog", values, base or WatchdogConfig(), _WATCHDOG_LIMITS, ("ready", "probe"))
     if "ready" in values:
-        watchdog = replace(watchdog, ready=check_ready(values["ready"]))
+        watchdog = replace(watchdog, ready=check_endpoint("ready", values["ready"], ("line", "immediate"),
+                                                          READY_MODES))
+    if "probe" in values:
+        watchdog = replace(watchdog, probe=check_endpoint("probe", values["probe"], (), PROBE_MODES))
     return watchdog
 
 

@@ -59,12 +59,14 @@ def launcher_options(props: dict[str, Any]) -> LauncherOptions | None:
 
 
 def last_error(props: dict[str, Any]) -> str:
-    status_text = props.get("StatusText") or ""
-    if CRASH_MARK in status_text:
-        return status_text.split(CRASH_MARK, 1)[1]
+    """systemd's own verdict first (watchdog, timeout, ...), then the launcher's account of the
+    sidecar's death (it knows about core dumps and readiness), then the main process's exit."""
     result = props.get("Result", "")
     if result in RESULT_TEXT:
         return RESULT_TEXT[result]
+    status_text = props.get("StatusText") or ""
+    if CRASH_MARK in status_text:
+        return status_text.split(CRASH_MARK, 1)[1]
     code, status = props.get("ExecMainCode", 0), props.get("ExecMainStatus", 0)
     if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
         return describe_exit(code, status)

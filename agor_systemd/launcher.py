@@ -1,21 +1,30 @@
 """agor-launch: the process systemd starts as agor-sidecar.service's ExecStart=.
 
 It starts the sidecar as its child and stays its supervisor (design (b) in
-docs/supervision.md): it tells systemd READY=1 and STATUS=, forwards stop signals, and
-when the sidecar dies it reports the cause and exits the way the sidecar did, so systemd's
-Restart= logic reacts to the sidecar's fate. On top of systemd it adds what systemd lacks:
+docs/supervision.md):
 
-* give-up at once: after the last allowed crash it exits with GAVE_UP_STATUS, which the
-  unit lists in RestartPreventExitStatus=, so the unit is `failed` immediately;
-* fallback backoff (systemd < 254, or a schedule systemd cannot express): the unit
-  restarts it at once (RestartSec=0) and the launcher waits out the rest of the delay
-  measured from the crash, reading NRestarts and InactiveEnterTimestampMonotonic over D-Bus
-  while the unit stays `activating` (Type=notify);
-* stability window: after the sidecar has run that long it resets the unit's restart
-  counter (ResetFailedUnit), so the next crash starts again at the first delay.
+* readiness: READY=1 only once the sidecar is really ready — a {"type":"ready"} line on its
+  stdout (agor's runners print one), a unix socket or TCP port that accepts, or at once; a
+  sidecar not ready within the timeout fails that attempt ("not ready within 10 s");
+* watchdog: WATCHDOG=1 at half of $WATCHDOG_USEC, but only while the sidecar is alive and
+  answering its liveness check (not stopped/T state; optionally output activity and a probe);
+  a hung sidecar gets WATCHDOG=trigger, so systemd kills and restarts it (Result=watchdog);
+* STATUS= that keeps `systemctl status` truthful ("ready; pid 1234; up 2m; attempt 2/5");
+* the sidecar's stdout/stderr go to the journal one line per record with a priority
+  (stdout info, stderr warning; a line's own <N> prefix wins);
+* stop signals are forwarded, and when the sidecar dies the launcher reports the cause and
+  exits the way the sidecar did, so systemd's Restart= logic follows the sidecar's fate;
+* give-up at once: after the last allowed crash it exits with GAVE_UP_STATUS, which the unit
+  lists in RestartPreventExitStatus=;
+* fallback backoff (systemd < 254, or a schedule systemd cannot express): the unit restarts
+  it at once (RestartSec=0) and it waits out the rest of the delay, measured from the crash
+  (InactiveEnterTimestampMonotonic), while the unit stays `activating`;
+* stability window: after the sidecar has run that long, the restart counter is reset
+  (RESTART_RESET=1 on systemd ≥ 258, ResetFailedUnit over D-Bus before).
 
-This runs on every restart, so it imports almost nothing: D-Bus goes through libsystemd
-with ctypes (pystemd's import alone costs ~45 ms) and only when needed.
+This runs on every restart, so it imports almost nothing up front: D-Bus goes through
+libsystemd with ctypes (pystemd's import alone costs ~45 ms), everything else is imported
+where it is needed.
 """
 
 from __future__ import annotations
@@ -30,29 +39,42 @@ from .protocol import (
     GAVE_UP_STATUS,
     LauncherOptions,
     describe_exit,
+    number_text,
     parse_launcher_arguments,
 )
 
 STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+INFO, WARNING, ERR, NOTICE = 6, 4, 3, 5  # syslog priorities
+LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split there anyway
+READY_POLL_S = 0.05
+LIVENESS_CHECK_S = 0.25
+STATUS_REFRESH_S = 10.0
 
 
-def log(message: str) -> None:
-    sys.stderr.write(f"agor-launch: {message}\n")
-    sys.stderr.flush()
+def log(message: str, priority: int = NOTICE) -> None:
+    os.write(2, f"<{priority}>agor-launch: {message}\n".encode("utf-8", "surrogateescape"))
 
 
-def notify(*fields: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    import socket
+class Notifier:
+    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET over one socket."""
 
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall("\n".join(fields).encode("utf-8", "surrogateescape"))
+    def __init__(self) -> None:
+        self._address = os.environ.get("NOTIFY_SOCKET")
+        self._socket = None
+
+    def __call__(self, *fields: str) -> None:
+        if not self._address:
+            return
+        if self._socket is None:
+            import socket
+
+            address = "\0" + self._address[1:] if self._address.startswith("@") else self._address
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.connect(address)
+        self._socket.sendall("\n".join(fields).encode("utf-8", "surrogateescape"))
+
+
+notify = Notifier()
 
 
 def bus_path(unit: str) -> bytes:
@@ -154,35 +176,330 @@ def exit_like(code: int, status: int) -> None:
     sys.exit(128 + status)  # the signal's default action is to ignore it
 
 
-class Sidecar:
-    """The child process and the signals forwarded to it."""
+def duration_text(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    def __init__(self, command: tuple[str, ...]) -> None:
+
+def process_state(pid: int) -> str:
+    """The one-letter state from /proc/PID/stat ('R', 'S', 'T' stopped, 'Z', ...); '' if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    return stat[stat.rfind(b")") + 2:][:1].decode()  # comm may contain spaces and parentheses
+
+
+def connects(endpoint: str, timeout_s: float) -> str | None:
+    """None if socket:PATH / tcp:PORT (on loopback) accepts a connection, else why not."""
+    import socket
+
+    kind, _, arg = endpoint.partition(":")
+    family, address = (socket.AF_UNIX, arg) if kind == "socket" else (socket.AF_INET, ("127.0.0.1", int(arg)))
+    with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(address)
+        except OSError as e:
+            return f"{endpoint}: {e.strerror or 'timed out'}"
+    return None
+
+
+def probe_once(probe: str, timeout_s: float) -> str | None:
+    """Run the liveness probe once; None when it passed, else the reason."""
+    if not probe.startswith("exec:"):
+        return connects(probe, timeout_s)
+    import subprocess
+
+    try:
+        done = subprocess.run(["/bin/sh", "-c", probe[5:]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout_s,
+                              env={k: v for k, v in os.environ.items() if k not in STRIPPED_ENV})
+    except subprocess.TimeoutExpired:
+        return f"probe did not answer within {number_text(timeout_s)} s"
+    return None if done.returncode == 0 else f"probe exited with status {done.returncode}"
+
+
+class OutputStream:
+    """One of the sidecar's output pipes, forwarded to the journal line by line."""
+
+    def __init__(self, fd: int, priority: int, on_line, is_stdout: bool) -> None:
+        self.fd = fd
+        self.is_stdout = is_stdout
+        self.prefix = f"<{priority}>".encode()
+        self.on_line = on_line
+        self.pending = b""
+
+    def read(self) -> bool:
+        """Forward what is available; False at end of file."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            if self.pending:
+                self.emit(self.pending)
+                self.pending = b""
+            return False
+        lines = (self.pending + data).split(b"\n")
+        self.pending = lines.pop()
+        while len(self.pending) > LINE_MAX:
+            lines.append(self.pending[:LINE_MAX])
+            self.pending = self.pending[LINE_MAX:]
+        for line in lines:
+            self.emit(line)
+        return True
+
+    def emit(self, line: bytes) -> None:
+        has_priority = len(line) >= 3 and line[:1] == b"<" and line[1:2].isdigit() and line[2:3] == b">"
+        os.write(1, (line if has_priority else self.prefix + line) + b"\n")
+        self.on_line(self, line)
+
+    def drain(self) -> None:
+        """After the sidecar exited: take what is buffered, without waiting for grandchildren."""
+        os.set_blocking(self.fd, False)
+        while self.read() and self._has_more():
+            pass
+        if self.pending:
+            self.emit(self.pending)
+            self.pending = b""
+
+    def _has_more(self) -> bool:
+        import select
+
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+
+class Supervisor:
+    """Runs one attempt: spawn, readiness, watchdog, output, stop signals, stability reset."""
+
+    def __init__(self, options: LauncherOptions, bus: ManagerBus | None, attempt: int) -> None:
+        self.options = options
+        self.bus = bus
+        self.attempt = attempt
+        self.stopping = False
+        self.watchdog_fired = False
+        self.ready = False
+        self.hung: str | None = None
+        self.not_ready = False
+        self.probe_failures = 0
+        self.probe_reason: str | None = None
+        self.last_output = time.monotonic()
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        owner = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+        self.ping_s = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and owner == str(os.getpid()) else 0.0
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.pid = os.posix_spawn(self.options.command[0], list(self.options.command), env,
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.started = time.monotonic()
+        self.pidfd = os.pidfd_open(self.pid)
+        self.streams = {out_r: OutputStream(out_r, INFO, self.on_line, is_stdout=True),
+                        err_r: OutputStream(err_r, WARNING, self.on_line, is_stdout=False)}
+        self.install_signal_handlers()
+
+    def install_signal_handlers(self) -> None:
         import signal
 
-        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
-        self.stopping = False
-        self.pid = os.posix_spawn(command[0], list(command), env)
-        self.pidfd = os.pidfd_open(self.pid)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._forward)
+            signal.signal(signum, self.forward)
+        signal.signal(signal.SIGABRT, self.watchdog_timeout)  # systemd's default WatchdogSignal=
 
-    def _forward(self, signum: int, _frame) -> None:
+    def forward(self, signum: int, _frame) -> None:
         import signal
 
         if signum != signal.SIGHUP:
             self.stopping = True
         os.kill(self.pid, signum)
 
-    def wait(self, timeout_s: float | None) -> tuple[int, int] | None:
-        """(si_code, si_status) once the child has ended, or None after timeout_s."""
+    def watchdog_timeout(self, _signum: int, _frame) -> None:
+        """systemd gave up on us: end the sidecar for good, even if it is stopped (SIGSTOP)."""
+        import signal
+
+        self.watchdog_fired = True
+        os.kill(self.pid, signal.SIGKILL)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def on_line(self, stream: OutputStream, line: bytes) -> None:
+        self.last_output = time.monotonic()
+        if self.waiting_for_ready() and self.options.ready == "line" and stream.is_stdout and b'"ready"' in line:
+            import json
+
+            try:
+                message = json.loads(line)
+            except ValueError:
+                return
+            if isinstance(message, dict) and message.get("type") == "ready":
+                self.become_ready()
+
+    def waiting_for_ready(self) -> bool:
+        return not self.ready and not self.not_ready
+
+    def become_ready(self) -> None:
+        self.ready = True
+        self.ready_at = time.monotonic()
+        self.last_output = self.ready_at
+        notify("READY=1", self.status_text())
+        if self.ping_s:
+            notify("WATCHDOG=1")
+            if self.options.probe:
+                self.start_probe_thread()
+
+    def status_text(self) -> str:
+        up = duration_text(time.monotonic() - self.ready_at)
+        return f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}"
+
+    def start_probe_thread(self) -> None:
+        import threading
+
+        def probe_loop() -> None:
+            while True:
+                reason = probe_once(self.options.probe, self.options.probe_timeout_s)
+                self.probe_failures = self.probe_failures + 1 if reason else 0
+                self.probe_reason = reason
+                time.sleep(self.ping_s)
+
+        threading.Thread(target=probe_loop, name="probe", daemon=True).start()
+
+    def liveness_problem(self, now: float) -> str | None:
+        state = process_state(self.pid)
+        if state in ("T", "t"):
+            return "stopped (T state)"
+        if self.options.activity_timeout_s and now - self.last_output > self.options.activity_timeout_s:
+            return f"no output for {number_text(self.options.activity_timeout_s)} s"
+        if self.probe_failures >= 2:  # one failed probe may be a hiccup; two in a row is a hang
+            return self.probe_reason
+        return None
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> tuple[int, int]:
+        """Supervise until the sidecar ends; returns its (si_code, si_status)."""
         import select
 
-        ready, _, _ = select.select([self.pidfd], [], [], timeout_s)
-        if not ready:
-            return None
-        result = os.waitid(os.P_PID, self.pid, os.WEXITED)
-        return result.si_code, result.si_status
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        for fd in self.streams:
+            poller.register(fd, select.POLLIN)
+        ready_mode = self.options.ready
+        notify(f"STATUS=waiting for readiness ({ready_mode}); pid {self.pid}; "
+               f"attempt {self.attempt}/{self.options.attempts}")
+        if ready_mode == "immediate":
+            self.become_ready()
+        ready_deadline = self.started + self.options.ready_timeout_s
+        stable_at = self.started + self.options.stability_window_s
+        next_ping = next_check = next_status = next_ready_poll = self.started
+        while True:
+            now = time.monotonic()
+            if self.waiting_for_ready():
+                if now >= ready_deadline:
+                    self.give_up_waiting()
+                elif ready_mode != "line" and now >= next_ready_poll:
+                    if connects(ready_mode, READY_POLL_S) is None:
+                        self.become_ready()
+                    next_ready_poll = now + READY_POLL_S
+            watching = self.ready and self.ping_s > 0 and self.hung is None
+            if watching and now >= next_check:
+                self.hung = self.liveness_problem(now)
+                next_check = now + LIVENESS_CHECK_S
+                if self.hung:
+                    self.report_hang()
+                    watching = False
+            if watching and now >= next_ping:
+                notify("WATCHDOG=1")
+                next_ping = now + self.ping_s
+            if self.ready and self.hung is None and now >= next_status:
+                notify(self.status_text())
+                next_status = now + STATUS_REFRESH_S
+            if now >= stable_at:
+                self.reset_budget()
+                stable_at = float("inf")
+            deadlines = [stable_at]
+            if self.waiting_for_ready():
+                deadlines.append(ready_deadline if ready_mode == "line" else min(ready_deadline, next_ready_poll))
+            if self.ready and self.hung is None:
+                deadlines.append(next_status)
+            if watching:
+                deadlines += [next_ping, next_check]
+            wait_s = min(deadlines) - time.monotonic()
+            timeout_ms = -1 if wait_s == float("inf") else max(0, int(wait_s * 1000) + 1)
+            for fd, _ in poller.poll(timeout_ms):
+                if fd == self.pidfd:
+                    for stream in self.streams.values():
+                        stream.drain()
+                    result = os.waitid(os.P_PID, self.pid, os.WEXITED)
+                    return result.si_code, result.si_status
+                if not self.streams[fd].read():
+                    poller.unregister(fd)
+
+    def give_up_waiting(self) -> None:
+        """Not ready in time: this attempt failed; end the sidecar (SIGTERM, then SIGKILL)."""
+        import signal
+
+        self.not_ready = True
+        log(f"sidecar not ready within {number_text(self.options.ready_timeout_s)} s "
+            f"({self.options.ready}); stopping it", ERR)
+        os.kill(self.pid, signal.SIGTERM)
+        import threading
+
+        threading.Timer(2.0, lambda: os.kill(self.pid, signal.SIGKILL) if process_state(self.pid) else None).start()
+
+    def report_hang(self) -> None:
+        notify(f"STATUS=hung: {self.hung}; pid {self.pid}; asking systemd's watchdog to restart it",
+               "WATCHDOG=trigger")
+        log(f"sidecar (pid {self.pid}) is hung: {self.hung}; no more watchdog pings", ERR)
+
+    def reset_budget(self) -> None:
+        """Stable for the window: the next crash starts the schedule again with a full budget."""
+        if self.attempt:
+            try:
+                if self.options.reset_via == "notify":
+                    notify("RESTART_RESET=1")
+                elif self.bus is not None:
+                    self.bus.reset_failed(self.options.unit)
+                log(f"sidecar stable for {number_text(self.options.stability_window_s)} s: restart budget reset", INFO)
+            except OSError as e:
+                log(f"{e}; the restart budget was not reset", WARNING)
+        self.attempt = 0
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def cause(self, code: int, status: int) -> str:
+        if self.watchdog_fired:
+            return "watchdog timeout" + (f" ({self.hung})" if self.hung else "")
+        if self.not_ready:
+            return f"not ready within {number_text(self.options.ready_timeout_s)} s"
+        return describe_exit(code, status)
+
+    def finish(self, code: int, status: int) -> None:
+        cause = self.cause(code, status)
+        if self.stopping and not self.watchdog_fired:
+            log(f"sidecar {cause} after a stop request", INFO)
+            exit_like(code, status)
+        if self.attempt >= self.options.attempts:
+            notify(f"STATUS=gave up after {self.options.attempts} restarts; {CRASH_MARK}{cause}")
+            log(f"sidecar {cause}; giving up after {self.options.attempts} restarts", ERR)
+            sys.exit(GAVE_UP_STATUS)
+        notify(f"STATUS={CRASH_MARK}{cause}")
+        log(f"sidecar {cause}; restart {self.attempt + 1}/{self.options.attempts} follows", WARNING)
+        if self.watchdog_fired or self.not_ready:
+            sys.exit(1)
+        exit_like(code, status)
 
 
 def run(options: LauncherOptions) -> None:
@@ -191,57 +508,33 @@ def run(options: LauncherOptions) -> None:
     if options.wait_schedule is not None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
-    started = time.monotonic()
+    notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
+    supervisor = Supervisor(options, bus, attempt)
     try:
-        sidecar = Sidecar(options.command)
+        supervisor.spawn()
     except OSError as e:
         notify(f"STATUS={CRASH_MARK}cannot start {options.command[0]}: {e.strerror}")
-        log(f"cannot start {options.command[0]!r}: {e.strerror}")
+        log(f"cannot start {options.command[0]!r}: {e.strerror}", ERR)
         sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
-    notify("READY=1", f"STATUS=running; pid {sidecar.pid}")
-    if bus is None:
+    if bus is None and (options.attempts or options.reset_via == "dbus"):
         try:
-            bus = ManagerBus(options.system)
-            attempt = bus.restart_count(options.unit)
+            supervisor.bus = ManagerBus(options.system)
+            supervisor.attempt = supervisor.bus.restart_count(options.unit)
         except OSError as e:  # keep supervising; StartLimitBurst= still ends a crash loop
-            log(f"{e}; cannot tell the attempt number, so the start limit will end a crash loop")
-    notify(f"STATUS=running; pid {sidecar.pid}; attempt {attempt}/{options.attempts}")
-
-    ended = sidecar.wait(max(0.0, options.stability_window_s - (time.monotonic() - started)))
-    if ended is None:
-        if attempt and bus is not None:
-            try:
-                bus.reset_failed(options.unit)
-                log(f"sidecar stable for {options.stability_window_s:g}s: restart budget reset")
-            except OSError as e:
-                log(f"{e}; the restart budget was not reset")
-        attempt = 0
-        notify(f"STATUS=running; pid {sidecar.pid}; stable")
-        ended = sidecar.wait(None)
-    code, status = ended
-    cause = describe_exit(code, status)
-    if sidecar.stopping:
-        log(f"sidecar {cause} after stop request")
-        exit_like(code, status)
-    if attempt >= options.attempts:
-        notify(f"STATUS=gave up after {options.attempts} restarts; {CRASH_MARK}{cause}")
-        log(f"sidecar {cause}; giving up after {options.attempts} restarts")
-        sys.exit(GAVE_UP_STATUS)
-    notify(f"STATUS={CRASH_MARK}{cause}")
-    log(f"sidecar {cause}; restart {attempt + 1}/{options.attempts} follows")
-    exit_like(code, status)
+            log(f"{e}; cannot tell the attempt number, so the start limit will end a crash loop", WARNING)
+    supervisor.finish(*supervisor.run())
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         options = parse_launcher_arguments(sys.argv[1:] if argv is None else argv)
     except ValueError as e:
-        log(f"usage error: {e}")
+        log(f"usage error: {e}", ERR)
         sys.exit(2)
     try:
         run(options)
     except OSError as e:
-        log(str(e))
+        log(str(e), ERR)
         sys.exit(1)
 
 

@@ -23,19 +23,48 @@ CRASH_MARK = "sidecar crashed: "
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(d) for d in text.split(",")) if text else ()
+
+
+# flag → (attribute, parse, render); flags whose value equals the default are left out
+_FLAGS = {
+    "--unit": ("unit", str, str),
+    "--attempts": ("attempts", int, str),
+    "--stability-window": ("stability_window_s", float, None),
+    "--wait-schedule": ("wait_schedule", _float_list, None),
+    "--ready": ("ready", str, str),
+    "--ready-timeout": ("ready_timeout_s", float, None),
+    "--activity-timeout": ("activity_timeout_s", float, None),
+    "--probe": ("probe", str, str),
+    "--probe-timeout": ("probe_timeout_s", float, None),
+    "--reset-via": ("reset_via", str, str),
+}
+_REQUIRED = ("--unit", "--attempts", "--stability-window")
+
+
 class LauncherOptions:
     """The launcher's settings. A plain class: dataclasses costs the launcher ~12 ms to import."""
 
-    __slots__ = ("unit", "attempts", "stability_window_s", "command", "wait_schedule", "system")
+    __slots__ = ("unit", "attempts", "stability_window_s", "command", "wait_schedule", "system", "ready",
+                 "ready_timeout_s", "activity_timeout_s", "probe", "probe_timeout_s", "reset_via")
 
     def __init__(self, unit: str, attempts: int, stability_window_s: float, command: tuple[str, ...],
-                 wait_schedule: tuple[float, ...] | None = None, system: bool = False) -> None:
+                 wait_schedule: tuple[float, ...] | None = None, system: bool = False,
+                 ready: str = "immediate", ready_timeout_s: float = 10.0, activity_timeout_s: float = 0.0,
+                 probe: str | None = None, probe_timeout_s: float = 5.0, reset_via: str = "dbus") -> None:
         self.unit = unit
         self.attempts = attempts
         self.stability_window_s = stability_window_s
         self.command = command
         self.wait_schedule = wait_schedule  # fallback mode: the launcher waits out each delay itself
         self.system = system
+        self.ready = ready  # "line", "immediate", "socket:PATH", "tcp:PORT"
+        self.ready_timeout_s = ready_timeout_s
+        self.activity_timeout_s = activity_timeout_s  # 0: output silence is not a hang
+        self.probe = probe  # "socket:PATH", "tcp:PORT" or "exec:SHELL COMMAND"
+        self.probe_timeout_s = probe_timeout_s
+        self.reset_via = reset_via  # "notify" (RESTART_RESET=1, systemd ≥ 258) or "dbus" (ResetFailedUnit)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(
@@ -48,11 +77,18 @@ def number_text(value: float) -> str:
 
 
 def launcher_arguments(options: LauncherOptions) -> list[str]:
-    """The launcher's arguments (after the interpreter and module), ending with `--` argv."""
-    args = ["--unit", options.unit, "--attempts", str(options.attempts),
-            "--stability-window", number_text(options.stability_window_s)]
-    if options.wait_schedule is not None:
-        args += ["--wait-schedule", ",".join(number_text(d) for d in options.wait_schedule)]
+    """The launcher's arguments (after the interpreter and script), ending with `--` argv."""
+    defaults = LauncherOptions("", 0, 0.0, ())
+    args: list[str] = []
+    for flag, (attr, _, render) in _FLAGS.items():
+        value = getattr(options, attr)
+        if flag not in _REQUIRED and (value is None or value == getattr(defaults, attr)):
+            continue
+        if attr == "wait_schedule":
+            text = ",".join(number_text(d) for d in value)
+        else:
+            text = render(value) if render else number_text(value)
+        args += [flag, text]
     if options.system:
         args.append("--system")
     return args + ["--", *options.command]
@@ -60,7 +96,7 @@ def launcher_arguments(options: LauncherOptions) -> list[str]:
 
 def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
     """Inverse of launcher_arguments; raises ValueError with a one-line reason."""
-    values: dict[str, str] = {}
+    values: dict[str, object] = {}
     system = False
     i = 0
     while i < len(args) and args[i] != "--":
@@ -69,25 +105,18 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
             system = True
             i += 1
             continue
-        if flag not in ("--unit", "--attempts", "--stability-window", "--wait-schedule") or i + 1 >= len(args):
+        if flag not in _FLAGS or i + 1 >= len(args):
             raise ValueError(f"unexpected launcher argument {flag!r}")
-        values[flag] = args[i + 1]
+        attr, parse, _ = _FLAGS[flag]
+        values[attr] = parse(args[i + 1])
         i += 2
     command = tuple(args[i + 1:])
     if not command:
         raise ValueError("no sidecar command after '--'")
-    for required in ("--unit", "--attempts", "--stability-window"):
-        if required not in values:
+    for required in _REQUIRED:
+        if _FLAGS[required][0] not in values:
             raise ValueError(f"missing launcher argument {required}")
-    schedule = values.get("--wait-schedule")
-    return LauncherOptions(
-        unit=values["--unit"],
-        attempts=int(values["--attempts"]),
-        stability_window_s=float(values["--stability-window"]),
-        command=command,
-        wait_schedule=None if schedule is None else tuple(float(d) for d in schedule.split(",")) if schedule else (),
-        system=system,
-    )
+    return LauncherOptions(command=command, system=system, **values)  # type: ignore[arg-type]
 
 
 def find_launcher_arguments(argv: list[str]) -> list[str] | None:

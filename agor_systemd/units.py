@@ -10,8 +10,10 @@ from .config import Config
 from .protocol import GAVE_UP_STATUS, SIDECAR_UNIT, LauncherOptions, launcher_arguments
 from .unitfile import UnitFile, exec_line, path_value
 
-# RestartSteps= / RestartMaxDelaySec= / RestartUSecNext appeared in systemd 254.
+# RestartSteps= / RestartMaxDelaySec= / RestartUSecNext appeared in systemd 254,
+# the RESTART_RESET=1 notify message in 258.
 NATIVE_BACKOFF_VERSION = 254
+RESTART_RESET_VERSION = 258
 
 # How the units start the launcher when rendered for packagers and for units/:
 # Debian's interpreter, with the package installed system-wide.
@@ -42,7 +44,7 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
     RestartSec·ratio^k itself. Fallback mode: RestartSec=0 and the launcher waits out
     each delay while the unit stays `activating`.
     """
-    policy = config.restart
+    policy, watchdog = config.restart, config.watchdog
     native = native_backoff(policy) if systemd_version >= NATIVE_BACKOFF_VERSION else None
     delays = schedule(policy)
     options = LauncherOptions(
@@ -52,6 +54,12 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
         command=tuple(config.sidecar.command),
         wait_schedule=None if native else tuple(delays),
         system=system,
+        ready=watchdog.ready,
+        ready_timeout_s=watchdog.ready_timeout_s,
+        activity_timeout_s=watchdog.activity_timeout_s,
+        probe=watchdog.probe,
+        probe_timeout_s=watchdog.probe_timeout_s,
+        reset_via="notify" if systemd_version >= RESTART_RESET_VERSION else "dbus",
     )
     unit = UnitFile(SIDECAR_UNIT, header=HEADER)
     unit.add("Unit", "Description", "agor sidecar (agent runners), supervised by systemd")
@@ -77,9 +85,14 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
             unit.add("Service", "RestartMaxDelaySec", usec_text(native.max_delay_usec))
     else:
         unit.add("Service", "RestartSec", "0")
-    # In fallback mode the launcher's wait happens before READY=1, inside the start timeout.
+    # The launcher fails an attempt itself after ready_timeout_s ("not ready within 10 s");
+    # in fallback mode its wait also happens before READY=1. TimeoutStartSec= is the backstop.
     waited = 0 if native else math.ceil(max(delays, default=0))
-    unit.add("Service", "TimeoutStartSec", f"{waited + 90}s")
+    unit.add("Service", "TimeoutStartSec", f"{waited + math.ceil(watchdog.ready_timeout_s) + 30}s")
+    if watchdog.interval_s:
+        # WATCHDOG=1 comes from the launcher only while the sidecar answers its liveness checks;
+        # a hang ends in WatchdogSignal= (SIGABRT) to the launcher, which kills the sidecar.
+        unit.add("Service", "WatchdogSec", usec_text(round(watchdog.interval_s * 1e6)))
     # SIGTERM goes to the launcher, which forwards it; leftovers get SIGKILL at the timeout.
     unit.add("Service", "KillMode", "mixed")
     unit.add("Service", "SyslogIdentifier", "agor-sidecar")

@@ -3,8 +3,9 @@
     fake_sidecar.py --log FILE [--plan FILE] [BEHAVIOUR]
 
 Every start appends one JSON line to --log: CLOCK_MONOTONIC time, pid, argv (hex, so
-non-UTF-8 and newlines survive), cwd and FAKE_* environment variables. Then it does what
-line N of --plan says (N = this start's number; the last line repeats), else BEHAVIOUR:
+non-UTF-8 and newlines survive), cwd and FAKE_* environment variables, then prints agor's
+ready line {"type":"ready"} on stdout. Then it does what line N of --plan says (N = this
+start's number; the last line repeats), else BEHAVIOUR:
 
     exit:N        exit with status N at once (within a few ms of starting)
     signal:NAME   die by signal NAME (KILL, TERM, SEGV, ...)
@@ -12,6 +13,12 @@ line N of --plan says (N = this start's number; the last line repeats), else BEH
     run:S         run S seconds, then exit with status 1
     hang          run until signalled (SIGTERM ends it: killed by SIGTERM)
     term-exit:N   run until SIGTERM, then exit with status N
+    never-ready   like hang, but without the ready line
+    late-ready:S  print the ready line only after S seconds, then hang
+    socket:PATH   no ready line; listen on unix socket PATH after 0.3 s, then hang
+    stop-self:S   after S seconds stop itself with SIGSTOP (hung: T state)
+    spin:S        print a heartbeat every 0.1 s; after S seconds spin in a busy loop, silent
+    log           print lines with and without <N> priority prefixes on stdout and stderr, hang
 """
 
 import json
@@ -51,6 +58,8 @@ def main(argv):
             plan = [line.strip() for line in f if line.strip()]
         if plan:
             behaviour = plan[min(starts, len(plan) - 1)]
+    if behaviour.partition(":")[0] not in ("never-ready", "late-ready", "socket"):
+        print('{"type":"ready"}', flush=True)
     act(behaviour)
 
 
@@ -78,7 +87,32 @@ def act(behaviour):
         os._exit(1)
     if kind == "term-exit":
         signal.signal(signal.SIGTERM, lambda *_: os._exit(int(arg)))
-    if kind in ("hang", "term-exit"):
+    if kind == "late-ready":
+        time.sleep(float(arg))
+        print('{"type":"ready"}', flush=True)
+    if kind == "socket":
+        import socket
+
+        time.sleep(0.3)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(arg)
+        server.listen(8)
+    if kind == "stop-self":
+        time.sleep(float(arg))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if kind == "spin":
+        deadline = time.monotonic() + float(arg)
+        while time.monotonic() < deadline:
+            print("heartbeat", flush=True)
+            time.sleep(0.1)
+        while True:
+            pass
+    if kind == "log":
+        print("plain stdout line", flush=True)
+        print("<3>stdout line marked as an error", flush=True)
+        sys.stderr.write("plain stderr line\n<7>stderr line marked as debug\n")
+        sys.stderr.flush()
+    if kind in ("hang", "term-exit", "never-ready", "late-ready", "socket", "stop-self", "log"):
         while True:
             time.sleep(3600)
     sys.stderr.write(f"fake_sidecar: unknown behaviour {behaviour!r}\n")

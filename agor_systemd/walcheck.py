@@ -1,0 +1,400 @@
+"""agor-walcheck: checkpoint and truncate the WAL of agor's SQLite databases, and say what happened.
+
+agor runs ``PRAGMA wal_checkpoint(TRUNCATE)`` every 5 minutes from a background task and ignores
+the result, so a checkpoint that a reader blocks goes unnoticed and the WAL keeps growing. This
+module does the same checkpoint from a systemd timer (``walcheck_units.py``) and makes every
+outcome visible: one line per database (in the journal when run by the timer), ``--json`` on
+request, and an exit status ``systemctl --user status agor-walcheck`` shows.
+
+Safety: nothing here can lose a committed transaction or corrupt a database. Only SQLite itself
+writes the database, with its default durability (``synchronous=FULL``); the checkpoint is SQLite's
+own crash-safe operation (a kill at any point leaves the WAL as the source of truth). This module
+never creates, deletes, renames or copies a database, WAL or shm file, and never opens a file
+SQLite could damage: a missing path is not created (``mode=rw``), and a zero-byte database is not
+opened at all, because SQLite deletes the WAL next to an empty database file when it opens it.
+
+Library use::
+
+    from agor_systemd.walcheck import checkpoint
+    result = checkpoint("/home/me/.local/share/agor/btmsg.db", busy_timeout_s=5)
+    result.outcome, result.as_dict()
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import stat
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+PROG = "agor-walcheck"
+
+# Exit statuses (sysexits.h where one fits). With several databases the most severe one wins,
+# in this order: 65, 74, 77, 70, 75, then 0.
+EXIT_OK = 0  # every database checkpointed and truncated, or skipped (missing, not in WAL mode)
+EXIT_USAGE = 2  # bad command line
+EXIT_DATAERR = 65  # not an SQLite database, empty file, corrupt, a directory
+EXIT_SOFTWARE = 70  # an SQLite error this tool does not know (a bug, report it)
+EXIT_IOERR = 74  # I/O error or disk full during the checkpoint
+EXIT_TEMPFAIL = 75  # busy: readers or writers held the database through every retry
+EXIT_NOPERM = 77  # the file (or its directory) cannot be read or written by this user
+SEVERITY = (EXIT_DATAERR, EXIT_IOERR, EXIT_NOPERM, EXIT_SOFTWARE, EXIT_TEMPFAIL)
+
+# outcome -> exit status
+OUTCOMES = {
+    "truncated": EXIT_OK,  # checkpointed, WAL truncated to 0 bytes
+    "missing": EXIT_OK,  # no such file: skipped (agor has not created it yet)
+    "not-wal": EXIT_OK,  # rollback-journal mode: no WAL to checkpoint; --ensure-wal switches
+    "busy": EXIT_TEMPFAIL,
+    "not-a-database": EXIT_DATAERR,
+    "corrupt": EXIT_DATAERR,
+    "disk-full": EXIT_IOERR,
+    "io-error": EXIT_IOERR,
+    "permission-denied": EXIT_NOPERM,
+    "error": EXIT_SOFTWARE,
+}
+
+# Retries after a busy attempt: bounded, so one run takes at most
+# (1 + len(RETRY_DELAYS_S)) * busy_timeout + sum(RETRY_DELAYS_S) per database.
+RETRY_DELAYS_S = (0.25, 0.5, 1.0)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# SQLite primary result codes (extended code & 0xff)
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
+_SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
+
+
+@dataclass
+class CheckpointResult:
+    """What happened to one database. `busy`/`log_frames`/`checkpointed_frames` are the row of
+    the last ``PRAGMA wal_checkpoint(TRUNCATE)`` (None when it did not run); WAL sizes in bytes
+    (None when not looked at)."""
+
+    path: str
+    outcome: str
+    message: str
+    busy: int | None = None
+    log_frames: int | None = None
+    checkpointed_frames: int | None = None
+    wal_bytes_before: int | None = None
+    wal_bytes_after: int | None = None
+    journal_mode: str | None = None
+    switched_to_wal: bool = False
+    attempts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_status(self) -> int:
+        return OUTCOMES[self.outcome]
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == EXIT_OK
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"exit_status": self.exit_status}
+
+    def line(self) -> str:
+        """The one line for the journal / terminal."""
+        return f"{self.path}: {self.outcome}: {self.message}"
+
+
+def size_text(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _wal_size(path: str) -> int:
+    try:
+        return os.stat(path + "-wal").st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _uri(path: str) -> str:
+    """A read-write, never-create SQLite URI for any path (spaces, %, ?, # included)."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+
+
+def _classify(error: sqlite3.Error) -> tuple[str, str]:
+    """(outcome, reason) for an SQLite error."""
+    code = getattr(error, "sqlite_errorcode", None)
+    name = getattr(error, "sqlite_errorname", None) or "SQLITE_ERROR"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else name
+    reason = f"{text} ({name})"
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return "busy", reason
+    if primary == _SQLITE_NOTADB:
+        return "not-a-database", reason
+    if primary == _SQLITE_CORRUPT:
+        return "corrupt", reason
+    if primary == _SQLITE_FULL:
+        return "disk-full", reason
+    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
+        return "io-error", reason
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_AUTH):
+        return "permission-denied", reason
+    return "error", reason
+
+
+_UNTOUCHED = "file left untouched"
+
+
+def _precheck(path: str) -> CheckpointResult | None:
+    """Look at the file without SQLite: a result for what must not be opened, else None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return CheckpointResult(path, "missing", "no such file; skipped")
+    except NotADirectoryError:
+        return CheckpointResult(path, "missing", "a parent of the path is not a directory; skipped")
+    except PermissionError:
+        return CheckpointResult(path, "permission-denied", "cannot look up the file (permission denied)")
+    except OSError as e:
+        return CheckpointResult(path, "io-error", f"cannot stat the file: {e.strerror}")
+    if stat.S_ISDIR(st.st_mode):
+        return CheckpointResult(path, "not-a-database", "is a directory, not an SQLite database")
+    if not stat.S_ISREG(st.st_mode):
+        return CheckpointResult(path, "not-a-database", f"not a regular file; {_UNTOUCHED}")
+    if st.st_size == 0:
+        # SQLite would treat it as a new, empty database and delete a WAL lying next to it
+        wal = _wal_size(path)
+        extra = f"; its WAL ({size_text(wal)}) left alone" if os.path.exists(path + "-wal") else ""
+        return CheckpointResult(path, "not-a-database", f"empty file (0 bytes), not an SQLite database; "
+                                f"{_UNTOUCHED}{extra}", wal_bytes_before=wal, wal_bytes_after=wal)
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except PermissionError:
+        return CheckpointResult(path, "permission-denied", f"cannot read the file (permission denied); {_UNTOUCHED}")
+    except OSError as e:
+        return CheckpointResult(path, "io-error", f"cannot read the file: {e.strerror}; {_UNTOUCHED}")
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        return CheckpointResult(path, "not-a-database",
+                                f"no SQLite header ({st.st_size} bytes), not an SQLite database; {_UNTOUCHED}")
+    if not os.access(path, os.W_OK):
+        return CheckpointResult(path, "permission-denied",
+                                f"read-only for this user: cannot checkpoint; {_UNTOUCHED}")
+    return None
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    # sqlite-utils only here: importing it costs ~70-90 ms, which the timer's every run would pay
+    import sqlite_utils
+
+    sqlite_utils.Database(conn).enable_wal()
+
+
+def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = 5.0, *, ensure_wal: bool = False,
+               retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+               sleep: Callable[[float], None] = time.sleep) -> CheckpointResult:
+    """Checkpoint one database with ``PRAGMA wal_checkpoint(TRUNCATE)``; never raises for a
+    database problem, the result says what happened.
+
+    Each attempt first runs a PASSIVE checkpoint (copies what it can without taking the write
+    lock, so agor's writers are not held up during the bulk copy), then TRUNCATE, which waits up
+    to `busy_timeout_s` for writers and readers. A busy attempt is retried after each of
+    `retry_delays_s` (no locks held while sleeping).
+    """
+    path = os.fspath(path)
+    started = time.monotonic()
+    result = _precheck(path)
+    if result is None:
+        result = _checkpoint_open(path, busy_timeout_s, ensure_wal, retry_delays_s, sleep)
+    result.seconds = round(time.monotonic() - started, 4)
+    return result
+
+
+def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
+                     retry_delays_s: Sequence[float], sleep: Callable[[float], None]) -> CheckpointResult:
+    result = CheckpointResult(path, "error", "")
+    conn = None
+    try:
+        conn = sqlite3.connect(_uri(path), uri=True, timeout=busy_timeout_s, isolation_level=None)
+        # reading the schema validates the header and page 1 and recovers a hot WAL/journal
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+        result.journal_mode = mode
+        if mode != "wal":
+            if not ensure_wal:
+                result.outcome = "not-wal"
+                result.message = (f"not in WAL mode (journal_mode={mode}): no WAL to checkpoint, "
+                                  "mode left as it is; --ensure-wal switches it")
+                return result
+            _enable_wal(conn)
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+            if mode != "wal":
+                result.outcome = "error"
+                result.message = f"--ensure-wal: SQLite kept journal_mode={mode}"
+                return result
+            result.journal_mode, result.switched_to_wal = mode, True
+        result.wal_bytes_before = _wal_size(path)
+        delays = list(retry_delays_s)
+        while True:
+            result.attempts += 1
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                result.busy, result.log_frames, result.checkpointed_frames = busy, log, done
+            except sqlite3.OperationalError as e:
+                if _classify(e)[0] != "busy":
+                    raise
+                busy, reason = 1, _classify(e)[1]
+            else:
+                reason = None
+            if not busy:
+                break
+            if not delays:
+                break
+            sleep(delays.pop(0))
+        result.wal_bytes_after = _wal_size(path)
+        before, after = size_text(result.wal_bytes_before), size_text(result.wal_bytes_after)
+        switched = "switched to WAL mode (--ensure-wal); " if result.switched_to_wal else ""
+        if busy:
+            result.outcome = "busy"
+            row = (f"busy={result.busy}, {result.log_frames} frames in the WAL, "
+                   f"{result.checkpointed_frames} checkpointed" if result.busy is not None else reason)
+            result.message = (f"{switched}readers or writers held the database through {result.attempts} attempts "
+                              f"(busy timeout {busy_timeout_s:g} s each): {row}; WAL {before} -> {after}; "
+                              "the next run tries again")
+        else:
+            result.outcome = "truncated"
+            result.message = (f"{switched}checkpointed, WAL {before} -> {after} "
+                              f"(busy={result.busy}, log={result.log_frames}, checkpointed={result.checkpointed_frames}, "
+                              f"{result.attempts} attempt{'s' if result.attempts > 1 else ''})")
+        return result
+    except sqlite3.Error as e:
+        outcome, reason = _classify(e)
+        result.outcome = outcome
+        if outcome == "disk-full":
+            result.message = f"disk full during the checkpoint: {reason}; the WAL still holds every commit"
+        elif outcome in ("not-a-database", "corrupt"):
+            result.message = f"{reason}; {_UNTOUCHED}"
+        else:
+            result.message = reason
+        if result.wal_bytes_before is not None:
+            result.wal_bytes_after = _wal_size(path)
+        return result
+    finally:
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+
+def default_databases(home: str | None = None) -> list[str]:
+    from .config import WalcheckConfig
+    from .unitfile import HomePath
+
+    home = home or os.path.expanduser("~")
+    return [d.expand(home) if isinstance(d, HomePath) else d for d in WalcheckConfig().databases]
+
+
+def exit_status(results: Sequence[CheckpointResult]) -> int:
+    statuses = {r.exit_status for r in results}
+    return next((s for s in SEVERITY if s in statuses), EXIT_OK)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+HELP = f"""\
+For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): open it with a busy
+timeout, run PRAGMA wal_checkpoint(TRUNCATE), and print one line with the outcome, SQLite's result
+row (busy, frames in the WAL, frames checkpointed) and the WAL size before and after.
+
+outcomes and exit statuses (with several databases the first listed here that occurred wins):
+  {EXIT_DATAERR}  not-a-database, corrupt   not SQLite, empty (0 bytes), a directory, malformed;
+                                the file is left untouched
+  {EXIT_IOERR}  disk-full, io-error        the checkpoint could not write; the WAL still holds
+                                every commit, nothing is damaged
+  {EXIT_NOPERM}  permission-denied          cannot read, or cannot write (read-only file/directory)
+  {EXIT_SOFTWARE}  error                      an SQLite error this tool does not know
+  {EXIT_TEMPFAIL}  busy                       readers or writers held the database through every
+                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {', '.join(f'{d:g}' for d in RETRY_DELAYS_S)} s apart, each waiting up
+                                to the busy timeout); the next run tries again
+   0  truncated                  checkpointed, WAL truncated to 0 bytes
+   0  missing                    no such file: skipped with a notice
+   0  not-wal                    not in WAL mode: reported, mode left alone (--ensure-wal)
+   {EXIT_USAGE}  usage error
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Checkpoint and truncate the WAL of agor's SQLite databases.",
+                epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("databases", nargs="*", metavar="DB", help="database files (default: agor's two)")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead of lines")
+    p.add_argument("--ensure-wal", action="store_true",
+                   help="switch a database that is not in WAL mode to WAL, then checkpoint it")
+    p.add_argument("--busy-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long each attempt waits for readers and writers (default 5, agor's value)")
+    p.add_argument("--retries", type=int, default=len(RETRY_DELAYS_S), metavar="N",
+                   help=f"retries after a busy attempt, 0-{len(RETRY_DELAYS_S)} (default {len(RETRY_DELAYS_S)})")
+    return p
+
+
+def _journal_prefix(stream, level: int) -> str:
+    """sd-daemon priority prefix when the stream is connected to the journal (systemd strips it)."""
+    js = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in js.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return ""
+    return f"<{level}>" if (st.st_dev, st.st_ino) == (dev, ino) else ""
+
+
+_LEVELS = {EXIT_OK: 6, EXIT_TEMPFAIL: 4}  # info, warning; errors are 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not (0 <= args.busy_timeout <= 3600):
+        _parser().error(f"--busy-timeout must be between 0 and 3600 seconds, got {args.busy_timeout:g}")
+    if not (0 <= args.retries <= len(RETRY_DELAYS_S)):
+        _parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
+    databases = args.databases or default_databases()
+    results = []
+    for db in databases:
+        try:
+            result = checkpoint(db, args.busy_timeout, ensure_wal=args.ensure_wal,
+                                retry_delays_s=RETRY_DELAYS_S[:args.retries])
+        except Exception as e:  # noqa: BLE001 - one line, never a traceback
+            result = CheckpointResult(db, "error", f"unexpected {type(e).__name__}: {e}".splitlines()[0])
+        results.append(result)
+        if not args.json or not result.ok:
+            stream = sys.stdout if result.ok and not args.json else sys.stderr
+            level = _LEVELS.get(result.exit_status, 3)
+            prefix = _journal_prefix(stream, 5 if result.outcome != "truncated" and result.ok else level)
+            text = result.line() if stream is sys.stdout else f"{PROG}: {result.line()}"
+            stream.write(prefix + text.replace("\n", "\\n") + "\n")
+            stream.flush()
+    status = exit_status(results)
+    if args.json:
+        sys.stdout.write(json.dumps({"exit_status": status, "databases": [r.as_dict() for r in results]},
+                                    indent=2) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,11 +62,13 @@ def last_error(props: dict[str, Any]) -> str:
     """systemd's own verdict first (watchdog, timeout, ...), then the launcher's account of the
     sidecar's death (it knows about core dumps and readiness), then the main process's exit."""
     result = props.get("Result", "")
-    if result in RESULT_TEXT:
-        return RESULT_TEXT[result]
+    if result in RESULT_TEXT and result not in ("start-limit-hit", "exec-condition"):
+        return RESULT_TEXT[result]  # what systemd itself did to this run
     status_text = props.get("StatusText") or ""
     if CRASH_MARK in status_text:
         return status_text.split(CRASH_MARK, 1)[1]
+    if result in RESULT_TEXT:
+        return RESULT_TEXT[result]
     code, status = props.get("ExecMainCode", 0), props.get("ExecMainStatus", 0)
     if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
         return describe_exit(code, status)

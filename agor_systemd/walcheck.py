@@ -86,6 +86,7 @@ class CheckpointResult:
     checkpointed_frames: int | None = None
     wal_bytes_before: int | None = None
     wal_bytes_after: int | None = None
+    passive: list[int] | None = None  # the PASSIVE pre-pass row of the last attempt
     journal_mode: str | None = None
     switched_to_wal: bool = False
     attempts: int = 0
@@ -246,7 +247,7 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
         while True:
             result.attempts += 1
             try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                result.passive = list(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
                 busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 result.busy, result.log_frames, result.checkpointed_frames = busy, log, done
             except sqlite3.OperationalError as e:
@@ -272,8 +273,10 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
                               "the next run tries again")
         else:
             result.outcome = "truncated"
-            result.message = (f"{switched}checkpointed, WAL {before} -> {after} "
-                              f"(busy={result.busy}, log={result.log_frames}, checkpointed={result.checkpointed_frames}, "
+            frames = result.passive[2] if result.passive and result.passive[2] > 0 else 0
+            result.message = (f"{switched}checkpointed {frames} frames, WAL {before} -> {after} "
+                              f"(TRUNCATE busy={result.busy} log={result.log_frames} "
+                              f"checkpointed={result.checkpointed_frames}; "
                               f"{result.attempts} attempt{'s' if result.attempts > 1 else ''})")
         return result
     except sqlite3.Error as e:

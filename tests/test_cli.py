@@ -92,7 +92,7 @@ def test_render_quotes_the_command(env):
     exec_start = [line for line in lines if line.startswith("ExecStart=")]
     assert exec_start == [f"ExecStart={launcher_prefix()}"
                           '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
-                          '"--" "/bin/true" "a b" "$HOME" "50%%"']
+                          '"--ready" "line" "--" "/bin/true" "a b" "$HOME" "50%%"']
     assert "RestartSteps=4" in lines
 
 

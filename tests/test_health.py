@@ -182,8 +182,14 @@ def test_gave_up_in_fallback_mode_is_the_same():
     assert health(gave_up(native=False)) == health(gave_up())
 
 
-def test_crash_mark_wins_over_result():
+def test_systemds_verdict_on_the_run_wins_over_the_crash_mark():
+    # a watchdog kill: the launcher's STATUS= may still describe an earlier crash
     values = gave_up(Result="watchdog", StatusText="sidecar crashed: exited with status 3")
+    assert health(values)["last_error"] == "watchdog timeout"
+
+
+def test_crash_mark_wins_over_the_start_limit():
+    values = gave_up(Result="start-limit-hit", StatusText="sidecar crashed: exited with status 3")
     assert health(values)["last_error"] == "exited with status 3"
 
 

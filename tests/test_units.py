@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agor_systemd.backoff import RestartPolicy
-from agor_systemd.config import Config, SidecarConfig
+from agor_systemd.config import Config, SidecarConfig, WatchdogConfig
 from agor_systemd.protocol import SIDECAR_UNIT
 from agor_systemd.unitfile import HomePath
 from agor_systemd.units import (
@@ -85,7 +85,7 @@ def test_native_defaults():
         "Type": ["notify"],
         "NotifyAccess": ["main"],
         "ExecStart": [':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" "--unit" "agor-sidecar.service" '
-                      '"--attempts" "5" "--stability-window" "300" "--" "/usr/bin/node" '
+                      '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--" "/usr/bin/node" '
                       '"%h/.local/share/agor/dist/claude-runner.mjs"'],
         "WorkingDirectory": ["%h"],
         "Restart": ["always"],
@@ -93,7 +93,8 @@ def test_native_defaults():
         "RestartSec": ["1s"],
         "RestartSteps": ["4"],
         "RestartMaxDelaySec": ["16s"],
-        "TimeoutStartSec": ["90s"],
+        "TimeoutStartSec": ["40s"],
+        "WatchdogSec": ["30s"],
         "KillMode": ["mixed"],
         "SyslogIdentifier": ["agor-sidecar"],
     }
@@ -145,8 +146,8 @@ def test_fallback_defaults_on_252():
     service = settings(text, "Service")
     assert service["RestartSec"] == ["0"]
     assert "RestartSteps" not in service and "RestartMaxDelaySec" not in service
-    assert '"--wait-schedule" "1,2,4,8,16" "--"' in service["ExecStart"][0]
-    assert service["TimeoutStartSec"] == ["106s"]  # the launcher's longest wait + 90 s
+    assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--"' in service["ExecStart"][0]
+    assert service["TimeoutStartSec"] == ["56s"]  # the launcher's longest wait + 90 s
     assert service["Restart"] == ["always"] and service["RestartPreventExitStatus"] == ["250"]
     assert service["Type"] == ["notify"]
     assert not uses_native_backoff(Config(), 252)
@@ -163,20 +164,20 @@ def test_inexpressible_schedule_falls_back_on_new_systemd():
     assert one(text, "Service", "RestartSec") == "0"
     assert one(text, "Service", "RestartSteps") is None
     assert '"--wait-schedule" "1,2,4,8,16,30,30"' in one(text, "Service", "ExecStart")
-    assert one(text, "Service", "TimeoutStartSec") == "120s"
+    assert one(text, "Service", "TimeoutStartSec") == "70s"  # 30 s wait + 10 s ready + 30 s
     assert not uses_native_backoff(cfg, 257)
 
 
 def test_fallback_timeout_rounds_the_wait_up():
     text = render(config(base_s=0.3, attempts=3), 252)  # 0.3, 0.6, 1.2
-    assert one(text, "Service", "TimeoutStartSec") == "92s"
+    assert one(text, "Service", "TimeoutStartSec") == "42s"
     assert '"--wait-schedule" "0.3,0.6,1.2"' in text
 
 
 def test_zero_attempts_fallback():
     text = render(config(attempts=0), 252)
     assert one(text, "Unit", "StartLimitBurst") == "1"
-    assert one(text, "Service", "TimeoutStartSec") == "90s"
+    assert one(text, "Service", "TimeoutStartSec") == "40s"
 
 
 # --- sidecar settings -------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_working_directory():
 
 def test_system_mode_reaches_the_launcher():
     text = render(Config(), 252, system=True)
-    assert '"--wait-schedule" "1,2,4,8,16" "--system" "--"' in text
+    assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--system" "--"' in text
 
 
 def test_default_launcher_is_the_packaged_one():
@@ -294,3 +295,21 @@ def test_verify_reports_a_broken_unit():
 def test_verify_without_systemd_analyze():
     assert verify_units({"x.service": ""}, analyze="/nonexistent/systemd-analyze") == [
         "/nonexistent/systemd-analyze not found (apt-get install systemd)"]
+
+
+def test_watchdog_settings_reach_unit_and_launcher():
+    cfg = Config(watchdog=WatchdogConfig(interval_s=2.5, ready="socket:/run/user/1000/agor.sock",
+                                         ready_timeout_s=3, activity_timeout_s=4, probe="exec:curl -sf x"))
+    text = render(cfg, 257)
+    assert one(text, "Service", "WatchdogSec") == "2500ms"
+    exec_start = one(text, "Service", "ExecStart")
+    for words in ('"--ready" "socket:/run/user/1000/agor.sock"', '"--ready-timeout" "3"',
+                  '"--activity-timeout" "4"', '"--probe" "exec:curl -sf x"'):
+        assert words in exec_start
+    assert "--reset-via" not in exec_start  # ResetFailedUnit over D-Bus before systemd 258
+
+
+def test_watchdog_off_and_restart_reset_on_258():
+    text = render(Config(watchdog=WatchdogConfig(interval_s=0)), 258)
+    assert one(text, "Service", "WatchdogSec") is None
+    assert '"--reset-via" "notify"' in one(text, "Service", "ExecStart")

@@ -1,0 +1,77 @@
+"""agor-walcheck.service + agor-walcheck.timer from a Config: pure, like units.py.
+
+The service is a oneshot running ``python -m agor_systemd.walcheck`` on the configured databases;
+the timer starts it every ``[walcheck] interval_s`` (default 300 s, agor's own cadence).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .config import Config
+from .unitfile import UnitFile, exec_line
+from .units import HEADER, usec_text
+from .walcheck import RETRY_DELAYS_S
+
+WALCHECK_SERVICE = "agor-walcheck.service"
+WALCHECK_TIMER = "agor-walcheck.timer"
+
+# the first run after the user manager starts (login): soon, but not in the middle of the login
+FIRST_RUN_S = 60.0
+
+
+def _seconds(value: float) -> str:
+    return usec_text(max(1, round(value * 1e6)))
+
+
+def worst_case_s(config: Config) -> float:
+    """Longest a run can wait for locks: every attempt waits the busy timeout, plus the backoff."""
+    walcheck = config.walcheck
+    per_db = (1 + len(RETRY_DELAYS_S)) * walcheck.busy_timeout_s + sum(RETRY_DELAYS_S)
+    return per_db * len(walcheck.databases)
+
+
+def walcheck_units(config: Config, python: Sequence[str]) -> list[UnitFile]:
+    """[service, timer]; `python` is the interpreter argv (e.g. ["/usr/bin/python3", "-I"])."""
+    walcheck = config.walcheck
+    service = UnitFile(WALCHECK_SERVICE, header=HEADER)
+    service.add("Unit", "Description", "agor: checkpoint and truncate the SQLite WAL of sessions.db and btmsg.db")
+    service.add("Unit", "Documentation", "https://pypi.org/project/agor-systemd/")
+    # Only the timer starts this unit, at most once per interval (and never while a run is still
+    # going), so the default start limit (5 starts per 10 s) could only trip for intervals under
+    # 2 s, as in the tests, and then the timer would stop for good.
+    service.add("Unit", "StartLimitIntervalSec", "0")
+    service.add("Service", "Type", "oneshot")
+    argv = [*python, "-m", "agor_systemd.walcheck", "--busy-timeout", f"{walcheck.busy_timeout_s:g}", "--",
+            *walcheck.databases]
+    service.add("Service", "ExecStart", exec_line(argv))
+    # A oneshot has no start timeout by default. Bound it: the lock waits are bounded (busy timeout
+    # per attempt, bounded retries), the rest is copying the WAL; 10 minutes covers a huge WAL on a
+    # slow disk. Being killed is safe: SQLite's checkpoint is crash-safe and the next run redoes it.
+    service.add("Service", "TimeoutStartSec", f"{math.ceil(worst_case_s(config)) + 600}s")
+    service.add("Service", "SyslogIdentifier", "agor-walcheck")
+    # exit 75 (busy) and the error statuses make the unit `failed` on purpose: systemctl --user
+    # status agor-walcheck shows it until the next good run.
+
+    timer = UnitFile(WALCHECK_TIMER, header=HEADER)
+    timer.add("Unit", "Description", "agor: WAL checkpoint of sessions.db and btmsg.db every "
+              f"{walcheck.interval_s:g} s")
+    timer.add("Unit", "Documentation", "https://pypi.org/project/agor-systemd/")
+    # Monotonic (OnStartupSec= + OnUnitActiveSec=), not OnCalendar=:
+    # * a run that is still going when the timer elapses is left alone (no second instance), and
+    #   the next elapse is counted from that elapse, so an overrun never stacks runs and never
+    #   causes OnCalendar='s immediate catch-up run right after a long one;
+    # * the cadence is relative to the last run, like agor's own 300 s loop, and needs no
+    #   wall-clock alignment, so a clock change cannot bunch or skip runs; Persistent= (which
+    #   only applies to OnCalendar=) is not needed: after a suspend or a login the next run comes
+    #   within one interval anyway, and OnStartupSec= gives a run shortly after each login.
+    # OnUnitActiveSec= alone would never fire before the service has run once, hence OnStartupSec=
+    # (relative to the user manager's start; if that is already past when the timer starts, as on
+    # `agor-units install --now`, the first run is immediate).
+    timer.add("Timer", "OnStartupSec", _seconds(min(FIRST_RUN_S, walcheck.interval_s)))
+    timer.add("Timer", "OnUnitActiveSec", _seconds(walcheck.interval_s))
+    # the default AccuracySec= is 1 minute: without this a "5 minute" timer fires after 5-6 minutes
+    timer.add("Timer", "AccuracySec", "1s")
+    timer.add("Install", "WantedBy", "timers.target")
+    return [service, timer]

@@ -39,7 +39,7 @@ def config(*, command=None, working_directory=None, environment_file=None, **res
 
 def render(cfg: Config, version: int, **kwargs) -> str:
     units = render_units(cfg, version, kwargs.pop("launcher", LAUNCHER), **kwargs)
-    assert list(units) == [SIDECAR_UNIT]
+    assert list(units) == [SIDECAR_UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
     return units[SIDECAR_UNIT]
 
 
@@ -147,7 +147,7 @@ def test_fallback_defaults_on_252():
     assert service["RestartSec"] == ["0"]
     assert "RestartSteps" not in service and "RestartMaxDelaySec" not in service
     assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--"' in service["ExecStart"][0]
-    assert service["TimeoutStartSec"] == ["56s"]  # the launcher's longest wait + 90 s
+    assert service["TimeoutStartSec"] == ["56s"]  # the launcher's longest wait + 10 s ready + 30 s
     assert service["Restart"] == ["always"] and service["RestartPreventExitStatus"] == ["250"]
     assert service["Type"] == ["notify"]
     assert not uses_native_backoff(Config(), 252)

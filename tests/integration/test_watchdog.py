@@ -1,0 +1,119 @@
+"""Readiness, watchdog and STATUS= under a real systemd user manager, on every build here."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .support import UNIT, health, install_sidecar, wait_for, wait_health
+
+FAST = ["--watchdog-s=2"]
+
+
+def test_sigstopped_sidecar_is_caught_by_the_watchdog(user_manager, fake_sidecar_path):
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["stop-self:0.5"], attempts=1, install_args=FAST)
+    failed = wait_health(user_manager, "failed", timeout=15)
+    assert failed.health == {"status": "failed", "attempts": 1, "last_error": "watchdog timeout"}
+    assert user_manager.unit_property(UNIT, "Result") == "watchdog"
+    starts = sidecar.start_times()
+    assert len(starts) == 2
+    # hung at start + 0.5 s; the launcher sees the T state within 0.25 s and triggers the watchdog,
+    # so the restart (after the 0.2 s delay) comes well within WatchdogSec (2 s) + 0.5 s of the hang
+    detection = starts[1] - (starts[0] + 0.5)
+    assert 0.2 <= detection <= 2.5, detection
+    lines = user_manager.journal_lines(UNIT)
+    assert any("is hung: stopped (T state)" in line for line in lines), lines[-10:]
+
+
+def test_busy_loop_without_output_is_a_hang(user_manager, fake_sidecar_path):
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["spin:0.5"], attempts=1,
+                              install_args=[*FAST, "--activity-timeout-s=1"])
+    failed = wait_health(user_manager, "failed", timeout=15)
+    assert failed.health["last_error"] == "watchdog timeout"
+    assert len(sidecar.starts()) == 2
+    assert any("no output for 1 s" in line for line in user_manager.journal_lines(UNIT))
+
+
+def test_failing_probe_is_a_hang(user_manager, fake_sidecar_path):
+    flag = user_manager.write_file("alive", "")
+    install_sidecar(user_manager, fake_sidecar_path, ["hang"], attempts=0,
+                    install_args=[*FAST, f"--probe=exec:test -e {flag}", "--probe-timeout-s=1"])
+    wait_health(user_manager, "healthy", timeout=5)
+    time.sleep(1.5)
+    assert health(user_manager).health == {"status": "healthy"}  # the probe passes: pings go on
+    flag.unlink()
+    failed = wait_health(user_manager, "failed", timeout=10)
+    assert failed.health == {"status": "failed", "attempts": 0, "last_error": "watchdog timeout"}
+    assert any("probe exited with status 1" in line for line in user_manager.journal_lines(UNIT))
+
+
+def test_never_ready_fails_the_attempt(user_manager, fake_sidecar_path):
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["never-ready"], attempts=1,
+                              install_args=["--ready-timeout-s=1"])
+    wait_for("first start", lambda: sidecar.starts(), timeout=5)
+    status = user_manager.systemctl("status", UNIT).stdout
+    assert 'Status: "waiting for readiness (line)' in status, status
+    assert health(user_manager).health["status"] in ("starting", "restarting")
+    failed = wait_health(user_manager, "failed", timeout=10)
+    assert failed.health == {"status": "failed", "attempts": 1, "last_error": "not ready within 1 s"}
+    assert len(sidecar.starts()) == 2
+
+
+def test_ready_line_gates_readiness(user_manager, fake_sidecar_path):
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["late-ready:1.5"])
+    wait_for("first start", lambda: sidecar.starts(), timeout=5)
+    assert user_manager.unit_property(UNIT, "ActiveState") == "activating"
+    assert health(user_manager).health == {"status": "starting"}
+    wait_health(user_manager, "healthy", timeout=5)
+    ready_after = time.clock_gettime(time.CLOCK_MONOTONIC) - sidecar.start_times()[0]
+    assert ready_after >= 1.5
+    status = user_manager.systemctl("status", UNIT).stdout
+    pid = sidecar.starts()[0]["pid"]
+    assert f'Status: "ready; pid {pid}; up ' in status and 'attempt 0/5"' in status, status
+
+
+def test_socket_readiness(user_manager, fake_sidecar_path):
+    sock = user_manager.home / "sidecar.sock"
+    sock.unlink(missing_ok=True)
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, [f"socket:{sock}"],
+                              install_args=[f"--ready=socket:{sock}"])
+    wait_for("first start", lambda: sidecar.starts(), timeout=5)
+    assert user_manager.unit_property(UNIT, "ActiveState") == "activating"
+    wait_health(user_manager, "healthy", timeout=5)
+    assert sock.is_socket()
+
+
+def test_sigterm_is_forwarded_and_the_exit_code_kept(user_manager, fake_sidecar_path):
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["term-exit:7"])
+    wait_health(user_manager, "healthy", timeout=5)
+    user_manager.systemctl("stop", UNIT)
+    assert user_manager.unit_property(UNIT, "ExecMainCode") == "1"  # CLD_EXITED
+    assert user_manager.unit_property(UNIT, "ExecMainStatus") == "7"
+    assert len(sidecar.starts()) == 1  # a stop is not a crash, whatever the exit code
+    assert any("exited with status 7 after a stop request" in line for line in user_manager.journal_lines(UNIT))
+
+
+def test_sidecar_output_reaches_the_journal_with_priorities(user_manager, fake_sidecar_path):
+    install_sidecar(user_manager, fake_sidecar_path, ["log"])
+    wait_health(user_manager, "healthy", timeout=5)
+    expected = {"plain stdout line": 6, "stdout line marked as an error": 3,
+                "plain stderr line": 4, "stderr line marked as debug": 7, '{"type":"ready"}': 6}
+
+    def records() -> dict[str, int]:
+        user_manager.namespace.sync_journal()
+        out = user_manager.journalctl("--user", "-u", UNIT, "-o", "json").stdout
+        found = {}
+        for line in out.splitlines():
+            entry = json.loads(line)
+            if entry.get("MESSAGE") in expected and entry.get("SYSLOG_IDENTIFIER") == "agor-sidecar":
+                found[entry["MESSAGE"]] = int(entry["PRIORITY"])
+        return found if len(found) == len(expected) else {}
+
+    assert wait_for("all records in the journal", records, timeout=5) == expected
+
+
+def test_watchdog_interval_is_the_units(user_manager, fake_sidecar_path):
+    install_sidecar(user_manager, fake_sidecar_path, ["hang"], install_args=["--watchdog-s=7"])
+    wait_health(user_manager, "healthy", timeout=5)
+    assert user_manager.unit_property(UNIT, "WatchdogUSec") == "7s"
+    assert user_manager.unit_property(UNIT, "WatchdogTimestampMonotonic") != "0"  # pinged since READY

@@ -19,6 +19,7 @@ from .config import (
     load_config,
     resolve_command,
     restart_policy,
+    sandbox_config,
     sidecar_config,
     watchdog_config,
 )
@@ -69,6 +70,13 @@ def config_options(func):
         click.option("--activity-timeout-s", type=float, help="No output for this long counts as hung (default 0: off)."),
         click.option("--probe", metavar="CHECK", help="Liveness probe: socket:PATH, tcp:PORT or exec:SHELL-COMMAND."),
         click.option("--probe-timeout-s", type=float, help="How long the probe may take (default 5)."),
+        click.option("--sandbox/--no-sandbox", default=None, help="Landlock for the sidecar (default: on)."),
+        click.option("--sandbox-required", is_flag=True, default=None,
+                     help="Refuse to start the sidecar when the kernel cannot enforce Landlock."),
+        click.option("--read-write-path", "read_write_paths", multiple=True, metavar="PATH",
+                     help="Also writable in the sandbox (repeatable), e.g. a project directory."),
+        click.option("--read-only-path", "read_only_paths", multiple=True, metavar="PATH",
+                     help="Also readable in the sandbox (repeatable)."),
         click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG]...]"),
     ]
     for option in reversed(options):
@@ -78,7 +86,8 @@ def config_options(func):
 
 def effective_config(ctx: click.Context, command, working_directory, environment_file, base_s, cap_s,
                      attempts, stability_window_s, watchdog_s, ready, ready_timeout_s, activity_timeout_s,
-                     probe, probe_timeout_s) -> Config:
+                     probe, probe_timeout_s, sandbox, sandbox_required, read_write_paths,
+                     read_only_paths) -> Config:
     config = load_config(ctx.obj["config_path"])
     sidecar_values = {k: v for k, v in (("working_directory", working_directory),
                                         ("environment_file", environment_file)) if v is not None}
@@ -91,8 +100,16 @@ def effective_config(ctx: click.Context, command, working_directory, environment
                                          ("ready_timeout_s", ready_timeout_s),
                                          ("activity_timeout_s", activity_timeout_s), ("probe", probe),
                                          ("probe_timeout_s", probe_timeout_s)) if v is not None}
+    sandbox_values = {k: v for k, v in (("enabled", sandbox), ("required", sandbox_required)) if v is not None}
+    sandbox_settings = sandbox_config(sandbox_values, config.sandbox)
+    sandbox_settings = replace(
+        sandbox_settings,
+        read_write_paths=sandbox_settings.read_write_paths + sandbox_config(
+            {"read_write_paths": list(read_write_paths)}).read_write_paths,
+        read_only_paths=sandbox_settings.read_only_paths + sandbox_config(
+            {"read_only_paths": list(read_only_paths)}).read_only_paths)
     return replace(config, sidecar=sidecar, restart=restart_policy(restart_values, config.restart),
-                   watchdog=watchdog_config(watchdog_values, config.watchdog))
+                   watchdog=watchdog_config(watchdog_values, config.watchdog), sandbox=sandbox_settings)
 
 
 def target_version(system: bool) -> int:

@@ -68,11 +68,29 @@ class WalcheckConfig:
 
 
 @dataclass(frozen=True)
+class SandboxConfig:
+    """[sandbox]: Landlock for the sidecar and everything it starts, on by default.
+
+    The path lists and port lists are added to the defaults (sandbox.default_paths): the
+    sidecar's working directory, /tmp and ~/.local/share/agor read-write; system and runtime
+    directories and ~/.claude read-only.
+    """
+
+    enabled: bool = True
+    required: bool = False  # refuse to start when the kernel cannot enforce it
+    read_write_paths: tuple[Text, ...] = ()
+    read_only_paths: tuple[Text, ...] = ()
+    tcp_connect: tuple[int, ...] | None = None  # None: any port
+    tcp_bind: tuple[int, ...] = ()  # none
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     walcheck: WalcheckConfig = field(default_factory=WalcheckConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 def config_home() -> Path:
@@ -238,6 +256,39 @@ def sidecar_config(values: dict[str, Any], base: SidecarConfig | None = None) ->
     return sidecar
 
 
+def _paths(key: str, value: Any) -> tuple[Text, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"[sandbox] {key} must be a list of paths")
+    paths = tuple(home_text(p) for p in value)
+    for path in paths:
+        _checked(key, lambda p: path_value(p, f"[sandbox] {key} entry"), path)
+    return paths
+
+
+def _ports(key: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
+                                              for p in value):
+        raise ConfigError(f"[sandbox] {key} must be a list of TCP ports (1-65535), got {value!r}")
+    return tuple(value)
+
+
+def sandbox_config(values: dict[str, Any], base: SandboxConfig | None = None) -> SandboxConfig:
+    sandbox = base or SandboxConfig()
+    for key, value in values.items():
+        if key in ("enabled", "required"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"[sandbox] {key} must be true or false, got {value!r}")
+            sandbox = replace(sandbox, **{key: value})
+        elif key in ("read_write_paths", "read_only_paths"):
+            sandbox = replace(sandbox, **{key: _paths(key, value)})
+        elif key in ("tcp_connect", "tcp_bind"):
+            sandbox = replace(sandbox, **{key: _ports(key, value)})
+        else:
+            raise ConfigError(f"[sandbox] has no setting {key!r} (known: enabled, required, read_write_paths, "
+                              "read_only_paths, tcp_connect, tcp_bind)")
+    return sandbox
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     config = Config()
     for table, values in data.items():
@@ -251,8 +302,10 @@ def parse_config(data: dict[str, Any]) -> Config:
             config = replace(config, watchdog=watchdog_config(values))
         elif table == "walcheck":
             config = replace(config, walcheck=walcheck_config(values))
+        elif table == "sandbox":
+            config = replace(config, sandbox=sandbox_config(values))
         else:
-            raise ConfigError(f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck])")
+            raise ConfigError(f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])")
     return config
 
 

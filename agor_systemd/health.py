@@ -1,6 +1,6 @@
 """The sidecar's health, computed from systemd's own unit properties.
 
-    {"status": "healthy"}
+    {"status": "healthy", "sandbox": "full"}       sandbox: full | partial | none | off
     {"status": "starting"}                       first start, not READY yet
     {"status": "restarting", "attempt": k, "next_retry_s": x}
     {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
@@ -14,6 +14,7 @@ ExecMainCode/Status and the launcher's StatusText. Nothing is kept on the side.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -91,7 +92,8 @@ def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
         attempts = restarts - 1 if props.get("Result") == "start-limit-hit" else restarts
         return {"status": "failed", "attempts": max(attempts, 0), "last_error": last_error(props)}
     if active in ("active", "reloading"):
-        return {"status": "healthy"}
+        sandbox = re.search(r"\bsandbox (full|partial|none|off)\b", props.get("StatusText") or "")
+        return {"status": "healthy", **({"sandbox": sandbox.group(1)} if sandbox else {})}
     waiting = sub in ("auto-restart", "failed-before-auto-restart", "dead-before-auto-restart")
     if options is not None and options.wait_schedule and (waiting or (active == "activating" and restarts)):
         # fallback: the launcher sleeps until the crash time plus delay(k)

@@ -275,11 +275,41 @@ class OutputStream:
         return bool(select.select([self.fd], [], [], 0)[0])
 
 
+def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset) -> int:
+    """fork, enter the Landlock domain in the child, exec the sidecar.
+
+    posix_spawn cannot run code between fork and exec. The ruleset is complete before the
+    fork, so the child only redirects output, calls prctl + landlock_restrict_self and execs;
+    an exec failure comes back through a close-on-exec pipe as an errno.
+    """
+    errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the child: no Python-level cleanup, ever
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            ruleset.restrict_self()
+            os.execve(command[0], list(command), env)
+        except OSError as e:
+            os.write(errors_w, str(e.errno or 1).encode())
+        finally:
+            os._exit(127)
+    os.close(errors_w)
+    with os.fdopen(errors_r, "rb") as errors:
+        failure = errors.read()
+    if failure:
+        os.waitpid(pid, 0)
+        errno = int(failure)
+        raise OSError(errno, os.strerror(errno))
+    return pid
+
+
 class Supervisor:
     """Runs one attempt: spawn, readiness, watchdog, output, stop signals, stability reset."""
 
     def __init__(self, options: LauncherOptions, bus: ManagerBus | None, attempt: int) -> None:
         self.options = options
+        self.sandbox = None  # sandbox.Prepared, when the sandbox is on
         self.bus = bus
         self.attempt = attempt
         self.stopping = False
@@ -301,11 +331,17 @@ class Supervisor:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            self.pid = os.posix_spawn(self.options.command[0], list(self.options.command), env,
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+            if self.sandbox is not None and self.sandbox.ruleset is not None:
+                self.pid = spawn_confined(self.options.command, env, out_w, err_w, self.sandbox.ruleset)
+            else:
+                self.pid = os.posix_spawn(self.options.command[0], list(self.options.command), env,
+                                          file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1),
+                                                        (os.POSIX_SPAWN_DUP2, err_w, 2)])
         finally:
             os.close(out_w)
             os.close(err_w)
+            if self.sandbox is not None and self.sandbox.ruleset is not None:
+                self.sandbox.ruleset.close()
         self.started = time.monotonic()
         self.pidfd = os.pidfd_open(self.pid)
         self.streams = {out_r: OutputStream(out_r, INFO, self.on_line, is_stdout=True),
@@ -362,7 +398,12 @@ class Supervisor:
 
     def status_text(self) -> str:
         up = duration_text(time.monotonic() - self.ready_at)
-        return f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}"
+        return (f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}; "
+                f"{self.sandbox_level()}")
+
+    def sandbox_level(self) -> str:
+        """'sandbox full|partial|none|off' — health reads it back from STATUS=."""
+        return f"sandbox {self.sandbox.level}" if self.sandbox is not None else "sandbox off"
 
     def start_probe_thread(self) -> None:
         import threading
@@ -502,6 +543,24 @@ class Supervisor:
         exit_like(code, status)
 
 
+def prepare_sandbox(options: LauncherOptions):
+    """The Landlock ruleset for the sidecar, reported in the journal; refusal ends the unit."""
+    from .sandbox import SandboxRefused, prepare
+
+    try:
+        prepared = prepare(list(options.read_write), list(options.read_only), options.tcp_connect,
+                           options.tcp_bind, required=options.sandbox == "required")
+    except SandboxRefused as e:
+        notify(f"STATUS=gave up: {CRASH_MARK}{e}")
+        log(f"{e}; not starting the sidecar ([sandbox] required = true)", ERR)
+        sys.exit(GAVE_UP_STATUS)  # no restart can fix the kernel
+    except OSError as e:
+        log(f"cannot build the Landlock ruleset: {e}", ERR)
+        raise
+    log(prepared.describe(), INFO if prepared.level == "full" else WARNING)
+    return prepared
+
+
 def run(options: LauncherOptions) -> None:
     bus: ManagerBus | None = None
     attempt = 0
@@ -510,6 +569,8 @@ def run(options: LauncherOptions) -> None:
         attempt = wait_before_restart(options, bus)
     notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
     supervisor = Supervisor(options, bus, attempt)
+    if options.sandbox != "off":
+        supervisor.sandbox = prepare_sandbox(options)
     try:
         supervisor.spawn()
     except OSError as e:

@@ -27,19 +27,31 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(float(d) for d in text.split(",")) if text else ()
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",")) if text else ()
+
+
+def _join(values) -> str:
+    return ",".join(number_text(v) for v in values)
+
+
 # flag → (attribute, parse, render); flags whose value equals the default are left out
 _FLAGS = {
     "--unit": ("unit", str, str),
     "--attempts": ("attempts", int, str),
     "--stability-window": ("stability_window_s", float, None),
-    "--wait-schedule": ("wait_schedule", _float_list, None),
+    "--wait-schedule": ("wait_schedule", _float_list, _join),
     "--ready": ("ready", str, str),
     "--ready-timeout": ("ready_timeout_s", float, None),
     "--activity-timeout": ("activity_timeout_s", float, None),
     "--probe": ("probe", str, str),
     "--probe-timeout": ("probe_timeout_s", float, None),
     "--reset-via": ("reset_via", str, str),
+    "--sandbox": ("sandbox", str, str),
+    "--tcp-connect": ("tcp_connect", _int_list, _join),
+    "--tcp-bind": ("tcp_bind", _int_list, _join),
 }
+_LIST_FLAGS = {"--rw": "read_write", "--ro": "read_only"}  # repeated, one path each
 _REQUIRED = ("--unit", "--attempts", "--stability-window")
 
 
@@ -47,12 +59,15 @@ class LauncherOptions:
     """The launcher's settings. A plain class: dataclasses costs the launcher ~12 ms to import."""
 
     __slots__ = ("unit", "attempts", "stability_window_s", "command", "wait_schedule", "system", "ready",
-                 "ready_timeout_s", "activity_timeout_s", "probe", "probe_timeout_s", "reset_via")
+                 "ready_timeout_s", "activity_timeout_s", "probe", "probe_timeout_s", "reset_via", "sandbox",
+                 "read_write", "read_only", "tcp_connect", "tcp_bind")
 
     def __init__(self, unit: str, attempts: int, stability_window_s: float, command: tuple[str, ...],
                  wait_schedule: tuple[float, ...] | None = None, system: bool = False,
                  ready: str = "immediate", ready_timeout_s: float = 10.0, activity_timeout_s: float = 0.0,
-                 probe: str | None = None, probe_timeout_s: float = 5.0, reset_via: str = "dbus") -> None:
+                 probe: str | None = None, probe_timeout_s: float = 5.0, reset_via: str = "dbus",
+                 sandbox: str = "off", read_write: tuple[str, ...] = (), read_only: tuple[str, ...] = (),
+                 tcp_connect: tuple[int, ...] | None = None, tcp_bind: tuple[int, ...] = ()) -> None:
         self.unit = unit
         self.attempts = attempts
         self.stability_window_s = stability_window_s
@@ -65,6 +80,11 @@ class LauncherOptions:
         self.probe = probe  # "socket:PATH", "tcp:PORT" or "exec:SHELL COMMAND"
         self.probe_timeout_s = probe_timeout_s
         self.reset_via = reset_via  # "notify" (RESTART_RESET=1, systemd ≥ 258) or "dbus" (ResetFailedUnit)
+        self.sandbox = sandbox  # "off", "best" (Landlock if the kernel has it) or "required"
+        self.read_write = read_write
+        self.read_only = read_only
+        self.tcp_connect = tcp_connect  # None: any port
+        self.tcp_bind = tcp_bind
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(
@@ -84,11 +104,10 @@ def launcher_arguments(options: LauncherOptions) -> list[str]:
         value = getattr(options, attr)
         if flag not in _REQUIRED and (value is None or value == getattr(defaults, attr)):
             continue
-        if attr == "wait_schedule":
-            text = ",".join(number_text(d) for d in value)
-        else:
-            text = render(value) if render else number_text(value)
-        args += [flag, text]
+        args += [flag, render(value) if render else number_text(value)]
+    for flag, attr in _LIST_FLAGS.items():
+        for path in getattr(options, attr):
+            args += [flag, path]
     if options.system:
         args.append("--system")
     return args + ["--", *options.command]
@@ -97,6 +116,7 @@ def launcher_arguments(options: LauncherOptions) -> list[str]:
 def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
     """Inverse of launcher_arguments; raises ValueError with a one-line reason."""
     values: dict[str, object] = {}
+    lists: dict[str, list[str]] = {attr: [] for attr in _LIST_FLAGS.values()}
     system = False
     i = 0
     while i < len(args) and args[i] != "--":
@@ -105,10 +125,13 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
             system = True
             i += 1
             continue
-        if flag not in _FLAGS or i + 1 >= len(args):
+        if (flag not in _FLAGS and flag not in _LIST_FLAGS) or i + 1 >= len(args):
             raise ValueError(f"unexpected launcher argument {flag!r}")
-        attr, parse, _ = _FLAGS[flag]
-        values[attr] = parse(args[i + 1])
+        if flag in _LIST_FLAGS:
+            lists[_LIST_FLAGS[flag]].append(args[i + 1])
+        else:
+            attr, parse, _ = _FLAGS[flag]
+            values[attr] = parse(args[i + 1])
         i += 2
     command = tuple(args[i + 1:])
     if not command:
@@ -116,6 +139,7 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
     for required in _REQUIRED:
         if _FLAGS[required][0] not in values:
             raise ValueError(f"missing launcher argument {required}")
+    values.update({attr: tuple(paths) for attr, paths in lists.items()})
     return LauncherOptions(command=command, system=system, **values)  # type: ignore[arg-type]
 
 

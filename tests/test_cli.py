@@ -11,7 +11,12 @@ from click.testing import CliRunner, Result
 
 from agor_systemd.cli import main
 from agor_systemd.install import MANIFEST, current_launcher, digest
+from agor_systemd.config import Config, SidecarConfig
 from agor_systemd.protocol import SIDECAR_UNIT
+from agor_systemd.units import sandbox_paths
+from agor_systemd.walcheck_units import WALCHECK_SERVICE, WALCHECK_TIMER
+
+WALCHECK_UNITS = [WALCHECK_SERVICE, WALCHECK_TIMER]
 
 COMMANDS = ["render", "install", "uninstall", "health", "restart", "verify", "doctor", "demo"]
 
@@ -46,6 +51,16 @@ def assert_one_line_error(result: Result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
     return result.stderr
+
+
+def sandbox_words(program: str) -> str:
+    read_write, read_only = sandbox_paths(Config(sidecar=SidecarConfig(command=(program,))))
+    return "".join(f'"--rw" "{p}" ' for p in map(exec_text, read_write)) + \
+        "".join(f'"--ro" "{p}" ' for p in map(exec_text, read_only))
+
+
+def exec_text(path) -> str:
+    return str(path) if isinstance(path, str) else "%h/" + path.relative
 
 
 def launcher_prefix() -> str:
@@ -90,9 +105,10 @@ def test_render_quotes_the_command(env):
     lines = result.stdout.splitlines()
     assert lines[0] == f"# {SIDECAR_UNIT}"
     exec_start = [line for line in lines if line.startswith("ExecStart=")]
-    assert exec_start == [f"ExecStart={launcher_prefix()}"
+    assert exec_start[:1] == [f"ExecStart={launcher_prefix()}"
                           '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
-                          '"--ready" "line" "--" "/bin/true" "a b" "$HOME" "50%%"']
+                          '"--ready" "line" "--sandbox" "best" ' + sandbox_words("/bin/true") +
+                          '"--" "/bin/true" "a b" "$HOME" "50%%"']
     assert "RestartSteps=4" in lines
 
 
@@ -107,7 +123,7 @@ def test_render_json(env):
     result = run(env, "render", "--systemd-version", "254", "--json", "--", "/bin/true", "a b")
     assert result.exit_code == 0, result.output
     units = json.loads(result.stdout)
-    assert list(units) == [SIDECAR_UNIT]
+    assert list(units) == [SIDECAR_UNIT, *WALCHECK_UNITS]
     assert f'"--" "/bin/true" "a b"\n' in units[SIDECAR_UNIT]
     assert units[SIDECAR_UNIT].endswith("[Install]\nWantedBy=default.target\n")
 
@@ -186,14 +202,14 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
     first = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
     assert first.exit_code == 0, first.output
     assert first.stdout.splitlines() == [
-        f"wrote {out / SIDECAR_UNIT}",
+        *(f"wrote {out / name}" for name in [SIDECAR_UNIT, *WALCHECK_UNITS]),
         "systemd 252: restart backoff launcher fallback, delays 1s, 2s, 4s, 8s, 16s",
     ]
-    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, MANIFEST])  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS, MANIFEST])  # no temp files
     text = (out / SIDECAR_UNIT).read_text()
     assert f'ExecStart={launcher_prefix()}' in text and '"--" "/bin/true"\n' in text
     assert oct((out / SIDECAR_UNIT).stat().st_mode & 0o777) == oct(0o644)
-    assert json.loads((out / MANIFEST).read_text()) == {"units": {SIDECAR_UNIT: digest(text)}}
+    assert json.loads((out / MANIFEST).read_text())["units"][SIDECAR_UNIT] == digest(text)
 
     manifest_before = (out / MANIFEST).stat().st_mtime_ns
     second = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
@@ -201,7 +217,7 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
     assert second.stdout.splitlines()[0] == f"unchanged {out / SIDECAR_UNIT}"
     assert not any(line.startswith("wrote ") for line in second.stdout.splitlines())
     assert (out / MANIFEST).stat().st_mtime_ns == manifest_before
-    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, MANIFEST])
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS, MANIFEST])
 
 
 def test_install_output_native_report(env, tmp_path):
@@ -229,7 +245,7 @@ def test_install_output_json(env, tmp_path):
     out = tmp_path / "out"
     result = run(env, "install", "--output", str(out), "--systemd-version", "254", "--json", "--", "/bin/true")
     report = json.loads(result.stdout)
-    assert report == {"directory": str(out), "systemd_version": 254, "written": [SIDECAR_UNIT], "unchanged": [],
+    assert report == {"directory": str(out), "systemd_version": 254, "written": [SIDECAR_UNIT, *WALCHECK_UNITS], "unchanged": [],
                       "removed": [], "kept": [], "actions": [], "dry_run": False, "backoff": "native"}
 
 

@@ -256,7 +256,7 @@ def test_cap_equal_to_base_is_fine():
     ('[sidecar]\nenvironment_file = false', "[sidecar] environment_file must be a string path, got False"),
     ('[sidecar]\nrestart = "always"',
      "[sidecar] has no setting 'restart' (known: command, working_directory, environment_file)"),
-    ('[service]\nType = "simple"', "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck])"),
+    ('[service]\nType = "simple"', "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])"),
     ('sidecar = 1', "'sidecar' must be a table like [sidecar]"),
     ('attempts = 5', "'attempts' must be a table like [attempts]"),
 ])

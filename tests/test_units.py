@@ -23,6 +23,12 @@ from agor_systemd.verify import verify_units
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.launcher"]
+# the default sandbox: read-write, then read-only paths (the program itself last)
+SANDBOX_WORDS = "".join(f'"--rw" "{p}" ' for p in (
+    "/tmp", "/var/tmp", "%h/.local/share/agor", "/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+    "/dev/urandom", "/dev/shm")) + "".join(f'"--ro" "{p}" ' for p in (
+    "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys", "/dev", "/run",
+    "%h/.local", "%h/.config", "%h/.deno", "%h/.nvm", "%h/.gitconfig", "%h/.claude", "/usr/bin/node"))
 REGENERATE = "regenerate them with `python -m agor_systemd.units` and review the diff"
 
 
@@ -85,8 +91,8 @@ def test_native_defaults():
         "Type": ["notify"],
         "NotifyAccess": ["main"],
         "ExecStart": [':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" "--unit" "agor-sidecar.service" '
-                      '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--" "/usr/bin/node" '
-                      '"%h/.local/share/agor/dist/claude-runner.mjs"'],
+                      '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--sandbox" "best" '
+                      + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
         "WorkingDirectory": ["%h"],
         "Restart": ["always"],
         "RestartPreventExitStatus": ["250"],
@@ -146,7 +152,7 @@ def test_fallback_defaults_on_252():
     service = settings(text, "Service")
     assert service["RestartSec"] == ["0"]
     assert "RestartSteps" not in service and "RestartMaxDelaySec" not in service
-    assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--"' in service["ExecStart"][0]
+    assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--sandbox"' in service["ExecStart"][0]
     assert service["TimeoutStartSec"] == ["56s"]  # the launcher's longest wait + 10 s ready + 30 s
     assert service["Restart"] == ["always"] and service["RestartPreventExitStatus"] == ["250"]
     assert service["Type"] == ["notify"]
@@ -198,7 +204,8 @@ def test_working_directory():
 
 def test_system_mode_reaches_the_launcher():
     text = render(Config(), 252, system=True)
-    assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--system" "--"' in text
+    assert '"--wait-schedule" "1,2,4,8,16" "--ready" "line" "--sandbox" "best"' in text
+    assert '"--system" "--"' in text
 
 
 def test_default_launcher_is_the_packaged_one():

@@ -64,10 +64,10 @@ def install_sidecar(mgr: UserManager, fake: Path, plan: Sequence[str], *, base_s
                     extra_words: Sequence[str] = (), install_args: Sequence[str] = ()) -> Sidecar:
     """Install agor-sidecar.service running the fake sidecar with `plan` (one behaviour per start)."""
     token = uuid.uuid4().hex[:8]
-    log = mgr.home / f"sidecar-{token}.jsonl"
-    plan_file = mgr.write_file(f"plan-{token}.txt", "\n".join(plan) + "\n")
+    plan_file = mgr.write_file(f"sidecar-data/plan-{token}.txt", "\n".join(plan) + "\n")
+    log = plan_file.parent / f"sidecar-{token}.jsonl"  # the sandbox lets the sidecar write only here
     agor_units(mgr, "install", "--now", f"--base-s={base_s}", f"--cap-s={cap_s}", f"--attempts={attempts}",
-               f"--stability-window-s={window_s}", *install_args,
+               f"--stability-window-s={window_s}", f"--read-write-path={plan_file.parent}", *install_args,
                "--", "/usr/bin/python3", "-I", "-S", str(fake), "--log", str(log), "--plan", str(plan_file),
                *extra_words, check=True)
     return Sidecar(mgr, log, plan_file)

@@ -9,6 +9,7 @@ import pytest
 
 from .support import UNIT, agor_units, health, install_sidecar, wait_health
 
+ALL_UNITS = [UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
 HOSTILE_WORDS = [
     "plain", "two words", "new\nline", "tab\there", "percent %h %n %%", "dollar $HOME ${HOME} $$",
     'double"quote', "single'quote", "back\\slash \\n \\x41", "", ";", "\\;", "ünïcødé ✓", "--",
@@ -97,18 +98,18 @@ def test_install_is_idempotent_and_uninstall_removes_exactly_what_it_wrote(user_
     assert not (user_manager.unit_dir / UNIT).exists()
 
     first = json.loads(agor_units(user_manager, "install", "--json", "--", "/bin/sleep", "1000", check=True).stdout)
-    assert first["written"] == [UNIT] and "daemon-reload" in first["actions"]
+    assert first["written"] == ALL_UNITS and "daemon-reload" in first["actions"]
     unit_file = user_manager.unit_dir / UNIT
     mtime = unit_file.stat().st_mtime_ns
     second = json.loads(agor_units(user_manager, "install", "--json", "--", "/bin/sleep", "1000", check=True).stdout)
-    assert second["written"] == [] and second["unchanged"] == [UNIT]
+    assert second["written"] == [] and second["unchanged"] == ALL_UNITS
     assert unit_file.stat().st_mtime_ns == mtime
     assert user_manager.systemctl("is-enabled", UNIT).stdout.strip() == "enabled"
     assert health(user_manager).health == {"status": "stopped"}  # installed, not started without --now
 
     foreign = user_manager.write_file(".config/systemd/user/mine.service", "[Service]\nExecStart=/bin/true\n")
     report = json.loads(agor_units(user_manager, "uninstall", "--json", check=True).stdout)
-    assert report["removed"] == [UNIT]
+    assert report["removed"] == sorted(ALL_UNITS)
     assert not unit_file.exists() and foreign.exists()
     assert sorted(p.name for p in user_manager.unit_dir.iterdir() if not p.is_dir()) == ["mine.service"]
     cp = agor_units(user_manager, "health")
@@ -120,7 +121,7 @@ def test_uninstall_keeps_a_unit_edited_since_install(user_manager):
     unit_file = user_manager.unit_dir / UNIT
     unit_file.write_text(unit_file.read_text() + "# my own note\n")
     report = json.loads(agor_units(user_manager, "uninstall", "--json", check=True).stdout)
-    assert report["kept"] == [UNIT] and report["removed"] == []
+    assert report["kept"] == [UNIT] and report["removed"] == sorted(set(ALL_UNITS) - {UNIT})
     assert unit_file.exists()
 
 

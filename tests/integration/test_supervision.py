@@ -88,7 +88,7 @@ def test_every_unrequested_exit_is_a_crash(user_manager, fake_sidecar_path, beha
     """Non-zero exit, exit 0, signals and core dumps all restart, then give up with the cause named."""
     workdir = user_manager.write_file("crash-dir/.keep", "").parent
     sidecar = install_sidecar(user_manager, fake_sidecar_path, [behaviour], base_s=0.2, attempts=2,
-                              install_args=[f"--working-directory={workdir}"])
+                              install_args=[f"--working-directory={workdir}", f"--read-write-path={workdir}"])
     failed = wait_health(user_manager, "failed", timeout=10)
     assert failed.health == {"status": "failed", "attempts": 2, "last_error": cause}
     assert_gaps(sidecar.start_times(), [0.2, 0.4])

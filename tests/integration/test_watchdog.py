@@ -40,7 +40,7 @@ def test_failing_probe_is_a_hang(user_manager, fake_sidecar_path):
                     install_args=[*FAST, f"--probe=exec:test -e {flag}", "--probe-timeout-s=1"])
     wait_health(user_manager, "healthy", timeout=5)
     time.sleep(1.5)
-    assert health(user_manager).health == {"status": "healthy"}  # the probe passes: pings go on
+    assert health(user_manager).health["status"] == "healthy"  # the probe passes: pings go on
     flag.unlink()
     failed = wait_health(user_manager, "failed", timeout=10)
     assert failed.health == {"status": "failed", "attempts": 0, "last_error": "watchdog timeout"}
@@ -69,11 +69,11 @@ def test_ready_line_gates_readiness(user_manager, fake_sidecar_path):
     assert ready_after >= 1.5
     status = user_manager.systemctl("status", UNIT).stdout
     pid = sidecar.starts()[0]["pid"]
-    assert f'Status: "ready; pid {pid}; up ' in status and 'attempt 0/5"' in status, status
+    assert f'Status: "ready; pid {pid}; up ' in status and 'attempt 0/5; sandbox full"' in status, status
 
 
 def test_socket_readiness(user_manager, fake_sidecar_path):
-    sock = user_manager.home / "sidecar.sock"
+    sock = user_manager.write_file("sidecar-data/.keep", "").parent / "sidecar.sock"  # writable in the sandbox
     sock.unlink(missing_ok=True)
     sidecar = install_sidecar(user_manager, fake_sidecar_path, [f"socket:{sock}"],
                               install_args=[f"--ready=socket:{sock}"])

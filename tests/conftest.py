@@ -14,7 +14,8 @@ Fixtures for integration tests:
   reset and the manager reloads.  Name your test units ``agor-*`` (or put them in that directory).
 * ``project_venv`` (session): :data:`VENV`, with the working tree's ``agor_systemd`` copied over the
   installed package, so units running ``/opt/agor-systemd/venv/bin/python`` use the current code.
-* ``fake_sidecar_path`` (session): a world-readable copy of ``tests/fake_sidecar.py``.
+* ``fake_sidecar_path``, ``escape_corpus_path`` (session): world-readable copies of
+  ``tests/fake_sidecar.py`` and ``tests/sandbox_escape.py``.
 """
 
 from __future__ import annotations
@@ -131,23 +132,32 @@ def project_venv() -> Path:
     return VENV
 
 
-@pytest.fixture(scope="session")
-def fake_sidecar_path() -> Path:
-    """World-readable copy of ``tests/fake_sidecar.py`` that test users can execute."""
-    src = REPO / "tests" / "fake_sidecar.py"
+def _support_copy(name: str) -> Path:
+    """World-readable copy of ``tests/NAME`` that test users can execute."""
+    src = REPO / "tests" / name
     if not src.exists():
-        pytest.fail("tests/fake_sidecar.py does not exist", pytrace=False)
+        pytest.fail(f"tests/{name} does not exist", pytrace=False)
     TEST_SUPPORT.mkdir(mode=0o755, parents=True, exist_ok=True)
-    dst = TEST_SUPPORT / "fake_sidecar.py"
+    dst = TEST_SUPPORT / name
     LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     with open(LOCK_DIR / "test-support.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dst.exists() and filecmp.cmp(src, dst, shallow=False)):
-            tmp = dst.with_name(".fake_sidecar.py.agor-sync")
+            tmp = dst.with_name(f".{name}.agor-sync")
             shutil.copyfile(src, tmp)
             tmp.chmod(0o755)
             os.replace(tmp, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def fake_sidecar_path() -> Path:
+    return _support_copy("fake_sidecar.py")
+
+
+@pytest.fixture(scope="session")
+def escape_corpus_path() -> Path:
+    return _support_copy("sandbox_escape.py")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,10 +155,9 @@ def describe_exit(code: int, status: int) -> str:
     """'exited with status 3', 'killed by SIGTERM', 'killed by SIGSEGV (core dumped)'."""
     if code == CLD_EXITED:
         return f"exited with status {status}"
-    import signal
+    import _signal  # `signal` would import enum; the launcher calls this on every crash
 
-    try:
-        name = signal.Signals(status).name
-    except ValueError:
-        name = f"signal {status}"
+    names = {getattr(_signal, n): n for n in dir(_signal) if n.startswith("SIG") and not n.startswith("SIG_")
+             and n not in ("SIGIOT", "SIGPOLL", "SIGCLD")}  # prefer the usual name of aliases
+    name = names.get(status, f"signal {status}")
     return f"killed by {name}" + (" (core dumped)" if code == CLD_DUMPED else "")

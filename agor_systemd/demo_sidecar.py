@@ -2,7 +2,7 @@
 
     python -m agor_systemd.demo_sidecar FLAG_FILE
 
-With FLAG_FILE present it prints a line (stdout goes to the journal) and exits with status 3
+It prints agor's ready line first. With FLAG_FILE present it prints a line (stdout goes to the journal) and exits with status 3
 after about 0.3 s, like a runner that dies on start-up. Without it, it stays up until SIGTERM
 (a stop request), then exits 0.
 """
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m agor_systemd.demo_sidecar FLAG_FILE", file=sys.stderr)
         return 2
     flag = args[0]
+    print('{"type":"ready"}', flush=True)  # what agor's runners print once they are up
     if os.path.exists(flag):
         print(f"demo sidecar (pid {os.getpid()}): {flag} exists, so I am broken; "
               f"exiting with status {EXIT_STATUS} in {CRASH_AFTER_S:g}s", flush=True)

@@ -284,6 +284,8 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
         result.outcome = outcome
         if outcome == "disk-full":
             result.message = f"disk full during the checkpoint: {reason}; the WAL still holds every commit"
+        elif outcome == "io-error" and result.wal_bytes_before is not None:
+            result.message = f"I/O error during the checkpoint: {reason}; the WAL still holds every commit"
         elif outcome in ("not-a-database", "corrupt"):
             result.message = f"{reason}; {_UNTOUCHED}"
         else:

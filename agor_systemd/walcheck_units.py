@@ -36,7 +36,7 @@ def walcheck_units(config: Config, python: Sequence[str]) -> list[UnitFile]:
     """[service, timer]; `python` is the interpreter argv (e.g. ["/usr/bin/python3", "-I"])."""
     walcheck = config.walcheck
     service = UnitFile(WALCHECK_SERVICE, header=HEADER)
-    service.add("Unit", "Description", "agor: checkpoint and truncate the SQLite WAL of sessions.db and btmsg.db")
+    service.add("Unit", "Description", "agor: checkpoint and truncate the WAL of agor's SQLite databases (agor-walcheck)")
     service.add("Unit", "Documentation", "https://pypi.org/project/agor-systemd/")
     # Only the timer starts this unit, at most once per interval (and never while a run is still
     # going), so the default start limit (5 starts per 10 s) could only trip for intervals under
@@ -55,22 +55,26 @@ def walcheck_units(config: Config, python: Sequence[str]) -> list[UnitFile]:
     # status agor-walcheck shows it until the next good run.
 
     timer = UnitFile(WALCHECK_TIMER, header=HEADER)
-    timer.add("Unit", "Description", "agor: WAL checkpoint of sessions.db and btmsg.db every "
+    timer.add("Unit", "Description", "agor: WAL checkpoint of agor's SQLite databases every "
               f"{walcheck.interval_s:g} s")
     timer.add("Unit", "Documentation", "https://pypi.org/project/agor-systemd/")
-    # Monotonic (OnStartupSec= + OnUnitActiveSec=), not OnCalendar=:
-    # * a run that is still going when the timer elapses is left alone (no second instance), and
-    #   the next elapse is counted from that elapse, so an overrun never stacks runs and never
-    #   causes OnCalendar='s immediate catch-up run right after a long one;
-    # * the cadence is relative to the last run, like agor's own 300 s loop, and needs no
-    #   wall-clock alignment, so a clock change cannot bunch or skip runs; Persistent= (which
-    #   only applies to OnCalendar=) is not needed: after a suspend or a login the next run comes
-    #   within one interval anyway, and OnStartupSec= gives a run shortly after each login.
-    # OnUnitActiveSec= alone would never fire before the service has run once, hence OnStartupSec=
-    # (relative to the user manager's start; if that is already past when the timer starts, as on
-    # `agor-units install --now`, the first run is immediate).
+    # Monotonic, counted from the END of the last run (OnUnitInactiveSec=), not OnCalendar= and not
+    # OnUnitActiveSec=:
+    # * this is agor's own loop (sleep 300 s, checkpoint, repeat);
+    # * a run still going when a timer elapses is never doubled (systemd leaves a running unit
+    #   alone), but with OnCalendar= or OnUnitActiveSec= (both counted from the last *start*) a run
+    #   longer than the interval is followed by an immediate catch-up run, back to back, holding
+    #   agor's writers up again at once. Counted from the end of a run, there is always one full
+    #   interval without a checkpoint in between, however long a run took (a busy run waits up to
+    #   4 x busy timeout per database);
+    # * no wall-clock alignment, so a clock change cannot bunch or skip runs, and Persistent=
+    #   (which only applies to OnCalendar=) is not needed: after a suspend or a login the next run
+    #   comes within one interval anyway.
+    # OnUnitInactiveSec= alone never fires before the service has run once, hence OnStartupSec=
+    # (relative to the user manager's start, i.e. the login; if that is already past when the
+    # timer starts, as on a first `agor-units install --now`, the first run is immediate).
     timer.add("Timer", "OnStartupSec", _seconds(min(FIRST_RUN_S, walcheck.interval_s)))
-    timer.add("Timer", "OnUnitActiveSec", _seconds(walcheck.interval_s))
+    timer.add("Timer", "OnUnitInactiveSec", _seconds(walcheck.interval_s))
     # the default AccuracySec= is 1 minute: without this a "5 minute" timer fires after 5-6 minutes
     timer.add("Timer", "AccuracySec", "1s")
     timer.add("Install", "WantedBy", "timers.target")

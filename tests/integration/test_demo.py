@@ -38,7 +38,7 @@ def assert_full_show(cp: subprocess.CompletedProcess[str], mode: str) -> None:
     assert give_up in out, out
     after_restart = out.split("$ agor-units restart", 1)
     assert len(after_restart) == 2, out
-    assert re.search(r"^\s+[\d.]+s\s+healthy\s+\{\"status\": \"healthy\"\}", after_restart[1], re.M), out
+    assert re.search(r"^\s+[\d.]+s\s+healthy\s+\{\"status\": \"healthy\", \"sandbox\": \"(full|partial|none)\"\}", after_restart[1], re.M), out
     # systemd's own view, then the clean-up
     assert "agor-launch: sidecar exited with status 3; giving up after 5 restarts" in out
     assert "Active: active (running)" in out

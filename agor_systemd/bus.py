@@ -123,6 +123,86 @@ class Systemd:
     def disable(self, names: list[str]) -> None:
         self.call(MANAGER_PATH, MANAGER_IFACE, b"DisableUnitFiles", b"asb", [[n.encode() for n in names], False])
 
+    def start_transient(self, name: str, properties: list[tuple[str, str, Any]]) -> None:
+        """Manager.StartTransientUnit(name, "replace", properties): (name, D-Bus signature, value)."""
+        from pystemd.dbuslib import apply_signature
+
+        args = apply_signature(b"ss", [name.encode(), b"replace"])
+        args += [(ord("a"), b"(sv)")]
+        for key, signature, value in properties:
+            args += [(ord("r"), b"sv"), (ord("s"), key.encode()), (ord("v"), signature.encode())]
+            args += apply_signature(signature.encode(), [_bytes(value)])
+            args += [(-1, None), (-1, None)]
+        args += [(-1, None), (ord("a"), b"(sa(sv))"), (-1, None)]
+        try:
+            self._bus.call_method(DESTINATION, MANAGER_PATH, MANAGER_IFACE, b"StartTransientUnit", args)
+        except Exception as e:
+            raise BusError(f"StartTransientUnit failed: {_reason(e)}") from None
+
+    def run_probes(self, property_sets: list[list[tuple[str, str, Any]]], argv: list[str],
+                   success_statuses: list[int], timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Run `argv` once per property set as parallel transient oneshot units; for each, the
+        outcome {"code": ExecMainCode, "status": ExecMainStatus, "result": Result} or {"error": why
+        the manager refused the unit}. The units are stopped and forgotten afterwards."""
+        import secrets
+        import time
+
+        names: list[str | None] = []
+        outcomes: list[dict[str, Any]] = []
+        for props in property_sets:
+            name = f"agor-hardening-probe-{secrets.token_hex(4)}.service"
+            base = [("Description", "s", "agor-units: which hardening directives take effect here"),
+                    ("Type", "s", "oneshot"), ("RemainAfterExit", "b", True),
+                    ("ExecStart", "a(sasb)", [(argv[0], argv, False)]),
+                    ("SuccessExitStatus", "(aiai)", (success_statuses, []))]
+            try:
+                self.start_transient(name, base + props)
+            except BusError as e:
+                names.append(None)
+                outcomes.append({"error": str(e).removeprefix("StartTransientUnit failed: ")})
+                continue
+            names.append(name)
+            outcomes.append({})
+        pending = {i for i, name in enumerate(names) if name}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while pending:
+                for i in sorted(pending):
+                    props = self.unit_properties(names[i])  # type: ignore[arg-type]
+                    job = props.get("Job") or (0, "/")
+                    # inactive counts only once the start job is gone (before it ran, it is inactive too)
+                    if props.get("ActiveState") in ("active", "failed") or (
+                            props.get("ActiveState") == "inactive" and not job[0] and props.get("ExecMainCode")):
+                        outcomes[i] = {"code": props.get("ExecMainCode"), "status": props.get("ExecMainStatus"),
+                                       "result": props.get("Result")}
+                        pending.discard(i)
+                if pending:
+                    if time.monotonic() > deadline:
+                        for i in pending:
+                            outcomes[i] = {"result": f"no answer within {timeout_s:g} s"}
+                        break
+                    time.sleep(0.01)
+        finally:
+            for name in names:
+                if name:
+                    try:
+                        self.stop(name)
+                    except BusError:
+                        pass  # failed units are not running; gone already
+                    self.reset_failed(name)
+        return outcomes
+
+
+def _bytes(value: Any) -> Any:
+    """pystemd wants bytes for D-Bus strings: convert (recursively) what a caller gave as str."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, list):
+        return [_bytes(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_bytes(v) for v in value)
+    return value
+
 
 def parse_version(text: str) -> int:
     digits = ""

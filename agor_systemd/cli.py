@@ -186,6 +186,9 @@ def install(ctx, now, dry_run, output, systemd_version, as_json, **overrides):
     lines += [f"unchanged {report.directory / n}" for n in report.unchanged]
     lines += [f"systemd {report.systemd_version}: restart backoff {mode}, delays "
               + ", ".join(f"{d:g}s" for d in schedule(config.restart))]
+    lines += [f"systemd hardening: {', '.join(report.hardening) or 'none'}"
+              + (" (not probed: --output renders every group)" if output else " (what took effect in a probe)")]
+    lines += [f"hardening left out: {group}: {why}" for group, why in report.left_out.items()]
     lines += [f"done: {a}" for a in report.actions]
     emit(report.as_dict() | {"backoff": mode}, as_json, "\n".join(lines))
 

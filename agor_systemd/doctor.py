@@ -34,6 +34,23 @@ class Check:
         return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
 
 
+def _probe_hardening(manager, config: Config, version: int, system: bool):
+    """The install probe: which systemd hardening groups take effect on this manager."""
+    from .bus import BusError
+    from .hardening import probe
+
+    try:
+        probed = probe(manager, config, version, system)
+    except BusError as e:
+        return None, Check("systemd hardening", "warn", f"cannot probe: {e}")
+    detail = f"in effect here: {', '.join(probed.applied) or 'none'}"
+    if probed.left_out:
+        detail += "; left out: " + "; ".join(f"{g}: {why}" for g, why in probed.left_out.items())
+    return probed, Check("systemd hardening", "warn" if probed.left_out else "ok", detail,
+                         "nothing to do if Landlock is on (it confines the sidecar's files alone); see docs/sandbox.md"
+                         if probed.left_out else "")
+
+
 def run_checks(config: Config, system: bool = False) -> list[Check]:
     from .bus import BusError, Systemd, installed_systemd_version
 
@@ -43,11 +60,14 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
                         f"systemd {installed}" if installed else "systemctl not found",
                         "" if installed else "apt-get install systemd"))
     version = None
+    probed = None
     user = getpass.getuser()
     try:
         with Systemd(system) as manager:
             version = manager.version()
+            probed, hardening_check = _probe_hardening(manager, config, version, system)
         checks.append(Check("manager reachable", "ok", f"{'system' if system else 'user'} manager, systemd {version}"))
+        checks.append(hardening_check)
     except BusError as e:
         fix = "log in graphically or run `sudo loginctl enable-linger " + user + "`, then check $XDG_RUNTIME_DIR"
         checks.append(Check("manager reachable", "error", str(e), "" if system else fix))
@@ -86,7 +106,8 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
         manifest = {}
         checks.append(Check("units installed", "error", str(e)))
     if running:
-        wanted = render_units(config, running, current_launcher(), system)
+        wanted = render_units(config, running, current_launcher(), system,
+                              set(probed.applied) if probed is not None else None)
         stale = [name for name, text in wanted.items() if manifest.get(name) != digest(text)]
         checks.append(Check("units installed", "warn" if stale else "ok",
                             f"not installed or out of date: {', '.join(stale)}" if stale else f"up to date in {directory}",

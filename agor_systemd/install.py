@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, config_home
+from .config import AGOR_DATA, Config, config_home
 from .protocol import SIDECAR_UNIT
 from .unitfile import HomePath
 from .units import render_units
@@ -32,11 +32,14 @@ class InstallReport:
     kept: list[str] = field(default_factory=list)  # edited since install: left in place
     actions: list[str] = field(default_factory=list)
     dry_run: bool = False
+    hardening: list[str] = field(default_factory=list)  # systemd hardening groups in the sidecar's unit
+    left_out: dict[str, str] = field(default_factory=dict)  # group → why (probe or version)
 
     def as_dict(self) -> dict:
         return {"directory": str(self.directory), "systemd_version": self.systemd_version,
                 "written": self.written, "unchanged": self.unchanged, "removed": self.removed, "kept": self.kept,
-                "actions": self.actions, "dry_run": self.dry_run}
+                "actions": self.actions, "dry_run": self.dry_run, "hardening": self.hardening,
+                "left_out": self.left_out}
 
 
 def unit_directory(system: bool = False) -> Path:
@@ -120,15 +123,26 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         if version is None:
             raise InstallError("cannot tell the systemd version; pass --systemd-version")
         report = InstallReport(output, version, dry_run=dry_run)
+        # packagers: every group the version supports, unprobed; the launcher checks at run time
+        from .hardening import version_gaps, wanted_groups
+
+        report.hardening, report.left_out = list(wanted_groups(version, None, system)), version_gaps(version, system)
         write_units(output, render_units(config, version, current_launcher(), system), report)
         return report
 
     check_sidecar(config)
+    # the sandbox lets the sidecar write its databases here, but not create the directory
+    (Path.home() / AGOR_DATA).mkdir(mode=0o700, parents=True, exist_ok=True)
     directory = unit_directory(system)
     with Systemd(system) as manager:
         version = systemd_version or manager.version()
         report = InstallReport(directory, version, dry_run=dry_run)
-        units = render_units(config, version, current_launcher(), system)
+        # only the systemd hardening that takes effect on this manager: never a unit that cannot start
+        from .hardening import probe
+
+        probed = probe(manager, config, version, system)
+        report.hardening, report.left_out = list(probed.applied), probed.left_out
+        units = render_units(config, version, current_launcher(), system, set(probed.applied))
         write_units(directory, units, report)
         if dry_run:
             return report
@@ -140,6 +154,9 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
             manager.reset_failed(SIDECAR_UNIT)
             manager.restart(SIDECAR_UNIT)
             report.actions.append(f"restart {SIDECAR_UNIT}")
+            from .walcheck_units import WALCHECK_TIMER
+            manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
+            report.actions.append(f"restart {WALCHECK_TIMER}")
     return report
 
 

@@ -557,6 +557,17 @@ def prepare_sandbox(options: LauncherOptions):
     return prepared
 
 
+def check_hardening(expected: tuple[str, ...]) -> None:
+    """Warn when systemd hardening the unit asks for is not in effect (e.g. skipped silently)."""
+    if not expected:
+        return
+    from .hardening import EFFECT_TEXT, missing_effects
+
+    missing = missing_effects(expected)
+    if missing:
+        log("hardening asked for but not in effect: " + ", ".join(EFFECT_TEXT.get(m, m) for m in missing), WARNING)
+
+
 def run(options: LauncherOptions) -> None:
     bus: ManagerBus | None = None
     attempt = 0
@@ -564,6 +575,7 @@ def run(options: LauncherOptions) -> None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
     notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
+    check_hardening(options.expect_hardening)
     supervisor = Supervisor(options, bus, attempt)
     if options.sandbox != "off":
         supervisor.sandbox = prepare_sandbox(options)

@@ -31,6 +31,10 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",")) if text else ()
 
 
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
+
+
 def _join(values) -> str:
     return ",".join(number_text(v) for v in values)
 
@@ -50,6 +54,7 @@ _FLAGS = {
     "--sandbox": ("sandbox", str, str),
     "--tcp-connect": ("tcp_connect", _int_list, _join),
     "--tcp-bind": ("tcp_bind", _int_list, _join),
+    "--expect-hardening": ("expect_hardening", _str_list, ",".join),
 }
 _LIST_FLAGS = {"--rw": "read_write", "--ro": "read_only"}  # repeated, one path each
 _REQUIRED = ("--unit", "--attempts", "--stability-window")
@@ -60,14 +65,15 @@ class LauncherOptions:
 
     __slots__ = ("unit", "attempts", "stability_window_s", "command", "wait_schedule", "system", "ready",
                  "ready_timeout_s", "activity_timeout_s", "probe", "probe_timeout_s", "reset_via", "sandbox",
-                 "read_write", "read_only", "tcp_connect", "tcp_bind")
+                 "read_write", "read_only", "tcp_connect", "tcp_bind", "expect_hardening")
 
     def __init__(self, unit: str, attempts: int, stability_window_s: float, command: tuple[str, ...],
                  wait_schedule: tuple[float, ...] | None = None, system: bool = False,
                  ready: str = "immediate", ready_timeout_s: float = 10.0, activity_timeout_s: float = 0.0,
                  probe: str | None = None, probe_timeout_s: float = 5.0, reset_via: str = "dbus",
                  sandbox: str = "off", read_write: tuple[str, ...] = (), read_only: tuple[str, ...] = (),
-                 tcp_connect: tuple[int, ...] | None = None, tcp_bind: tuple[int, ...] = ()) -> None:
+                 tcp_connect: tuple[int, ...] | None = None, tcp_bind: tuple[int, ...] = (),
+                 expect_hardening: tuple[str, ...] = ()) -> None:
         self.unit = unit
         self.attempts = attempts
         self.stability_window_s = stability_window_s
@@ -85,6 +91,7 @@ class LauncherOptions:
         self.read_only = read_only
         self.tcp_connect = tcp_connect  # None: any port
         self.tcp_bind = tcp_bind
+        self.expect_hardening = expect_hardening  # effects of the unit's systemd hardening (hardening.EFFECTS)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(

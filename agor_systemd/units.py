@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from .backoff import native_backoff, schedule
 from .config import Config
+from .hardening import expected_effects, hardening_directives, wanted_groups
 from .protocol import GAVE_UP_STATUS, SIDECAR_UNIT, LauncherOptions, launcher_arguments
 from .unitfile import HomePath, Text, UnitFile, exec_line, path_value
 
@@ -58,12 +59,15 @@ def uses_native_backoff(config: Config, systemd_version: int) -> bool:
 
 
 def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] = PACKAGED_LAUNCHER,
-                 system: bool = False) -> UnitFile:
+                 system: bool = False, hardening: set[str] | frozenset[str] | None = None) -> UnitFile:
     """The sidecar's unit for a manager of `systemd_version`.
 
     Native mode (systemd ≥ 254 and a schedule its formula expresses): systemd waits
     RestartSec·ratio^k itself. Fallback mode: RestartSec=0 and the launcher waits out
     each delay while the unit stays `activating`.
+
+    `hardening`: the groups of systemd hardening (hardening.GROUPS) to emit — what the install
+    probe found to take effect; None: all of them (packagers, units/).
     """
     policy, watchdog = config.restart, config.watchdog
     native = native_backoff(policy) if systemd_version >= NATIVE_BACKOFF_VERSION else None
@@ -81,6 +85,7 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
         probe=watchdog.probe,
         probe_timeout_s=watchdog.probe_timeout_s,
         reset_via="notify" if systemd_version >= RESTART_RESET_VERSION else "dbus",
+        expect_hardening=expected_effects(wanted_groups(systemd_version, hardening, system)),
     )
     if config.sandbox.enabled:
         read_write, read_only = sandbox_paths(config)
@@ -122,14 +127,16 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
     # SIGTERM goes to the launcher, which forwards it; leftovers get SIGKILL at the timeout.
     unit.add("Service", "KillMode", "mixed")
     unit.add("Service", "SyslogIdentifier", "agor-sidecar")
+    for section, key, value in hardening_directives(config, systemd_version, hardening, system):
+        unit.add(section, key, value)
     unit.add("Install", "WantedBy", "default.target")
     return unit
 
 
 def render_units(config: Config, systemd_version: int, launcher: Sequence[str] = PACKAGED_LAUNCHER,
-                 system: bool = False) -> dict[str, str]:
+                 system: bool = False, hardening: set[str] | frozenset[str] | None = None) -> dict[str, str]:
     """Unit name → file text for everything `agor-units install` writes."""
-    units = [sidecar_unit(config, systemd_version, launcher, system)]
+    units = [sidecar_unit(config, systemd_version, launcher, system, hardening)]
     from .walcheck_units import walcheck_units  # agor-walcheck.service + .timer (imports units)
     units += walcheck_units(config, [launcher[0], "-I"])
     return {unit.name: unit.render() for unit in units}

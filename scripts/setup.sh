@@ -32,6 +32,8 @@ APT_PACKAGES=(
   passwd              # useradd
   libsystemd-dev pkg-config gcc   # build pystemd
   python3 python3-venv python3-dev
+  sqlite3             # the sqlite3 CLI: bench/walcheck.py compares agor-walcheck against it
+  git                 # tests/integration/test_hardening.py: an agent's git commit inside the hardened unit
 )
 
 say() { printf '[setup] %s\n' "$*"; }

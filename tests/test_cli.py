@@ -107,7 +107,8 @@ def test_render_quotes_the_command(env):
     exec_start = [line for line in lines if line.startswith("ExecStart=")]
     assert exec_start[:1] == [f"ExecStart={launcher_prefix()}"
                           '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
-                          '"--ready" "line" "--sandbox" "best" ' + sandbox_words("/bin/true") +
+                          '"--ready" "line" "--sandbox" "best" "--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" '
+                          + sandbox_words("/bin/true") +
                           '"--" "/bin/true" "a b" "$HOME" "50%%"']
     assert "RestartSteps=4" in lines
 
@@ -204,6 +205,7 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
     assert first.stdout.splitlines() == [
         *(f"wrote {out / name}" for name in [SIDECAR_UNIT, *WALCHECK_UNITS]),
         "systemd 252: restart backoff launcher fallback, delays 1s, 2s, 4s, 8s, 16s",
+        "systemd hardening: always, seccomp, userns, mounts (not probed: --output renders every group)",
     ]
     assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS, MANIFEST])  # no temp files
     text = (out / SIDECAR_UNIT).read_text()
@@ -246,7 +248,8 @@ def test_install_output_json(env, tmp_path):
     result = run(env, "install", "--output", str(out), "--systemd-version", "254", "--json", "--", "/bin/true")
     report = json.loads(result.stdout)
     assert report == {"directory": str(out), "systemd_version": 254, "written": [SIDECAR_UNIT, *WALCHECK_UNITS], "unchanged": [],
-                      "removed": [], "kept": [], "actions": [], "dry_run": False, "backoff": "native"}
+                      "removed": [], "kept": [], "actions": [], "dry_run": False, "backoff": "native",
+                      "hardening": ["always", "seccomp", "userns", "mounts"], "left_out": {}}
 
 
 def test_install_output_refuses_a_foreign_unit(env, tmp_path):

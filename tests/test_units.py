@@ -29,6 +29,18 @@ SANDBOX_WORDS = "".join(f'"--rw" "{p}" ' for p in (
     "/dev/urandom", "/dev/shm")) + "".join(f'"--ro" "{p}" ' for p in (
     "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys", "/dev", "/run",
     "%h/.local", "%h/.config", "%h/.deno", "%h/.nvm", "%h/.gitconfig", "%h/.claude", "/usr/bin/node"))
+# systemd's own hardening, every group (tests/test_hardening.py has the details)
+HARDENING_254 = {
+    "UMask": ["0077"], "KeyringMode": ["private"], "NoNewPrivileges": ["yes"],
+    "SystemCallFilter": ["@system-service @sandbox"], "SystemCallErrorNumber": ["EPERM"],
+    "SystemCallArchitectures": ["native"], "RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"],
+    "RestrictNamespaces": ["yes"], "LockPersonality": ["yes"], "RestrictRealtime": ["yes"],
+    "RestrictSUIDSGID": ["yes"], "PrivateUsers": ["yes"], "CapabilityBoundingSet": [""],
+    "ProtectSystem": ["strict"], "ProtectHome": ["read-only"],
+    "ReadWritePaths": ['"-/tmp" "-/var/tmp" "-%h/.local/share/agor"'], "PrivateMounts": ["yes"],
+    "ProtectKernelTunables": ["yes"], "ProtectKernelModules": ["yes"], "ProtectKernelLogs": ["yes"],
+    "ProtectClock": ["yes"], "ProtectHostname": ["yes"], "ProtectControlGroups": ["yes"],
+}
 REGENERATE = "regenerate them with `python -m agor_systemd.units` and review the diff"
 
 
@@ -92,7 +104,7 @@ def test_native_defaults():
         "NotifyAccess": ["main"],
         "ExecStart": [':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" "--unit" "agor-sidecar.service" '
                       '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--sandbox" "best" '
-                      + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
+                      '"--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" ' + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
         "WorkingDirectory": ["%h"],
         "Restart": ["always"],
         "RestartPreventExitStatus": ["250"],
@@ -103,6 +115,7 @@ def test_native_defaults():
         "WatchdogSec": ["30s"],
         "KillMode": ["mixed"],
         "SyslogIdentifier": ["agor-sidecar"],
+        **HARDENING_254,
     }
     assert settings(text, "Install") == {"WantedBy": ["default.target"]}
 

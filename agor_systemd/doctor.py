@@ -89,6 +89,19 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
                             else "the sidecar stops when you log out",
                             "" if linger.exists() else f"sudo loginctl enable-linger {user}"))
 
+    if config.sandbox.enabled:
+        from .landlock import abi_version
+        from .sandbox import enforcement
+
+        abi = abi_version()
+        level, missing = enforcement(abi)
+        refused = level == "none" and config.sandbox.required
+        checks.append(Check("sandbox", "ok" if level == "full" else "error" if refused else "warn",
+                            f"Landlock ABI {abi}: {level}" + (f"; not enforced: {', '.join(missing)}" if missing else ""),
+                            "" if level == "full" else "a kernel ≥ 6.7 with landlock in the lsm= list enforces everything"))
+    else:
+        checks.append(Check("sandbox", "warn", "off ([sandbox] enabled = false)", "remove `enabled = false` from [sandbox]"))
+
     lib = ctypes.util.find_library("systemd")
     checks.append(Check("libsystemd", "ok" if lib else "error", lib or "libsystemd.so.0 not found (the launcher needs it)",
                         "" if lib else "apt-get install libsystemd0"))

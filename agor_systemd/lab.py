@@ -142,10 +142,6 @@ class SystemdBuild:
         return self._tool("systemd", "lib/systemd", "usr/lib/systemd")
 
     @property
-    def journald(self) -> Path:
-        return self._tool("systemd-journald", "lib/systemd", "usr/lib/systemd")
-
-    @property
     def systemctl(self) -> Path:
         return self._tool("systemctl", "bin", "usr/bin")
 
@@ -156,18 +152,6 @@ class SystemdBuild:
     @property
     def systemd_analyze(self) -> Path:
         return self._tool("systemd-analyze", "usr/bin", "bin")
-
-    @property
-    def systemd_run(self) -> Path:
-        return self._tool("systemd-run", "usr/bin", "bin")
-
-    @property
-    def systemd_notify(self) -> Path:
-        return self._tool("systemd-notify", "bin", "usr/bin")
-
-    @property
-    def busctl(self) -> Path:
-        return self._tool("busctl", "usr/bin", "bin")
 
     @property
     def library_path(self) -> str | None:

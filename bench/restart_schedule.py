@@ -81,6 +81,7 @@ t = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 os.write(fd, b"%d %d\\n" % (t, os.getpid()))
 os.close(fd)
+print('{"type":"ready"}', flush=True)  # what agor's runners print once they are up
 if sys.argv[2] == "crash":
     os._exit(3)
 while True:
@@ -150,6 +151,40 @@ def package_in_sync(site: Path) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def claim_user(user: str, build: SystemdBuild, ns: LabNamespace, bench_dir: str) -> tuple[Any, UserManager]:
+    """Lock the bench user for this run, clear what a killed run left, start its manager."""
+    LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    lock = open(LOCK_DIR / f"user-{user}.lock", "w")  # noqa: SIM115 - held until release_user
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise LabError(f"user {user} is in use: is another benchmark running?") from None
+    mgr = UserManager(user, build, ns)
+    shutil.rmtree(mgr.unit_dir, ignore_errors=True)
+    shutil.rmtree(mgr.home / bench_dir, ignore_errors=True)
+    mgr.start()
+    return lock, mgr
+
+
+def release_user(mgr: UserManager | None, lock: Any, bench_dir: str) -> None:
+    """Stop the manager, remove the units and bench files (and parents left empty), unlock."""
+    if mgr is not None:
+        try:
+            mgr.stop()  # `systemctl --user exit`: stops the units too
+        except LabError as e:
+            note(f"cleanup: {e}")
+        for tree in (mgr.unit_dir, mgr.home / bench_dir):
+            shutil.rmtree(tree, ignore_errors=True)
+            for empty in tree.parents:
+                if empty == mgr.home:
+                    break
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+    if lock is not None:
+        lock.close()
+
+
 def modes_for(build: SystemdBuild) -> list[str]:
     return ["native", "fallback"] if build.version >= NATIVE_BACKOFF_VERSION else ["fallback"]
 
@@ -184,32 +219,12 @@ class Bench:
     # -- set-up ----------------------------------------------------------------------------------
 
     def start(self, ns: LabNamespace) -> None:
-        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.lock = open(LOCK_DIR / f"user-{self.user}.lock", "w")  # noqa: SIM115 - held until close
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LabError(f"user {self.user} is in use: is another benchmark running?") from None
-        self.mgr = UserManager(self.user, self.build, ns)
-        shutil.rmtree(self.mgr.unit_dir, ignore_errors=True)  # leftovers of a run that was killed
-        shutil.rmtree(self.mgr.home / BENCH_DIR, ignore_errors=True)
-        self.mgr.start()
+        self.lock, self.mgr = claim_user(self.user, self.build, ns, BENCH_DIR)
         self.mgr.write_file(f"{BENCH_DIR}/sidecar.py", SIDECAR_PY)
 
     def close(self) -> None:
-        if self.mgr is not None:
-            try:
-                self.mgr.stop()  # `systemctl --user exit`: stops the units too
-            except LabError as e:
-                note(f"cleanup: {e}")
-            shutil.rmtree(self.mgr.unit_dir, ignore_errors=True)
-            shutil.rmtree(self.mgr.home / BENCH_DIR, ignore_errors=True)
-            for empty in (self.mgr.unit_dir.parent, self.mgr.unit_dir.parent.parent):  # ~/.config/systemd
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
+        release_user(self.mgr, self.lock, BENCH_DIR)
+        self.mgr = self.lock = None
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -221,7 +236,8 @@ class Bench:
         assert self.mgr is not None
         p = self.policy
         args = ["install", "--now", "--json", f"--base-s={p.base_s:g}", f"--cap-s={p.cap_s:g}",
-                f"--attempts={p.attempts}", f"--stability-window-s={p.stability_window_s:g}"]
+                f"--attempts={p.attempts}", f"--stability-window-s={p.stability_window_s:g}",
+                f"--read-write-path={self.mgr.home / BENCH_DIR}"]  # the sidecar logs its starts there
         if self.mode == "fallback" and self.build.version >= NATIVE_BACKOFF_VERSION:
             args.append("--systemd-version=252")
         cp = self.mgr.run([str(AGOR_UNITS), *args, "--", *self.sidecar_command(log, behaviour)], timeout=60)

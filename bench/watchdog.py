@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -56,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import restart_schedule as rs  # noqa: E402  (puts the working tree first on sys.path too)
-from restart_schedule import AGOR_UNITS, LOCK_DIR, REPO, VENV, Interrupted, note  # noqa: E402
+from restart_schedule import AGOR_UNITS, REPO, VENV, Interrupted, note  # noqa: E402
 
 from agor_systemd.lab import LabError, LabNamespace, SystemdBuild, UserManager, available_builds  # noqa: E402
 
@@ -173,36 +172,13 @@ class Manager:
         return "native" if self.build.version >= rs.NATIVE_BACKOFF_VERSION else "fallback"
 
     def start(self, ns: LabNamespace) -> None:
-        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.lock = open(LOCK_DIR / f"user-{self.user}.lock", "w")  # noqa: SIM115 - held until close
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LabError(f"user {self.user} is in use: is another benchmark running?") from None
-        self.mgr = UserManager(self.user, self.build, ns)
-        shutil.rmtree(self.mgr.unit_dir, ignore_errors=True)  # leftovers of a run that was killed
-        shutil.rmtree(self.mgr.home / BENCH_DIR, ignore_errors=True)
-        self.mgr.start()
+        self.lock, self.mgr = rs.claim_user(self.user, self.build, ns, BENCH_DIR)
         self.mgr.write_file(f"{BENCH_DIR}/fake_sidecar.py", (REPO / "tests" / "fake_sidecar.py").read_text(),
                             mode=0o755)
 
     def close(self) -> None:
-        if self.mgr is not None:
-            try:
-                self.mgr.stop()  # `systemctl --user exit`: stops the units too
-            except LabError as e:
-                note(f"cleanup: {e}")
-            shutil.rmtree(self.mgr.unit_dir, ignore_errors=True)
-            shutil.rmtree(self.mgr.home / BENCH_DIR, ignore_errors=True)
-            bench = self.mgr.home / BENCH_DIR
-            for empty in (self.mgr.unit_dir.parent, self.mgr.unit_dir.parent.parent,
-                          bench.parent, bench.parent.parent, bench.parent.parent.parent):
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
-            self.mgr = None
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
+        rs.release_user(self.mgr, self.lock, BENCH_DIR)
+        self.mgr = self.lock = None
 
     def install(self, plan: list[str], watchdog_s: float, extra: list[str]) -> Path:
         assert self.mgr is not None

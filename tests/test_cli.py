@@ -125,7 +125,7 @@ def test_render_json(env):
     assert result.exit_code == 0, result.output
     units = json.loads(result.stdout)
     assert list(units) == [SIDECAR_UNIT, *WALCHECK_UNITS]
-    assert f'"--" "/bin/true" "a b"\n' in units[SIDECAR_UNIT]
+    assert '"--" "/bin/true" "a b"\n' in units[SIDECAR_UNIT]
     assert units[SIDECAR_UNIT].endswith("[Install]\nWantedBy=default.target\n")
 
 

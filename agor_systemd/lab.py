@@ -39,6 +39,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
+import filecmp
 import os
 import pwd
 import re
@@ -152,6 +154,10 @@ class SystemdBuild:
     @property
     def systemd_analyze(self) -> Path:
         return self._tool("systemd-analyze", "usr/bin", "bin")
+
+    @property
+    def systemd_run(self) -> Path:
+        return self._tool("systemd-run", "usr/bin", "bin")
 
     @property
     def library_path(self) -> str | None:
@@ -1071,3 +1077,59 @@ def lab(user: str, build: SystemdBuild | None = None) -> Iterator[UserManager]:
     """One-shot convenience: a lab namespace with one user manager (host build by default)."""
     with LabNamespace() as ns, UserManager(user, build or host_build(), ns) as mgr:
         yield mgr
+
+
+# -- the project's code for test users -----------------------------------------------------------
+# Units run OPT_ROOT/venv/bin/python; test sessions and benchmarks copy the working tree's package
+# over the venv's installed copy so the units run the code under test.
+
+VENV = OPT_ROOT / "venv"
+
+
+def venv_site(venv: Path = VENV) -> Path:
+    """The venv's site-packages holding an installed agor_systemd (LabError if it is unusable)."""
+    python = venv / "bin" / "python"
+    try:
+        cp = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=False)
+    except OSError:
+        raise LabError(f"{venv} is missing: run scripts/setup.sh first (as root)") from None
+    if cp.returncode != 0:
+        raise LabError(f"{python} does not run ({cp.stderr.strip()}): run scripts/setup.sh again")
+    site = Path(cp.stdout.strip())
+    if not (site / "agor_systemd").is_dir():
+        raise LabError(f"agor_systemd is not installed in {venv}: run scripts/setup.sh first")
+    return site
+
+
+def _package_files(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")}
+
+
+def deploy_package(package: Path, site: Path, lock_dir: Path = OPT_ROOT / "locks") -> None:
+    """Make site/agor_systemd a copy of `package`, file by file with atomic renames, under a lock
+    (pytest-xdist workers and benchmarks deploy at the same time)."""
+    dst = site / package.name
+    lock_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(lock_dir / "venv-sync.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wanted = _package_files(package)
+        for rel, src in wanted.items():
+            target = dst / rel
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if target.is_file() and filecmp.cmp(src, target, shallow=False):
+                continue
+            tmp = target.with_name(f".{target.name}.agor-sync")
+            shutil.copyfile(src, tmp)
+            tmp.chmod(0o644)
+            os.replace(tmp, target)
+        for rel, target in _package_files(dst).items():
+            if rel not in wanted:
+                target.unlink(missing_ok=True)
+
+
+def package_deployed(package: Path, site: Path) -> bool:
+    """Whether site/agor_systemd still equals `package` (another session may have deployed since)."""
+    src, dst = _package_files(package), _package_files(site / package.name)
+    return src.keys() == dst.keys() and all(filecmp.cmp(p, dst[r], shallow=False) for r, p in src.items())

@@ -33,14 +33,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import filecmp
 import json
 import os
 import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -54,16 +52,19 @@ sys.path.insert(0, str(REPO))  # the working tree's agor_systemd, not the venv's
 
 from agor_systemd.backoff import RestartPolicy, schedule  # noqa: E402
 from agor_systemd.lab import (  # noqa: E402
-    OPT_ROOT,
     LabError,
     LabNamespace,
+    OPT_ROOT,
     SystemdBuild,
     UserManager,
+    VENV,
     available_builds,
+    deploy_package,
+    package_deployed,
+    venv_site,
 )
 from agor_systemd.units import NATIVE_BACKOFF_VERSION  # noqa: E402
 
-VENV = OPT_ROOT / "venv"
 AGOR_UNITS = VENV / "bin" / "agor-units"
 LOCK_DIR = OPT_ROOT / "locks"
 UNIT = "agor-sidecar.service"
@@ -103,47 +104,13 @@ class Interrupted(Exception):
 # ------------------------------------------------------------------------------------------------
 
 
-def venv_site() -> Path:
-    python = VENV / "bin" / "python"
-    cp = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        capture_output=True, text=True, check=False)
-    if cp.returncode != 0:
-        raise LabError(f"{python} does not run ({cp.stderr.strip()}): run scripts/setup.sh")
-    site = Path(cp.stdout.strip())
-    if not (site / "agor_systemd").is_dir():
-        raise LabError(f"agor_systemd is not installed in {VENV}: run scripts/setup.sh")
-    return site
-
-
-def _package_files(root: Path) -> dict[str, Path]:
-    return {str(p.relative_to(root)): p for p in root.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")}
-
-
 def sync_package(site: Path) -> None:
-    """Copy the working tree's agor_systemd over the venv's (like tests/conftest.py's project_venv)."""
-    src, dst = REPO / "agor_systemd", site / "agor_systemd"
-    LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with open(LOCK_DIR / "venv-sync.lock", "w") as lock:  # the lock the test sessions take too
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        wanted = _package_files(src)
-        for rel, s in wanted.items():
-            d = dst / rel
-            d.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            if d.is_file() and filecmp.cmp(s, d, shallow=False):
-                continue
-            tmp = d.with_name(f".{d.name}.agor-sync")
-            shutil.copyfile(s, tmp)
-            tmp.chmod(0o644)
-            os.replace(tmp, d)
-        for rel, d in _package_files(dst).items():
-            if rel not in wanted:
-                d.unlink(missing_ok=True)
+    """Copy the working tree's agor_systemd over the venv's, as the tests' project_venv does."""
+    deploy_package(REPO / "agor_systemd", site, LOCK_DIR)
 
 
 def package_in_sync(site: Path) -> bool:
-    src, dst = _package_files(REPO / "agor_systemd"), _package_files(site / "agor_systemd")
-    return src.keys() == dst.keys() and all(filecmp.cmp(p, dst[r], shallow=False) for r, p in src.items())
+    return package_deployed(REPO / "agor_systemd", site)
 
 
 # ------------------------------------------------------------------------------------------------

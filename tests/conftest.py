@@ -24,28 +24,27 @@ import fcntl
 import filecmp
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agor_systemd.lab import OPT_ROOT, LabError, LabNamespace, SystemdBuild, UserManager, available_builds
+from agor_systemd.lab import (
+    OPT_ROOT,
+    VENV,
+    LabError,
+    LabNamespace,
+    SystemdBuild,
+    UserManager,
+    available_builds,
+    deploy_package,
+    venv_site,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-VENV = OPT_ROOT / "venv"
 TEST_SUPPORT = OPT_ROOT / "test-support"
 LOCK_DIR = OPT_ROOT / "locks"
-
-
-def agor_units_path() -> Path:
-    """The ``agor-units`` console script of the test virtualenv."""
-    return VENV / "bin" / "agor-units"
-
-
-def venv_python() -> Path:
-    return VENV / "bin" / "python"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,53 +81,13 @@ def _worker() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync_tree(src: Path, dst: Path) -> None:
-    """Make *dst* a copy of *src* (``.py`` and data files), replacing files atomically one by one."""
-    dst.mkdir(parents=True, exist_ok=True)
-    wanted: set[str] = set()
-    for s in src.rglob("*"):
-        rel = s.relative_to(src)
-        if "__pycache__" in rel.parts or s.suffix in (".pyc", ".pyo"):
-            continue
-        wanted.add(str(rel))
-        d = dst / rel
-        if s.is_dir():
-            d.mkdir(parents=True, exist_ok=True)
-            d.chmod(0o755)
-            continue
-        if d.is_file() and filecmp.cmp(s, d, shallow=False):
-            continue
-        tmp = d.with_name(f".{d.name}.agor-sync")
-        shutil.copyfile(s, tmp)
-        tmp.chmod(0o644)
-        os.replace(tmp, d)
-    for d in sorted(dst.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        rel = d.relative_to(dst)
-        if "__pycache__" in rel.parts or str(rel) in wanted:
-            continue
-        if d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
-        else:
-            d.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="session")
 def project_venv() -> Path:
     """The test virtualenv, with the working tree's ``agor_systemd`` over the installed copy."""
-    if not venv_python().exists():
-        pytest.fail(f"{VENV} is missing: run scripts/setup.sh first (as root)", pytrace=False)
-    cp = subprocess.run([str(venv_python()), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        capture_output=True, text=True, check=False)
-    if cp.returncode != 0:
-        pytest.fail(f"{venv_python()} does not run ({cp.stderr.strip()}): run scripts/setup.sh again",
-                    pytrace=False)
-    site = Path(cp.stdout.strip())
-    if not (site / "agor_systemd").is_dir():
-        pytest.fail(f"agor_systemd is not installed in {VENV}: run scripts/setup.sh first", pytrace=False)
-    LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with open(LOCK_DIR / "venv-sync.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers start together
-        _sync_tree(REPO / "agor_systemd", site / "agor_systemd")
+    try:
+        deploy_package(REPO / "agor_systemd", venv_site(VENV), LOCK_DIR)
+    except LabError as e:
+        pytest.fail(str(e), pytrace=False)
     return VENV
 
 

@@ -160,9 +160,10 @@ def test_launcher_warns_when_namespacing_is_skipped_silently(user_manager, proje
         text = text.replace(line + "\n", "")
     unit.write_text(text)
     user_manager.systemctl("daemon-reload", check=True)
+    user_manager.systemctl("stop", UNIT, check=True)  # no workload may still be writing the repo
     (project / "report.json").unlink(missing_ok=True)
     subprocess.run(["rm", "-rf", str(project / "repo")], check=True)
-    user_manager.systemctl("restart", UNIT, check=True)
+    user_manager.systemctl("start", UNIT, check=True)
     wait_health(user_manager, "healthy", timeout=20)
     seen = read_report(project)
     assert seen["git"] == "first commit", seen

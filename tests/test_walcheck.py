@@ -64,6 +64,11 @@ class WalDb:
     def close(self) -> None:
         self.db.close()
 
+    def reopen(self) -> None:
+        self.db.close()
+        self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), isolation_level=None))
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
 
 @pytest.fixture
 def waldb(tmp_path):
@@ -81,21 +86,15 @@ def walcheck(*args, env=None, preexec_fn=None, timeout=60) -> subprocess.Complet
                           text=True, timeout=timeout, cwd=REPO, env=env, preexec_fn=preexec_fn)
 
 
-def integrity(path: Path, retries: int = 1) -> str:
-    # read-write: after a SIGKILL a read-only connection may be unable to rebuild the wal-index
-    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
-    try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0]
-    except sqlite3.OperationalError as e:
-        # Seen once under full-suite load right after a SIGKILL, not reproducible: an I/O error
-        # while the new connection rebuilt the wal-index. Opening again must then give "ok".
-        if not retries or "disk I/O error" not in str(e):
-            raise
-        print(f"integrity check: {getattr(e, 'sqlite_errorname', e)}; retrying once")
-        time.sleep(0.1)
-        return integrity(path, retries - 1)
-    finally:
-        conn.close()
+def integrity(path: Path) -> str:
+    """PRAGMA integrity_check from a fresh process, as agor would see the files after a restart.
+
+    Read-write: after a SIGKILL a read-only connection may be unable to rebuild the wal-index.
+    """
+    code = ("import sqlite3, sys; c = sqlite3.connect(f'file:{sys.argv[1]}?mode=rw', uri=True); "
+            "print(c.execute('PRAGMA integrity_check').fetchone()[0])")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
 
 
 def header_journal_mode(path: Path) -> str:
@@ -377,6 +376,10 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
                 kills += 1
             proc.wait()
             assert integrity(db.path) == "ok"
+            # a writer connection that lived through a killed TRUNCATE can hold stale wal-index
+            # state and fail with SQLITE_IOERR_SHORT_READ (seen ~1 in 5 runs under load; a known
+            # hazard of TRUNCATE, docs/walcheck.md); agor reopens after an error, so does this
+            db.reopen()
             db.db["t"].insert_all(({"id": 200_000 + round_ * 1000 + i, "b": os.urandom(4000)} for i in range(500)))
         assert kills >= 2
         assert checkpoint(db.path).outcome == "truncated"

@@ -966,17 +966,21 @@ class UserManager:
         return self.run([str(self.build.journalctl), "--no-pager", *args],
                         build_tools=True, **kw)  # type: ignore[arg-type]
 
-    def journal_lines(self, unit: str, *, sync: bool = True) -> list[str]:
+    def journal_lines(self, unit: str, *, sync: bool = True, identifier: str | None = None) -> list[str]:
         """Messages logged for user unit *unit* (``journalctl --user -u UNIT -o cat`` as the user).
 
-        This includes the unit's stdout/stderr and the manager's messages about it.  With *sync*,
-        the lab journald first writes out everything it has received.
+        This includes the unit's stdout/stderr and the manager's messages about it.  A process
+        that exits right after writing can lose its unit attribution (journald reads the sender's
+        cgroup when the line arrives): pass its ``SyslogIdentifier=`` as *identifier* to select
+        its lines by that instead (``-t``), which is always recorded.  With *sync*, the lab
+        journald first writes out everything it has received.
         """
         if sync:
             self.namespace.sync_journal()
-        cp = self.journalctl("--user", "-u", unit, "-o", "cat", timeout=30)
+        select = ["-t", identifier] if identifier else ["-u", unit]
+        cp = self.journalctl("--user", *select, "-o", "cat", timeout=30)
         if cp.returncode != 0 and "No entries" not in cp.stdout + cp.stderr:
-            raise LabError(f"journalctl --user -u {unit} failed (rc={cp.returncode}): {cp.stderr.strip()}")
+            raise LabError(f"journalctl --user {' '.join(select)} failed (rc={cp.returncode}): {cp.stderr.strip()}")
         return [line for line in cp.stdout.splitlines() if line != "-- No entries --"]
 
     def wait_journal(self, unit: str, needle: str, *, timeout: float = 10.0) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 from agor_systemd.lab import OPT_ROOT, UserManager
 
 UNIT = "agor-sidecar.service"
+LOG_ID = "agor-sidecar"  # its SyslogIdentifier=: selects the launcher's lines even when it exited right after
 
 
 def agor_units(mgr: UserManager, *args: str | bytes, check: bool = False, timeout: float = 60):

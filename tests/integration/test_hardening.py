@@ -13,7 +13,7 @@ import pytest
 
 from agor_systemd.hardening import GROUPS
 
-from .support import UNIT, agor_units, wait_for, wait_health
+from .support import LOG_ID, UNIT, agor_units, wait_for, wait_health
 
 # The agent workload, run as the sidecar: git, a python child writing project files, node if it
 # is installed, a shell, a pty, an HTTP request to a loopback server; then it says what it saw.
@@ -137,7 +137,7 @@ def test_install_probes_and_the_agent_workload_runs_in_the_hardened_unit(user_ma
     assert seen["status"]["NoNewPrivs"] == "1" and seen["status"]["Seccomp"] == "2", seen
     assert int(seen["status"]["CapBnd"], 16) == 0, seen
     # the launcher found everything it was told to expect (and reached the notify socket: healthy)
-    lines = user_manager.journal_lines(UNIT)
+    lines = user_manager.journal_lines(UNIT, identifier=LOG_ID)
     assert not any("not in effect" in line for line in lines), lines[-10:]
     print(f"\nsystemd {user_manager.version}: probed unit exposure {installed_exposure(user_manager)}, "
           f"node {'ran' if seen['node'] != 'absent' else 'absent'}")
@@ -167,7 +167,7 @@ def test_launcher_warns_when_namespacing_is_skipped_silently(user_manager, proje
     wait_health(user_manager, "healthy", timeout=20)
     seen = read_report(project)
     assert seen["git"] == "first commit", seen
-    lines = user_manager.journal_lines(UNIT)
+    lines = user_manager.journal_lines(UNIT, identifier=LOG_ID)
     warnings = [line for line in lines if "hardening asked for but not in effect" in line]
     if user_manager.version >= 254:
         assert not warnings and seen["home_read_only"], lines[-10:]

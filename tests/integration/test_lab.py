@@ -28,7 +28,9 @@ def test_unit_output_reaches_journal(user_manager: UserManager) -> None:
     user_manager.write_file(".config/systemd/user/agor-lab-hello.service", """\
 [Service]
 Type=oneshot
-ExecStart=/bin/echo hello from the lab
+# journald attributes a line to its unit by the sender's cgroup; a process that is already gone
+# when journald reads it loses that (systemd-lab-details.md §5), so stay around for a moment
+ExecStart=/bin/sh -c 'echo hello from the lab; sleep 0.5'
 SyslogIdentifier=agor-lab-hello
 """)
     user_manager.systemctl("daemon-reload", check=True)

@@ -12,7 +12,7 @@ import pytest
 
 from agor_systemd import landlock
 
-from .support import UNIT, agor_units, health, install_sidecar, wait_for, wait_health
+from .support import LOG_ID, UNIT, agor_units, health, install_sidecar, wait_for, wait_health
 
 KERNEL_ABI = landlock.abi_version()
 needs_landlock = pytest.mark.skipif(KERNEL_ABI < 6, reason=f"the kernel's Landlock ABI is {KERNEL_ABI}; "
@@ -90,7 +90,7 @@ def test_without_landlock_the_sidecar_runs_and_says_so(user_manager, fake_sideca
     install_sidecar(user_manager, fake_sidecar_path, ["hang"])
     wait_health(user_manager, "healthy", timeout=10)
     assert health(user_manager).health == {"status": "healthy", "sandbox": "none"}
-    lines = user_manager.journal_lines(UNIT)
+    lines = user_manager.journal_lines(UNIT, identifier=LOG_ID)
     assert any("sandbox none; not enforced: Landlock" in line for line in lines), lines[-5:]
 
 
@@ -111,7 +111,7 @@ def test_older_kernel_is_partial_and_names_what_is_missing(user_manager, fake_si
     install_sidecar(user_manager, fake_sidecar_path, ["hang"])
     wait_health(user_manager, "healthy", timeout=10)
     assert health(user_manager).health == {"status": "healthy", "sandbox": "partial"}
-    line = next(line for line in user_manager.journal_lines(UNIT) if "agor-launch: sandbox partial" in line)
+    line = next(line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID) if "agor-launch: sandbox partial" in line)
     assert "ioctl on devices (ABI 5)" in line and "TCP bind/connect rules (ABI 4)" in line
     assert "scoping (ABI 6)" in line and "truncate" not in line
 
@@ -128,7 +128,7 @@ def test_missing_paths_are_reported_not_dropped(user_manager, fake_sidecar_path)
     install_sidecar(user_manager, fake_sidecar_path, ["hang"], install_args=[f"--read-write-path={ghost}"])
     wait_health(user_manager, "healthy", timeout=10)
     line = wait_for("the skipped-paths note", lambda: next(
-        (line for line in user_manager.journal_lines(UNIT) if "paths not found, skipped" in line
+        (line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID) if "paths not found, skipped" in line
          and str(ghost) in line), None), timeout=5)
     assert line.startswith("agor-launch: sandbox full")
     assert os.path.basename(str(ghost)) not in os.listdir(user_manager.home)

@@ -15,6 +15,7 @@ from agor_systemd.lab import OPT_ROOT
 from .support import agor_units, wait_for
 
 SERVICE, TIMER = "agor-walcheck.service", "agor-walcheck.timer"
+IDENTIFIER = "agor-walcheck"  # the service's SyslogIdentifier=
 PYTHON = str(OPT_ROOT / "venv" / "bin" / "python")
 DATA = ".local/share/agor"
 
@@ -86,12 +87,12 @@ def fresh(mgr) -> int:
     """An empty ~/.local/share/agor; returns a mark for tool_lines (the journal outlives tests)."""
     shutil.rmtree(mgr.home / DATA, ignore_errors=True)
     mgr.write_file(f"{DATA}/.keep", "")
-    return len(mgr.journal_lines(SERVICE))
+    return len(mgr.journal_lines(SERVICE, identifier=IDENTIFIER))
 
 
 def tool_lines(mgr, prefixes, mark: int = 0) -> list[str]:
-    """agor-walcheck's own lines in the service's journal (systemd's messages left out)."""
-    lines = mgr.journal_lines(SERVICE)[mark:]
+    """agor-walcheck's own lines (by SyslogIdentifier: the process exits right after writing)."""
+    lines = mgr.journal_lines(SERVICE, identifier=IDENTIFIER)[mark:]
     return [ln.removeprefix("agor-walcheck: ") for ln in lines
             if ln.removeprefix("agor-walcheck: ").startswith(tuple(prefixes))]
 
@@ -119,6 +120,7 @@ def test_timer_checkpoints_under_concurrent_writers_and_sigkills(user_manager):
     rng = random.Random(mgr.version)
     dbs = [str(mgr.home / DATA / "sessions.db"), str(mgr.home / DATA / "btmsg.db")]
     mark = fresh(mgr)
+    unit_mark = len(mgr.journal_lines(SERVICE))
     mgr.run([PYTHON, "-c", CREATE, *dbs], check=True)
     logs = [mgr.write_file(f"writer-{i}.log", "") for i in range(4)]
     writers: list[subprocess.Popen] = []
@@ -165,7 +167,7 @@ def test_timer_checkpoints_under_concurrent_writers_and_sigkills(user_manager):
     # no reader ever blocked: every run that was not killed truncated both WALs
     assert outcomes and set(outcomes) == {"truncated"}, lines[-6:]
     assert {ln.split(": ")[0] for ln in lines} == set(dbs)  # unkilled runs reached both databases
-    killed = [ln for ln in mgr.journal_lines(SERVICE, sync=False)[mark:] if "status=9/KILL" in ln]
+    killed = [ln for ln in mgr.journal_lines(SERVICE, sync=False)[unit_mark:] if "status=9/KILL" in ln]
     assert killed, "the checkpointer was never killed while running"
 
     final = walcheck_json(mgr, *dbs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from .support import UNIT, health, install_sidecar, wait_for, wait_health
+from .support import LOG_ID, UNIT, health, install_sidecar, wait_for, wait_health
 
 FAST = ["--watchdog-s=2"]
 
@@ -21,7 +21,7 @@ def test_sigstopped_sidecar_is_caught_by_the_watchdog(user_manager, fake_sidecar
     # so the restart (after the 0.2 s delay) comes well within WatchdogSec (2 s) + 0.5 s of the hang
     detection = starts[1] - (starts[0] + 0.5)
     assert 0.2 <= detection <= 2.5, detection
-    lines = user_manager.journal_lines(UNIT)
+    lines = user_manager.journal_lines(UNIT, identifier=LOG_ID)
     assert any("is hung: stopped (T state)" in line for line in lines), lines[-10:]
 
 
@@ -31,7 +31,7 @@ def test_busy_loop_without_output_is_a_hang(user_manager, fake_sidecar_path):
     failed = wait_health(user_manager, "failed", timeout=15)
     assert failed.health["last_error"] == "watchdog timeout"
     assert len(sidecar.starts()) == 2
-    assert any("no output for 1 s" in line for line in user_manager.journal_lines(UNIT))
+    assert any("no output for 1 s" in line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID))
 
 
 def test_failing_probe_is_a_hang(user_manager, fake_sidecar_path):
@@ -44,7 +44,7 @@ def test_failing_probe_is_a_hang(user_manager, fake_sidecar_path):
     flag.unlink()
     failed = wait_health(user_manager, "failed", timeout=10)
     assert failed.health == {"status": "failed", "attempts": 0, "last_error": "watchdog timeout"}
-    assert any("probe exited with status 1" in line for line in user_manager.journal_lines(UNIT))
+    assert any("probe exited with status 1" in line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID))
 
 
 def test_never_ready_fails_the_attempt(user_manager, fake_sidecar_path):
@@ -90,7 +90,7 @@ def test_sigterm_is_forwarded_and_the_exit_code_kept(user_manager, fake_sidecar_
     assert user_manager.unit_property(UNIT, "ExecMainCode") == "1"  # CLD_EXITED
     assert user_manager.unit_property(UNIT, "ExecMainStatus") == "7"
     assert len(sidecar.starts()) == 1  # a stop is not a crash, whatever the exit code
-    assert any("exited with status 7 after a stop request" in line for line in user_manager.journal_lines(UNIT))
+    assert any("exited with status 7 after a stop request" in line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID))
 
 
 def test_sidecar_output_reaches_the_journal_with_priorities(user_manager, fake_sidecar_path):

@@ -124,6 +124,9 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
         # WATCHDOG=1 comes from the launcher only while the sidecar answers its liveness checks;
         # a hang ends in WatchdogSignal= (SIGABRT) to the launcher, which kills the sidecar.
         unit.add("Service", "WatchdogSec", usec_text(round(watchdog.interval_s * 1e6)))
+        # the launcher ends at once on WatchdogSignal=; should it not, SIGKILL follows soon (the
+        # default, TimeoutStopSec=, would keep a hung unit "deactivating" for 90 s)
+        unit.add("Service", "TimeoutAbortSec", "5s")
     # SIGTERM goes to the launcher, which forwards it; leftovers get SIGKILL at the timeout.
     unit.add("Service", "KillMode", "mixed")
     unit.add("Service", "SyslogIdentifier", "agor-sidecar")

@@ -113,6 +113,7 @@ def test_native_defaults():
         "RestartMaxDelaySec": ["16s"],
         "TimeoutStartSec": ["40s"],
         "WatchdogSec": ["30s"],
+        "TimeoutAbortSec": ["5s"],
         "KillMode": ["mixed"],
         "SyslogIdentifier": ["agor-sidecar"],
         **HARDENING_254,

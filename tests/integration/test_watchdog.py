@@ -28,7 +28,7 @@ def test_sigstopped_sidecar_is_caught_by_the_watchdog(user_manager, fake_sidecar
 def test_busy_loop_without_output_is_a_hang(user_manager, fake_sidecar_path):
     sidecar = install_sidecar(user_manager, fake_sidecar_path, ["spin:0.5"], attempts=1,
                               install_args=[*FAST, "--activity-timeout-s=1"])
-    failed = wait_health(user_manager, "failed", timeout=15)
+    failed = wait_health(user_manager, "failed", timeout=25)
     assert failed.health["last_error"] == "watchdog timeout"
     assert len(sidecar.starts()) == 2
     assert any("no output for 1 s" in line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID))

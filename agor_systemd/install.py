@@ -131,8 +131,6 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         return report
 
     check_sidecar(config)
-    # the sandbox lets the sidecar write its databases here, but not create the directory
-    (Path.home() / AGOR_DATA).mkdir(mode=0o700, parents=True, exist_ok=True)
     directory = unit_directory(system)
     with Systemd(system) as manager:
         version = systemd_version or manager.version()
@@ -146,6 +144,8 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         write_units(directory, units, report)
         if dry_run:
             return report
+        # the sandbox lets the sidecar write its databases here, but not create the directory
+        (Path.home() / AGOR_DATA).mkdir(mode=0o700, parents=True, exist_ok=True)
         manager.reload()
         manager.enable([str(directory / name) for name in units])
         report.actions += ["daemon-reload", "enable " + " ".join(units)]

@@ -494,7 +494,9 @@ class Supervisor:
         os.kill(self.pid, _signal.SIGTERM)
         import threading
 
-        threading.Timer(2.0, lambda: os.kill(self.pid, _signal.SIGKILL) if process_state(self.pid) else None).start()
+        kill = threading.Timer(2.0, lambda: os.kill(self.pid, _signal.SIGKILL) if process_state(self.pid) else None)
+        kill.daemon = True  # a pending timer must not hold up the launcher's exit
+        kill.start()
 
     def report_hang(self) -> None:
         notify(f"STATUS=hung: {self.hung}; pid {self.pid}; asking systemd's watchdog to restart it",

@@ -357,12 +357,20 @@ class Supervisor:
     def forward(self, signum: int, _frame) -> None:
         if signum != _signal.SIGHUP:
             self.stopping = True
-        os.kill(self.pid, signum)
+        self.signal_child(signum)
 
     def watchdog_timeout(self, _signum: int, _frame) -> None:
         """systemd gave up on us: end the sidecar for good, even if it is stopped (SIGSTOP)."""
         self.watchdog_fired = True
-        os.kill(self.pid, _signal.SIGKILL)
+        self.signal_child(_signal.SIGKILL)
+
+    def signal_child(self, signum: int) -> None:
+        """Signal the sidecar through its pidfd: once it is reaped, its PID may belong to another
+        process, the pidfd never does."""
+        try:
+            _signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass  # already gone
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -491,10 +499,10 @@ class Supervisor:
         self.not_ready = True
         log(f"sidecar not ready within {number_text(self.options.ready_timeout_s)} s "
             f"({self.options.ready}); stopping it", ERR)
-        os.kill(self.pid, _signal.SIGTERM)
+        self.signal_child(_signal.SIGTERM)
         import threading
 
-        kill = threading.Timer(2.0, lambda: os.kill(self.pid, _signal.SIGKILL) if process_state(self.pid) else None)
+        kill = threading.Timer(2.0, self.signal_child, (_signal.SIGKILL,))
         kill.daemon = True  # a pending timer must not hold up the launcher's exit
         kill.start()
 

@@ -12,7 +12,6 @@ uninstalls and stops everything. Every wait is bounded; lab problems are one lin
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -27,7 +26,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from .backoff import RestartPolicy, schedule
-from .lab import OPT_ROOT, LabError, LabNamespace, SystemdBuild, UserManager, available_builds, host_build
+from .lab import (
+    OPT_ROOT,
+    LabError,
+    LabNamespace,
+    SystemdBuild,
+    UserManager,
+    available_builds,
+    claim_name,
+    host_build,
+)
 from .protocol import SIDECAR_UNIT
 
 Echo = Callable[[str], None]
@@ -69,21 +77,15 @@ def interpreter_problem(executable: str) -> str | None:
         return f"cannot tell which Python runs the demo (sys.executable is empty); {fix}"
     paths = dict.fromkeys([Path(os.path.abspath(executable)), Path(os.path.realpath(executable))])
     for path in paths:
-        for directory in reversed(path.parents):
+        for step in (*reversed(path.parents), path):  # every directory must be searchable, the file executable
             try:
-                mode = os.stat(directory).st_mode
+                mode = os.stat(step).st_mode
             except OSError as e:
-                return f"cannot check {directory}: {e.strerror}; {fix}"
+                return f"cannot check {step}: {e.strerror}; {fix}"
             if not mode & stat.S_IXOTH:
-                return (f"the demo user cannot run {executable}: {directory} is not searchable by other "
-                        f"users (mode {stat.S_IMODE(mode):o}); {fix}")
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as e:
-            return f"cannot check {path}: {e.strerror}; {fix}"
-        if not mode & stat.S_IXOTH:
-            return (f"the demo user cannot run {executable}: {path} is not executable by other users "
-                    f"(mode {stat.S_IMODE(mode):o}); {fix}")
+                what = "executable" if step == path else "searchable"
+                return (f"the demo user cannot run {executable}: {step} is not {what} by other users "
+                        f"(mode {stat.S_IMODE(mode):o}); {fix}")
     return None
 
 
@@ -112,15 +114,9 @@ def lock_directory() -> Path:
 
 def claim_demo_user() -> tuple[str, IO[str]]:
     """A demo user name nobody else's demo is using right now, and the lock that holds it."""
-    directory = lock_directory()
-    for name in DEMO_USERS:
-        lock = open(directory / f"agor-units-demo-{name}.lock", "w")  # noqa: SIM115 - held for the demo
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        return name, lock
+    claimed = claim_name(DEMO_USERS, lock_directory(), prefix="agor-units-demo-")
+    if claimed:
+        return claimed
     raise DemoError(f"{len(DEMO_USERS)} demos are already running on this machine; try again when one is done")
 
 

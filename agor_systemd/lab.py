@@ -51,10 +51,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 __all__ = [
     "DEFAULT_PATH",
@@ -1081,6 +1081,21 @@ def lab(user: str, build: SystemdBuild | None = None) -> Iterator[UserManager]:
     """One-shot convenience: a lab namespace with one user manager (host build by default)."""
     with LabNamespace() as ns, UserManager(user, build or host_build(), ns) as mgr:
         yield mgr
+
+
+def claim_name(names: Iterable[str], lock_dir: Path, prefix: str = "user-") -> tuple[str, IO[str]] | None:
+    """The first of `names` no other process holds, with the open lock file that holds it (keep
+    it open as long as the name is in use); None when all are taken."""
+    lock_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for name in names:
+        lock = open(lock_dir / f"{prefix}{name}.lock", "w")  # noqa: SIM115 - returned to the caller
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        return name, lock
+    return None
 
 
 # -- the project's code for test users -----------------------------------------------------------

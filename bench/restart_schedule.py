@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -59,6 +58,7 @@ from agor_systemd.lab import (  # noqa: E402
     UserManager,
     VENV,
     available_builds,
+    claim_name,
     deploy_package,
     package_deployed,
     venv_site,
@@ -120,13 +120,10 @@ def package_in_sync(site: Path) -> bool:
 
 def claim_user(user: str, build: SystemdBuild, ns: LabNamespace, bench_dir: str) -> tuple[Any, UserManager]:
     """Lock the bench user for this run, clear what a killed run left, start its manager."""
-    LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    lock = open(LOCK_DIR / f"user-{user}.lock", "w")  # noqa: SIM115 - held until release_user
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise LabError(f"user {user} is in use: is another benchmark running?") from None
+    claimed = claim_name([user], LOCK_DIR)  # the lock is held until release_user
+    if claimed is None:
+        raise LabError(f"user {user} is in use: is another benchmark running?")
+    lock = claimed[1]
     mgr = UserManager(user, build, ns)
     shutil.rmtree(mgr.unit_dir, ignore_errors=True)
     shutil.rmtree(mgr.home / bench_dir, ignore_errors=True)

@@ -38,6 +38,7 @@ from agor_systemd.lab import (
     SystemdBuild,
     UserManager,
     available_builds,
+    claim_name,
     deploy_package,
     venv_site,
 )
@@ -145,17 +146,11 @@ class _ManagerPool:
     def _user_name(self, build: SystemdBuild) -> str:
         # A lock per user name keeps two pytest sessions on one machine apart (they would share
         # the user's home directory); the second session takes the next suffix.
-        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         base = f"agort-{_worker()}-{build.version}"[:29]
-        for suffix in ("", "b", "c", "d", "e", "f"):
-            name = f"{base}{suffix}"
-            f = open(LOCK_DIR / f"user-{name}.lock", "w")  # noqa: SIM115 - held for the session
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                continue
-            self._locks.append(f)
+        claimed = claim_name((f"{base}{suffix}" for suffix in ("", "b", "c", "d", "e", "f")), LOCK_DIR)
+        if claimed:
+            name, lock = claimed
+            self._locks.append(lock)  # held for the session
             return name
         raise LabError(f"all test user names {base}* are in use by other test sessions")
 

@@ -59,6 +59,7 @@ from typing import IO, Self
 __all__ = [
     "DEFAULT_PATH",
     "OPT_ROOT",
+    "USER_LOCKS",
     "LabCommandError",
     "LabError",
     "LabNamespace",
@@ -71,8 +72,12 @@ __all__ = [
     "sweep_stale_labs",
 ]
 
-#: Where ``scripts/setup.sh`` puts private systemd builds (``systemd-NNN``) and the virtualenv.
-OPT_ROOT = Path("/opt/agor-systemd")
+#: Where ``scripts/setup.sh`` puts private systemd builds (``systemd-NNN``) and the virtualenv;
+#: ``$AGOR_PREFIX`` as in setup.sh (several work trees on one machine each test their own copy).
+OPT_ROOT = Path(os.environ.get("AGOR_PREFIX") or "/opt/agor-systemd")
+#: Name locks for test, demo and bench users: one directory per machine whatever the prefix, since
+#: user names are machine-wide.
+USER_LOCKS = Path("/opt/agor-systemd/locks")
 #: ``PATH`` given to the manager and to commands run as the user.
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 

@@ -54,6 +54,7 @@ from agor_systemd.lab import (  # noqa: E402
     LabError,
     LabNamespace,
     OPT_ROOT,
+    USER_LOCKS,
     SystemdBuild,
     UserManager,
     VENV,
@@ -120,7 +121,7 @@ def package_in_sync(site: Path) -> bool:
 
 def claim_user(user: str, build: SystemdBuild, ns: LabNamespace, bench_dir: str) -> tuple[Any, UserManager]:
     """Lock the bench user for this run, clear what a killed run left, start its manager."""
-    claimed = claim_name([user], LOCK_DIR)  # the lock is held until release_user
+    claimed = claim_name([user], USER_LOCKS)  # the lock is held until release_user
     if claimed is None:
         raise LabError(f"user {user} is in use: is another benchmark running?")
     lock = claimed[1]

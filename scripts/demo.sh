@@ -4,4 +4,4 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 "$here/setup.sh"
-exec /opt/agor-systemd/venv/bin/agor-units demo "$@"
+exec "${AGOR_PREFIX:-/opt/agor-systemd}"/venv/bin/agor-units demo "$@"

@@ -7,4 +7,4 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here/.."
 # Two workers: the integration tests mostly wait on timers, and each worker runs its own
 # user managers (one per systemd build), so the two long schedule tests run side by side.
-exec /opt/agor-systemd/venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"
+exec "${AGOR_PREFIX:-/opt/agor-systemd}"/venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"

@@ -32,6 +32,7 @@ import pytest
 
 from agor_systemd.lab import (
     OPT_ROOT,
+    USER_LOCKS,
     VENV,
     LabError,
     LabNamespace,
@@ -147,7 +148,7 @@ class _ManagerPool:
         # A lock per user name keeps two pytest sessions on one machine apart (they would share
         # the user's home directory); the second session takes the next suffix.
         base = f"agort-{_worker()}-{build.version}"[:29]
-        claimed = claim_name((f"{base}{suffix}" for suffix in ("", "b", "c", "d", "e", "f")), LOCK_DIR)
+        claimed = claim_name((f"{base}{suffix}" for suffix in ("", "b", "c", "d", "e", "f")), USER_LOCKS)
         if claimed:
             name, lock = claimed
             self._locks.append(lock)  # held for the session

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from agor_systemd.lab import OPT_ROOT
+
 from .support import UNIT, agor_units, health, install_sidecar, wait_health
 
 ALL_UNITS = [UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
@@ -22,7 +24,7 @@ def dbus_exec_start(mgr) -> list[str]:
     code = ("import json; from agor_systemd.bus import Systemd\n"
             "with Systemd() as m: p = m.unit_properties('agor-sidecar.service')\n"
             "print(json.dumps([list(e[1]) for e in p['ExecStart']]))")
-    cp = mgr.run(["/opt/agor-systemd/venv/bin/python", "-c", code], check=True)
+    cp = mgr.run([str(OPT_ROOT / "venv" / "bin" / "python"), "-c", code], check=True)
     return json.loads(cp.stdout)[0]
 
 
@@ -131,7 +133,7 @@ def build_tool_env(mgr) -> dict[str, str]:
 
 
 def test_verify_passes_on_the_running_version(user_manager):
-    cp = user_manager.run(["/opt/agor-systemd/venv/bin/agor-units", "verify", "--", "/bin/true", "a b", "%x"],
+    cp = user_manager.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), "verify", "--", "/bin/true", "a b", "%x"],
                           env=build_tool_env(user_manager))
     assert cp.returncode == 0, cp.stderr
     assert "pass systemd-analyze verify" in cp.stdout

@@ -153,12 +153,12 @@ def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
 @friendly_errors
 def render(ctx, systemd_version, as_json, **overrides):
     """Print the unit files install would write."""
-    from .install import current_launcher
+    from .install import current_launcher, installed_docs
     from .units import render_units
 
     config = effective_config(ctx, **overrides)
     units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
-                         ctx.obj["system"])
+                         ctx.obj["system"], docs=installed_docs())
     emit(units, as_json, "\n".join(f"# {name}\n{text}" for name, text in units.items()).rstrip("\n"))
 
 
@@ -252,13 +252,13 @@ def restart(ctx):
 @friendly_errors
 def verify(ctx, systemd_version, **overrides):
     """Run `systemd-analyze verify` on the units rendered from the configuration."""
-    from .install import current_launcher
+    from .install import current_launcher, installed_docs
     from .units import render_units
     from .verify import verify_units
 
     config = effective_config(ctx, **overrides)
     units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
-                         ctx.obj["system"])
+                         ctx.obj["system"], docs=installed_docs())
     problems = verify_units(units, user=not ctx.obj["system"])
     for line in problems:
         click.echo(line, err=True)

@@ -2,7 +2,7 @@
 
     [sidecar]
     command = ["/usr/bin/node", "~/agor/dist/claude-runner.mjs"]
-    working_directory = "~/agor"
+    working_directory = "~/agor"        # the project directory: read-write in the sandbox
     environment_file = "~/.config/agor/sidecar.env"
 
     [restart]
@@ -13,6 +13,10 @@
 
 A leading `~` or `~/` in a path or command argument means the home directory of the user
 whose manager runs the units (systemd's %h), exactly as in a shell.
+
+With the sandbox on (the default) the working directory is read-write for the sidecar, like every
+[sandbox] read_write_paths entry, and the files its command names are readable (docs/sandbox.md);
+a working directory that would open up the whole home directory is refused.
 """
 
 from __future__ import annotations
@@ -33,17 +37,20 @@ class ConfigError(ValueError):
     """A configuration problem, worded as one line for the user."""
 
 
+AGOR_DATA = ".local/share/agor"  # agor's data directory: sessions.db, btmsg.db
+
 # agor's runner; a placeholder until the user names their own (doctor checks it exists)
 DEFAULT_COMMAND: tuple[Text, ...] = (
     "/usr/bin/node",
-    HomePath(".local/share/agor/dist/claude-runner.mjs"),
+    HomePath(f"{AGOR_DATA}/dist/claude-runner.mjs"),
 )
 
 
 @dataclass(frozen=True)
 class SidecarConfig:
     command: tuple[Text, ...] = DEFAULT_COMMAND
-    working_directory: Text = HomePath("")
+    # read-write in the sandbox, so not the home directory; agor's data directory always exists
+    working_directory: Text = HomePath(AGOR_DATA)
     environment_file: Text | None = None
 
 
@@ -57,9 +64,6 @@ class WatchdogConfig:
     probe_timeout_s: float = 5.0
 
 
-AGOR_DATA = ".local/share/agor"
-
-
 @dataclass(frozen=True)
 class WalcheckConfig:
     interval_s: float = 300.0
@@ -71,9 +75,10 @@ class WalcheckConfig:
 class SandboxConfig:
     """[sandbox]: Landlock for the sidecar and everything it starts, on by default.
 
-    The path lists and port lists are added to the defaults (sandbox.default_paths): the
-    sidecar's working directory, /tmp and ~/.local/share/agor read-write; system and runtime
-    directories and ~/.claude read-only.
+    The path lists and port lists are added to the defaults (units.SANDBOX_READ_WRITE and
+    SANDBOX_READ_ONLY): the sidecar's working directory, /tmp and ~/.local/share/agor read-write;
+    system and runtime directories and ~/.claude read-only; the files the command names readable
+    (sandbox.command_paths, decided by the launcher at each start).
     """
 
     enabled: bool = True
@@ -287,6 +292,27 @@ def sandbox_config(values: dict[str, Any], base: SandboxConfig | None = None) ->
             raise ConfigError(f"[sandbox] has no setting {key!r} (known: enabled, required, read_write_paths, "
                               "read_only_paths, tcp_connect, tcp_bind)")
     return sandbox
+
+
+def expand_home(value: Text, home: str) -> str:
+    return value.expand(home) if isinstance(value, HomePath) else value
+
+
+def working_directory_problem(config: Config, home: str) -> str | None:
+    """Why the sandbox cannot take the working directory as it is, or None.
+
+    The working directory is read-write for the sidecar, so `~` (or `/`, or any parent of the
+    home directory) would hand it the whole home directory, ~/.ssh included."""
+    if not config.sandbox.enabled:
+        return None
+    path = os.path.normpath(expand_home(config.sidecar.working_directory, home))
+    home = os.path.normpath(home)
+    if path != home and not (home + "/").startswith(path.rstrip("/") + "/"):
+        return None
+    what = "the home directory" if path == home else f"{path}, which contains the home directory"
+    return (f"[sidecar] working_directory is {what}: the sandbox makes the working directory writable, "
+            "which would open up every file in it (~/.ssh too); set it to a project directory "
+            "(e.g. working_directory = \"~/agor\"), or turn the sandbox off with [sandbox] enabled = false")
 
 
 def parse_config(data: dict[str, Any]) -> Config:

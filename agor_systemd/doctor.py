@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .install import current_launcher, digest, read_manifest, unit_directory
+from .install import current_launcher, digest, installed_docs, read_manifest, unit_directory
 from .units import NATIVE_BACKOFF_VERSION, render_units, uses_native_backoff
 
 # version → what it gates for agor-systemd
@@ -120,7 +120,7 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
         checks.append(Check("units installed", "error", str(e)))
     if running:
         wanted = render_units(config, running, current_launcher(), system,
-                              set(probed.applied) if probed is not None else None)
+                              set(probed.applied) if probed is not None else None, installed_docs())
         stale = [name for name, text in wanted.items() if manifest.get(name) != digest(text)]
         checks.append(Check("units installed", "warn" if stale else "ok",
                             f"not installed or out of date: {', '.join(stale)}" if stale else f"up to date in {directory}",

@@ -10,10 +10,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import AGOR_DATA, Config, config_home
+from .config import AGOR_DATA, Config, config_home, expand_home, working_directory_problem
 from .protocol import SIDECAR_UNIT
-from .unitfile import HomePath
-from .units import render_units
+from .units import render_units, sandbox_paths
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
 
@@ -51,6 +50,22 @@ def current_launcher() -> list[str]:
     return [sys.executable, "-I", "-S", str(Path(__file__).resolve().parent / "_launch.py")]
 
 
+def installed_docs() -> str | None:
+    """The directory pip or the Debian package put README.md and docs/*.md in (data-files in
+    pyproject.toml), for Documentation=; None when this copy runs from a source tree."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("agor-systemd").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == "supervision.md" and file.parent.name == "agor-systemd":
+            path = Path(str(file.locate())).resolve()
+            return str(path.parent) if path.is_file() else None
+    return None
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -82,12 +97,30 @@ def read_manifest(directory: Path) -> dict[str, str]:
 
 
 def check_sidecar(config: Config) -> None:
-    """The program must exist now: a unit that can only crash-loop helps nobody."""
-    program = config.sidecar.command[0]
-    path = program.expand(str(Path.home())) if isinstance(program, HomePath) else program
+    """The sidecar must be able to start now: a unit that can only crash-loop helps nobody."""
+    home = str(Path.home())
+    path = expand_home(config.sidecar.command[0], home)
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
         raise InstallError(f"sidecar program {path!r} does not exist or is not executable; "
                            "set [sidecar] command in units.toml or pass it after `--`")
+    if (problem := working_directory_problem(config, home)) is not None:
+        raise InstallError(problem)
+    if config.sandbox.enabled:
+        check_sandbox_start(config, home)
+
+
+def check_sandbox_start(config: Config, home: str) -> None:
+    """Enter the Landlock domain the launcher will build, in a child, and try what the sidecar
+    needs to start: read its program and scripts, write in its working directory."""
+    from .sandbox import probe_start
+
+    read_write, read_only = ([expand_home(p, home) for p in paths] for paths in sandbox_paths(config))
+    command = [expand_home(word, home) for word in config.sidecar.command]
+    problems = probe_start(read_write, read_only, command, expand_home(config.sidecar.working_directory, home),
+                           home)
+    if problems:
+        raise InstallError("the sidecar could not start in its sandbox: " + "; ".join(problems)
+                           + " (docs/sandbox.md: what the sidecar may touch)")
 
 
 def write_units(directory: Path, units: dict[str, str], report: InstallReport) -> None:
@@ -127,7 +160,7 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         from .hardening import version_gaps, wanted_groups
 
         report.hardening, report.left_out = list(wanted_groups(version, None, system)), version_gaps(version, system)
-        write_units(output, render_units(config, version, current_launcher(), system), report)
+        write_units(output, render_units(config, version, current_launcher(), system, docs=installed_docs()), report)
         return report
 
     check_sidecar(config)
@@ -140,7 +173,7 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
 
         probed = probe(manager, config, version, system)
         report.hardening, report.left_out = list(probed.applied), probed.left_out
-        units = render_units(config, version, current_launcher(), system, set(probed.applied))
+        units = render_units(config, version, current_launcher(), system, set(probed.applied), installed_docs())
         write_units(directory, units, report)
         if dry_run:
             return report

@@ -320,6 +320,7 @@ class Supervisor:
         self.not_ready = False
         self.probe_failures = 0
         self.probe_reason: str | None = None
+        self.denial: str | None = None  # the first path the sandbox refused, explained (sandbox.denial_hint)
         self.last_output = time.monotonic()
         usec = os.environ.get("WATCHDOG_USEC", "")
         owner = os.environ.get("WATCHDOG_PID", str(os.getpid()))
@@ -376,6 +377,10 @@ class Supervisor:
 
     def on_line(self, stream: OutputStream, line: bytes) -> None:
         self.last_output = time.monotonic()
+        if self.denial is None and self.sandbox is not None and self.sandbox.ruleset is not None:
+            from .sandbox import denial_hint  # loaded already: the sandbox is on
+
+            self.denial = denial_hint(line, self.options.read_write, self.options.read_only)
         if self.waiting_for_ready() and self.options.ready == "line" and stream.is_stdout and b'"ready"' in line:
             if b"".join(line.split()) == READY_LINE:  # agor's runners print exactly this
                 self.become_ready()
@@ -531,7 +536,8 @@ class Supervisor:
             return "watchdog timeout" + (f" ({self.hung})" if self.hung else "")
         if self.not_ready:
             return f"not ready within {number_text(self.options.ready_timeout_s)} s"
-        return describe_exit(code, status)
+        # "exited with status 1; permission denied: /x — outside the sandbox; add it to ..."
+        return describe_exit(code, status) + (f"; {self.denial}" if self.denial else "")
 
     def finish(self, code: int, status: int) -> None:
         cause = self.cause(code, status)
@@ -551,11 +557,13 @@ class Supervisor:
 
 def prepare_sandbox(options: LauncherOptions):
     """The Landlock ruleset for the sidecar, reported in the journal; refusal ends the unit."""
-    from .sandbox import SandboxRefused, prepare
+    from .sandbox import SandboxRefused, command_paths, prepare
 
+    home = os.path.expanduser("~")  # $HOME, which the manager sets for the unit
     try:
+        readable = command_paths(options.command, os.getcwd(), home, (*options.read_write, *options.read_only))
         prepared = prepare(list(options.read_write), list(options.read_only), options.tcp_connect,
-                           options.tcp_bind, required=options.sandbox == "required")
+                           options.tcp_bind, required=options.sandbox == "required", command_read=readable)
     except SandboxRefused as e:
         notify(f"STATUS=gave up: {CRASH_MARK}{e}")
         log(f"{e}; not starting the sidecar ([sandbox] required = true)", ERR)

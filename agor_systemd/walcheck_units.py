@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from .config import Config
 from .unitfile import UnitFile, exec_line
-from .units import HEADER, usec_text
+from .units import HEADER, documentation, usec_text
 from .walcheck import RETRY_DELAYS_S
 
 WALCHECK_SERVICE = "agor-walcheck.service"
@@ -32,12 +32,15 @@ def worst_case_s(config: Config) -> float:
     return per_db * len(walcheck.databases)
 
 
-def walcheck_units(config: Config, python: Sequence[str]) -> list[UnitFile]:
-    """[service, timer]; `python` is the interpreter argv (e.g. ["/usr/bin/python3", "-I"])."""
+def walcheck_units(config: Config, python: Sequence[str], docs: str | None = None) -> list[UnitFile]:
+    """[service, timer]; `python` is the interpreter argv (e.g. ["/usr/bin/python3", "-I"]), `docs`
+    the directory of the installed docs (None: no Documentation=)."""
     walcheck = config.walcheck
     service = UnitFile(WALCHECK_SERVICE, header=HEADER)
     service.add("Unit", "Description", "agor: checkpoint and truncate the WAL of agor's SQLite databases (agor-walcheck)")
-    service.add("Unit", "Documentation", "https://pypi.org/project/agor-systemd/")
+    pages = documentation(docs, "walcheck.md")
+    if pages is not None:
+        service.add("Unit", "Documentation", pages)
     # Only the timer starts this unit, at most once per interval (and never while a run is still
     # going), so the default start limit (5 starts per 10 s) could only trip for intervals under
     # 2 s, as in the tests, and then the timer would stop for good.
@@ -57,7 +60,8 @@ def walcheck_units(config: Config, python: Sequence[str]) -> list[UnitFile]:
     timer = UnitFile(WALCHECK_TIMER, header=HEADER)
     timer.add("Unit", "Description", "agor: WAL checkpoint of agor's SQLite databases every "
               f"{walcheck.interval_s:g} s")
-    timer.add("Unit", "Documentation", "https://pypi.org/project/agor-systemd/")
+    if pages is not None:
+        timer.add("Unit", "Documentation", pages)
     # Monotonic, counted from the END of the last run (OnUnitInactiveSec=), not OnCalendar= and not
     # OnUnitActiveSec=:
     # * this is agor's own loop (sleep 300 s, checkpoint, repeat);

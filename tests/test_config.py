@@ -71,7 +71,7 @@ def test_defaults():
     assert config.restart == RestartPolicy(base_s=1.0, cap_s=30.0, attempts=5, stability_window_s=300.0)
     assert config.sidecar == SidecarConfig(
         command=("/usr/bin/node", HomePath(".local/share/agor/dist/claude-runner.mjs")),
-        working_directory=HomePath(""),
+        working_directory=HomePath(".local/share/agor"),
         environment_file=None,
     )
     assert DEFAULT_COMMAND == config.sidecar.command

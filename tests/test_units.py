@@ -23,12 +23,13 @@ from agor_systemd.verify import verify_units
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.launcher"]
-# the default sandbox: read-write, then read-only paths (the program itself last)
+# the default sandbox: read-write (the working directory, ~/.local/share/agor, is one of them), then
+# read-only paths; the launcher adds the command's files at each start
 SANDBOX_WORDS = "".join(f'"--rw" "{p}" ' for p in (
     "/tmp", "/var/tmp", "%h/.local/share/agor", "/dev/null", "/dev/zero", "/dev/full", "/dev/random",
     "/dev/urandom", "/dev/shm")) + "".join(f'"--ro" "{p}" ' for p in (
     "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys", "/dev", "/run",
-    "%h/.local", "%h/.config", "%h/.deno", "%h/.nvm", "%h/.gitconfig", "%h/.claude", "/usr/bin/node"))
+    "%h/.local", "%h/.config", "%h/.deno", "%h/.nvm", "%h/.gitconfig", "%h/.claude"))
 # systemd's own hardening, every group (tests/test_hardening.py has the details)
 HARDENING_254 = {
     "UMask": ["0077"], "KeyringMode": ["private"], "NoNewPrivileges": ["yes"],
@@ -95,7 +96,8 @@ def test_native_defaults():
     text = render(Config(), 254)
     assert settings(text, "Unit") == {
         "Description": ["agor sidecar (agent runners), supervised by systemd"],
-        "Documentation": ["https://pypi.org/project/agor-systemd/"],
+        "Documentation": ["file:/usr/share/doc/agor-systemd/supervision.md file:/usr/share/doc/agor-systemd/watchdog.md "
+                          "file:/usr/share/doc/agor-systemd/sandbox.md"],
         "StartLimitIntervalSec": ["300s"],
         "StartLimitBurst": ["6"],
     }
@@ -105,7 +107,7 @@ def test_native_defaults():
         "ExecStart": [':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" "--unit" "agor-sidecar.service" '
                       '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--sandbox" "best" '
                       '"--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" ' + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
-        "WorkingDirectory": ["%h"],
+        "WorkingDirectory": ["%h/.local/share/agor"],
         "Restart": ["always"],
         "RestartPreventExitStatus": ["250"],
         "RestartSec": ["1s"],

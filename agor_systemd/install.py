@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import AGOR_DATA, Config, config_home, expand_home, working_directory_problem
 from .protocol import SIDECAR_UNIT
+from .unitfile import HomePath
 from .units import render_units, sandbox_paths
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
@@ -116,8 +117,10 @@ def check_sandbox_start(config: Config, home: str) -> None:
 
     read_write, read_only = ([expand_home(p, home) for p in paths] for paths in sandbox_paths(config))
     command = [expand_home(word, home) for word in config.sidecar.command]
-    problems = probe_start(read_write, read_only, command, expand_home(config.sidecar.working_directory, home),
-                           home)
+    cwd = expand_home(config.sidecar.working_directory, home)
+    # install makes agor's data directory (the default working directory) before the first start
+    made_later = cwd == expand_home(HomePath(AGOR_DATA), home) and not os.path.exists(cwd)
+    problems = probe_start(read_write, read_only, command, cwd, home, check_cwd=not made_later)
     if problems:
         raise InstallError("the sidecar could not start in its sandbox: " + "; ".join(problems)
                            + " (docs/sandbox.md: what the sidecar may touch)")

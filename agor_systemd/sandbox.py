@@ -214,16 +214,17 @@ def denial_hint(line: bytes, read_write, read_only) -> str | None:
     return None
 
 
-def _access_problems(command, cwd: str) -> list[str]:
+def _access_problems(command, cwd: str, check_cwd: bool) -> list[str]:
     """What the sidecar could not do to start, checked from the calling process."""
     import tempfile
 
     problems = []
     try:
-        os.listdir(cwd)
-        fd, name = tempfile.mkstemp(prefix=".agor-units-probe.", dir=cwd)
-        os.close(fd)
-        os.unlink(name)
+        if check_cwd:
+            os.listdir(cwd)
+            fd, name = tempfile.mkstemp(prefix=".agor-units-probe.", dir=cwd)
+            os.close(fd)
+            os.unlink(name)
     except OSError as e:
         problems.append(f"its working directory {cwd} is not writable ({e.strerror})")
     for path in command_files(command, cwd):
@@ -234,11 +235,13 @@ def _access_problems(command, cwd: str) -> list[str]:
     return problems
 
 
-def probe_start(read_write: list[str], read_only: list[str], command: list[str], cwd: str, home: str) -> list[str]:
+def probe_start(read_write: list[str], read_only: list[str], command: list[str], cwd: str, home: str,
+                check_cwd: bool = True) -> list[str]:
     """What would keep the sidecar from starting under the ruleset the launcher builds (the same
     rules and command_paths), checked in a forked child that enters that Landlock domain.
-    Without Landlock the checks still run, unconfined. Empty: it can start."""
-    if not os.path.isdir(cwd):
+    Without Landlock the checks still run, unconfined. Empty: it can start. `check_cwd=False`:
+    the working directory is made later (agor's data directory, by install)."""
+    if check_cwd and not os.path.isdir(cwd):
         return [f"its working directory {cwd} does not exist"]
     readable = command_paths(command, cwd, home, (*read_write, *read_only))
     prepared = prepare(read_write, read_only, None, (), required=False, command_read=readable)
@@ -248,7 +251,8 @@ def probe_start(read_write: list[str], read_only: list[str], command: list[str],
         try:
             if prepared.ruleset is not None:
                 prepared.ruleset.restrict_self()
-            os.write(result_w, "\n".join(_access_problems(command, cwd)).encode("utf-8", "surrogateescape"))
+            problems = _access_problems(command, cwd, check_cwd)
+            os.write(result_w, "\n".join(problems).encode("utf-8", "surrogateescape"))
         except BaseException as e:  # noqa: BLE001 - anything, reported to the parent
             os.write(result_w, f"the probe failed: {e}".encode("utf-8", "surrogateescape"))
         finally:

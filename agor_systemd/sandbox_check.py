@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .config import ConfigError, load_config
-from .sandbox import TERMINALS, enforcement
+from .sandbox import TERMINALS, command_paths, enforcement
 from .unitfile import HomePath, Text
 from .units import sandbox_paths
 
@@ -31,6 +31,10 @@ def sandbox_report(config_path: Path | None = None) -> dict:
     level, missing = enforcement(abi)
     sandbox = config.sandbox
     paths = {"read_write": [expand(p, home) for p in read_write], "read_only": [expand(p, home) for p in read_only]}
+    # what the launcher adds at each start for the command's own files
+    paths["command_readable"] = command_paths([expand(w, home) for w in config.sidecar.command],
+                                              expand(config.sidecar.working_directory, home), home,
+                                              paths["read_write"] + paths["read_only"])
     return {
         "enabled": sandbox.enabled,
         "required": sandbox.required,
@@ -74,6 +78,8 @@ def check(config_path: Path | None, as_json: bool) -> None:
             click.echo(f"  not enforced: {item}")
         click.echo(f"  read-write: {', '.join(report['read_write'])}")
         click.echo(f"  read-only: {', '.join(report['read_only'])}")
+        if report["command_readable"]:
+            click.echo(f"  read-only for the command: {', '.join(report['command_readable'])}")
         click.echo(f"  TCP connect: {report['tcp_connect']}; TCP bind: {report['tcp_bind'] or 'none'}")
         for path in report["missing_paths"]:
             click.echo(f"  missing (skipped at start): {path}")

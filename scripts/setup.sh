@@ -32,6 +32,7 @@ APT_PACKAGES=(
   passwd              # useradd
   libsystemd-dev pkg-config gcc   # build pystemd
   python3 python3-venv python3-dev
+  nodejs              # the README's example sidecar is a node runner: tests run it as written
   sqlite3             # the sqlite3 CLI: bench/walcheck.py compares agor-walcheck against it
   git                 # tests/integration/test_hardening.py: an agent's git commit inside the hardened unit
 )
@@ -110,17 +111,18 @@ sd254_install_missing_libs() {
   apt-get install -y -q --no-install-recommends "${pkgs[@]}" || die "apt-get install ${pkgs[*]} failed"
 }
 
-mirror_uri() {  # the Debian (non-security) mirror the system uses; default deb.debian.org
-  local uri=""
-  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-    uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
-            /etc/apt/sources.list.d/debian.sources)
-  fi
-  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-    uri=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($i !~ /security/) { print $i; exit } break } }' \
-            /etc/apt/sources.list)
-  fi
-  echo "${uri:-http://deb.debian.org/debian}"
+mirror_uri() {  # the Debian (non-security) mirror this machine's apt configuration names
+  local uri="" f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] && [ -z "$uri" ] || continue
+    uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
+  done
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -f "$f" ] && [ -z "$uri" ] || continue
+    uri=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($i !~ /security/) { print $i; exit } break } }' "$f")
+  done
+  [ -n "$uri" ] || die "no Debian mirror in /etc/apt/sources.list or /etc/apt/sources.list.d: cannot fetch systemd 254"
+  echo "$uri"
 }
 
 if [ -n "${AGOR_SKIP_SD254:-}" ]; then

@@ -6,6 +6,7 @@ Landlock checks run against this machine's kernel in forked children; no systemd
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -220,3 +221,30 @@ def test_documentation_names_installed_files_with_specifiers_escaped():
 def test_no_unit_names_a_package_index():
     for text in render_units(Config(), 254).values():
         assert "pypi" not in text and "http" not in text
+
+
+@pytest.fixture
+def home_outside_tmp():
+    """A home directory outside /tmp and /var/tmp, which the sandbox grants anyway."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix=".agor-test-", dir=Path.home()))
+    yield base / "home"
+    shutil.rmtree(base)
+
+
+def test_agor_sandbox_check_shows_what_the_command_gets(tmp_path, monkeypatch, home_outside_tmp):
+    from click.testing import CliRunner
+
+    from agor_systemd.sandbox_check import main as sandbox_cli
+
+    home = home_outside_tmp
+    runner = make(home / "agor/dist/claude-runner.mjs")
+    make(home / "agor/package.json", "{}")
+    config = make(tmp_path / "units.toml", f'[sidecar]\ncommand = ["/usr/bin/node", "{runner}"]\n'
+                                           'working_directory = "~/projects/site"\n')
+    monkeypatch.setenv("HOME", str(home))
+    result = CliRunner().invoke(sandbox_cli, ["check", "--json", "--config", str(config)])
+    assert json.loads(result.output)["command_readable"] == [str(home / "agor")]
+    assert str(home / "projects/site") in json.loads(result.output)["read_write"]

@@ -258,7 +258,7 @@ class Demo:
         flag = mgr.home / FLAG
         command = [sys.executable, "-I", "-m", "agor_systemd.demo_sidecar", str(flag)]
         config = (f"[sidecar]\ncommand = [{', '.join(json.dumps(w) for w in command)}]\n"
-                  f"working_directory = \"~\"\n\n[restart]\nbase_s = {self.policy.base_s:g}\n")
+                  f"working_directory = \"~/{Path(FLAG).parent}\"\n\n[restart]\nbase_s = {self.policy.base_s:g}\n")
         mgr.write_file(CONFIG, config)
         mgr.write_file(FLAG, "while this file exists, the demo sidecar exits with status 3 after 0.3s\n")
         echo(f"~{self.user}/{CONFIG} (the sidecar crashes {CRASH_AFTER_S:g}s after each start "

@@ -20,8 +20,10 @@ from .units import HEADER, render_units
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
 # what the manifest may name: unit files in the unit directory, never a path elsewhere
 _MANIFEST_UNIT_NAME = re.compile(r"[A-Za-z0-9_@:-][A-Za-z0-9_@:.-]*\.(service|timer)")
-# a unit still stopping after its own stop timeout (systemd has sent SIGKILL by then) plus this is stuck
+# a unit still stopping after its own stop timeout (systemd has sent SIGKILL by then) plus this is
+# stuck; TimeoutStopSec=infinity waits no longer than MAX_STOP_WAIT_S
 STOP_GRACE_S = 5.0
+MAX_STOP_WAIT_S = 300.0
 
 
 class InstallError(RuntimeError):
@@ -265,7 +267,7 @@ def wait_stopped(manager, names: list[str]) -> list[str]:
                 continue  # not loaded: not running
             job = props.get("Job") or (0, "/")
             if job[0] or props.get("ActiveState") in ("deactivating", "activating", "active", "reloading"):
-                stop_timeout_s = (props.get("TimeoutStopUSec") or 0) / 1e6
+                stop_timeout_s = min((props.get("TimeoutStopUSec") or 0) / 1e6, MAX_STOP_WAIT_S)
                 deadline = deadlines.setdefault(name, time.monotonic() + stop_timeout_s + STOP_GRACE_S)
                 if time.monotonic() < deadline:
                     still.append(name)
@@ -277,7 +279,8 @@ def wait_stopped(manager, names: list[str]) -> list[str]:
 
 def remove_dangling_links(directory: Path, name: str) -> None:
     """`enable` links left for a unit file that is gone (systemd refuses to disable a missing unit)."""
-    for link in directory.glob(f"*.*/{name}"):
+    for wants in directory.glob("*.wants"):  # (a glob for the link itself skips dangling ones)
+        link = wants / name
         if link.is_symlink() and not link.exists():
             link.unlink()
 
@@ -311,14 +314,16 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
         # files removed under a unit that is still stopping leave a `not-found failed` ghost
         stuck = wait_stopped(manager, names)
         if stuck:
+            status = "systemctl status" if system else "systemctl --user status"
             raise InstallError(f"{', '.join(stuck)} did not stop; nothing was removed — "
-                               "see `systemctl --user status`, then run `agor-units uninstall` again")
+                               f"see `{status}`, then run `agor-units uninstall` again")
         present = report.removed + report.kept
         if present:
             manager.disable(present)
         for name in names:
             if name not in present:
                 remove_dangling_links(directory, name)
+                report.notes.append(f"{directory / name} was deleted by hand: forgotten")
         for name in report.removed:
             (directory / name).unlink()
         write_manifest(directory, {n: manifest[n] for n in report.kept})

@@ -34,8 +34,13 @@ from .unitfile import UnitValueError
 EXPECTED_ERRORS = (ConfigError, InstallError, BusError, NotInstalled, UnitValueError)
 
 
+# click ≥ 8.2 shows the help for a group called without a command through this UsageError
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class OneLineUsageError(click.ClickException):
-    """A usage error as one line, `PROG: error: …`, exit status 2 (click prints usage and a hint)."""
+    """A usage error as one line, `PROG: error: …`, exit status 2 (click's own shows the usage,
+    a hint and the error on three lines)."""
 
     exit_code = 2
 
@@ -71,10 +76,6 @@ class OneLineUsageGroup(click.Group):
     def invoke(self, ctx: click.Context):
         with self._one_line_usage():
             return super().invoke(ctx)
-
-
-# click ≥ 8.2 shows the help for a group called without a command through this UsageError
-_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def config_path_option(func):

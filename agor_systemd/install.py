@@ -238,9 +238,7 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         manager.reload()
         manager.enable([str(directory / name) for name in units])
         report.actions += ["daemon-reload", "enable " + " ".join(units)]
-        if not now:
-            note_running_old_settings(manager, report)
-        else:
+        if now:
             # a fresh start with a full restart budget, running the units just written
             manager.reset_failed(SIDECAR_UNIT)
             manager.restart(SIDECAR_UNIT)
@@ -248,6 +246,8 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
             from .walcheck_units import WALCHECK_TIMER
             manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
             report.actions.append(f"restart {WALCHECK_TIMER}")
+        else:
+            note_running_old_settings(manager, report)
     return report
 
 
@@ -257,8 +257,8 @@ def wait_stopped(manager, names: list[str]) -> list[str]:
     from .bus import BusError
 
     deadlines: dict[str, float] = {}
-    pending = list(names)
-    while True:
+    pending, stuck = list(names), []
+    while pending:
         still = []
         for name in pending:
             try:
@@ -266,15 +266,15 @@ def wait_stopped(manager, names: list[str]) -> list[str]:
             except BusError:
                 continue  # not loaded: not running
             job = props.get("Job") or (0, "/")
-            if job[0] or props.get("ActiveState") in ("deactivating", "activating", "active", "reloading"):
-                stop_timeout_s = min((props.get("TimeoutStopUSec") or 0) / 1e6, MAX_STOP_WAIT_S)
-                deadline = deadlines.setdefault(name, time.monotonic() + stop_timeout_s + STOP_GRACE_S)
-                if time.monotonic() < deadline:
-                    still.append(name)
-        if not still:
-            return [name for name in pending if name in deadlines and time.monotonic() >= deadlines[name]]
+            if not job[0] and props.get("ActiveState") in ("inactive", "failed"):
+                continue
+            stop_timeout_s = min((props.get("TimeoutStopUSec") or 0) / 1e6, MAX_STOP_WAIT_S)
+            deadline = deadlines.setdefault(name, time.monotonic() + stop_timeout_s + STOP_GRACE_S)
+            (still if time.monotonic() < deadline else stuck).append(name)
         pending = still
-        time.sleep(0.05)
+        if pending:
+            time.sleep(0.05)
+    return stuck
 
 
 def remove_dangling_links(directory: Path, name: str) -> None:

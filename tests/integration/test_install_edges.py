@@ -152,3 +152,39 @@ def test_uninstall_from_another_shell_finds_what_install_wrote_with_xdg_config_h
     assert report["removed"] == sorted(ALL_UNITS)
     assert user_manager.unit_property(UNIT, "ActiveState") == "inactive"
     assert not (elsewhere / "systemd").exists()
+
+
+# Every line sets AGORT_<n>_OK or AGORT_<n>_BAD...; the parser must flag exactly the lines whose
+# variable systemd does not set, on every manager version.
+ENVIRONMENT_FILE = """AGORT_1_OK=1
+export AGORT_2_BAD=1
+AGORT-3-BAD=x
+3AGORT_BAD=x
+AGORT_5_BAD
+   AGORT_6_OK=indented
+AGORT_7_OK = spaced
+AGORT_8_OK='quoted
+AGORT_9_BAD_INSIDE=a quote'
+# AGORT_10_BAD commented out
+AGORT_11_OK=continued \\
+AGORT_12_BAD_CONTINUATION=x
+AGORT 13 BAD=1
+AGORT_14_OK="double \\" quote"
+"""
+
+
+def test_dropped_environment_lines_agree_with_systemd(user_manager):
+    from agor_systemd.config import dropped_environment_lines
+
+    env_file = user_manager.write_file("agor-env-test/sidecar.env", ENVIRONMENT_FILE)
+    out = env_file.parent / "env.out"
+    user_manager.write_file(".config/systemd/user/agor-envtest.service",
+                            f"[Service]\nType=oneshot\nEnvironmentFile={env_file}\n"
+                            f"ExecStart=/bin/sh -c 'env -0 > {out}'\n")  # values may hold newlines
+    user_manager.systemctl("daemon-reload", check=True)
+    user_manager.systemctl("start", "agor-envtest.service", check=True)
+    applied = {entry.split("=", 1)[0] for entry in out.read_text().split("\0") if entry.startswith("AGORT")}
+    assert applied == {"AGORT_1_OK", "AGORT_6_OK", "AGORT_7_OK", "AGORT_8_OK", "AGORT_11_OK", "AGORT_14_OK"}
+
+    flagged = [number for number, _, _ in dropped_environment_lines(ENVIRONMENT_FILE)]
+    assert flagged == [2, 3, 4, 5, 13]  # 9 and 12 continue lines 8 and 11; 10 is a comment

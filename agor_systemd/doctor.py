@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import getpass
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +110,8 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
         checks += _broad_write_paths(config)
     else:
         checks.append(Check("sandbox", "warn", "off ([sandbox] enabled = false)", "remove `enabled = false` from [sandbox]"))
+
+    import ctypes.util  # here: agor-units imports this module for every command
 
     lib = ctypes.util.find_library("systemd")
     checks.append(Check("libsystemd", "ok" if lib else "error", lib or "libsystemd.so.0 not found (the launcher needs it)",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,12 +25,67 @@ from .config import (
     sidecar_config,
     watchdog_config,
 )
+from .doctor import MINIMUM_VERSION
 from .health import NotInstalled
 from .install import InstallError
 from .protocol import SIDECAR_UNIT
 from .unitfile import UnitValueError
 
 EXPECTED_ERRORS = (ConfigError, InstallError, BusError, NotInstalled, UnitValueError)
+
+
+# click ≥ 8.2 shows the help for a group called without a command through this UsageError
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class OneLineUsageError(click.ClickException):
+    """A usage error as one line, `PROG: error: …`, exit status 2 (click's own shows the usage,
+    a hint and the error on three lines)."""
+
+    exit_code = 2
+
+    def __init__(self, prog: str, error: click.UsageError) -> None:
+        super().__init__(" ".join(error.format_message().split()).rstrip("."))
+        self.prog = prog
+        self.command_path = error.ctx.command_path if error.ctx is not None else prog
+
+    def show(self, file=None) -> None:
+        click.echo(f"{self.prog}: error: {self.message} (see `{self.command_path} --help`)", err=True)
+
+
+class OneLineUsageGroup(click.Group):
+    """A command group whose usage errors, its own and its commands', are one line."""
+
+    def __init__(self, *args, prog: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prog = prog
+
+    @contextlib.contextmanager
+    def _one_line_usage(self) -> Iterator[None]:
+        try:
+            yield
+        except click.UsageError as e:
+            if isinstance(e, _NO_ARGS_IS_HELP):
+                raise  # a bare `agor-units` shows the help, as before
+            raise OneLineUsageError(self.prog, e) from None
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        with self._one_line_usage():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context):
+        with self._one_line_usage():
+            return super().invoke(ctx)
+
+
+def config_path_option(func):
+    """--config after the command too (`agor-units install --config F`), as before it."""
+    return click.option("--config", "command_config_path", type=click.Path(path_type=Path, dir_okay=False),
+                        help="units.toml to use (may also go before the command).")(func)
+
+
+def chosen_config_path(ctx: click.Context, command_config_path: Path | None) -> Path | None:
+    return command_config_path or ctx.obj["config_path"]
 
 
 def fail(message: str) -> None:
@@ -81,14 +138,21 @@ def config_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return config_path_option(func)
 
 
-def effective_config(ctx: click.Context, command, working_directory, environment_file, base_s, cap_s,
-                     attempts, stability_window_s, watchdog_s, ready, ready_timeout_s, activity_timeout_s,
-                     probe, probe_timeout_s, sandbox, sandbox_required, read_write_paths,
-                     read_only_paths) -> Config:
-    config = load_config(ctx.obj["config_path"])
+def systemd_version_option(help_text: str):
+    # older managers lack the ':' ExecStart prefix the units rely on
+    return click.option("--systemd-version", type=click.IntRange(min=MINIMUM_VERSION), metavar="N", help=help_text)
+
+
+def effective_config(ctx: click.Context, command_config_path, command, working_directory, environment_file,
+                     base_s, cap_s, attempts, stability_window_s, watchdog_s, ready, ready_timeout_s,
+                     activity_timeout_s, probe, probe_timeout_s, sandbox, sandbox_required, read_write_paths,
+                     read_only_paths, user_config: bool = True) -> Config:
+    """units.toml (or, with user_config=False and no --config, the defaults) with the flags applied."""
+    config_path = chosen_config_path(ctx, command_config_path)
+    config = load_config(config_path) if user_config or config_path is not None else Config()
     sidecar_values = {k: v for k, v in (("working_directory", working_directory),
                                         ("environment_file", environment_file)) if v is not None}
     sidecar = sidecar_config(sidecar_values, config.sidecar)
@@ -126,10 +190,11 @@ def target_version(system: bool) -> int:
     return version
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineUsageGroup, prog="agor-units", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agor-units")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="units.toml to use (default: $XDG_CONFIG_HOME/agor/units.toml).")
+              help="units.toml to use (default: $XDG_CONFIG_HOME/agor/units.toml); "
+                   "may also go after the command.")
 @click.option("--system", is_flag=True, help="Use the system manager and /etc/systemd/system instead of the user's.")
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
@@ -147,7 +212,7 @@ def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
 
 @main.command()
 @config_options
-@click.option("--systemd-version", type=int, help="Render for this systemd version (default: the running one).")
+@systemd_version_option("Render for this systemd version (default: the running one).")
 @click.option("--json", "as_json", is_flag=True, help="Print {unit name: text} as JSON.")
 @click.pass_context
 @friendly_errors
@@ -166,19 +231,24 @@ def render(ctx, systemd_version, as_json, **overrides):
 @config_options
 @click.option("--now", is_flag=True, help="Also (re)start the sidecar with a fresh restart budget.")
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite units edited by hand since the last install.")
 @click.option("--output", type=click.Path(path_type=Path, file_okay=False),
-              help="Write the units into DIR (for packagers): no manager, no probing.")
-@click.option("--systemd-version", type=int, help="With --output: render for this systemd version.")
+              help="Write the units into DIR (for packagers): the default configuration unless --config, "
+                   "no manager, no probing.")
+@systemd_version_option("With --output: render for this systemd version.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.pass_context
 @friendly_errors
-def install(ctx, now, dry_run, output, systemd_version, as_json, **overrides):
+def install(ctx, now, dry_run, force, output, systemd_version, as_json, **overrides):
     """Write the units, reload systemd, enable them (and start with --now). Idempotent."""
     from .install import install as do_install
 
-    config = effective_config(ctx, **overrides)
+    if output is not None and now:
+        raise click.UsageError("--now cannot be used with --output, which only writes files", ctx)
+    # a package gets the default configuration, not the units.toml of whoever builds it
+    config = effective_config(ctx, **overrides, user_config=output is None)
     report = do_install(config, system=ctx.obj["system"], output=output, now=now, dry_run=dry_run,
-                        systemd_version=systemd_version)
+                        systemd_version=systemd_version, force=force)
     from .units import uses_native_backoff
 
     mode = "native" if uses_native_backoff(config, report.systemd_version) else "launcher fallback"
@@ -190,6 +260,7 @@ def install(ctx, now, dry_run, output, systemd_version, as_json, **overrides):
               + (" (not probed: --output renders every group)" if output else " (what took effect in a probe)")]
     lines += [f"hardening left out: {group}: {why}" for group, why in report.left_out.items()]
     lines += [f"done: {a}" for a in report.actions]
+    lines += [f"note: {n}" for n in report.notes]
     emit(report.as_dict() | {"backoff": mode}, as_json, "\n".join(lines))
 
 
@@ -205,6 +276,7 @@ def uninstall(ctx, dry_run, as_json):
     report = do_uninstall(system=ctx.obj["system"], dry_run=dry_run)
     lines = [f"{'would remove' if dry_run else 'removed'} {report.directory / n}" for n in report.removed]
     lines += [f"kept {report.directory / n} (edited since install)" for n in report.kept]
+    lines += [f"note: {n}" for n in report.notes]
     emit(report.as_dict(), as_json, "\n".join(lines) or "nothing installed")
 
 
@@ -247,7 +319,7 @@ def restart(ctx):
 
 @main.command()
 @config_options
-@click.option("--systemd-version", type=int, help="Render for this systemd version (default: the running one).")
+@systemd_version_option("Render for this systemd version (default: the running one).")
 @click.pass_context
 @friendly_errors
 def verify(ctx, systemd_version, **overrides):
@@ -268,14 +340,15 @@ def verify(ctx, systemd_version, **overrides):
 
 
 @main.command()
+@config_path_option
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @click.pass_context
 @friendly_errors
-def doctor(ctx, as_json):
+def doctor(ctx, command_config_path, as_json):
     """Check systemd version and features, the user manager, lingering and the install."""
     from .doctor import run_checks
 
-    config = load_config(ctx.obj["config_path"])
+    config = load_config(chosen_config_path(ctx, command_config_path))
     checks = run_checks(config, ctx.obj["system"])
     marks = {"ok": "ok  ", "warn": "warn", "error": "FAIL"}
     lines = [f"[{marks[c.status]}] {c.name}: {c.detail}" + (f"\n       fix: {c.fix}" if c.fix else "") for c in checks]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -348,7 +349,8 @@ def load_config(path: Path | None = None) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        # a byte-order mark, as some editors write, is not TOML but means nothing here either
+        data = tomllib.loads(raw.decode("utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
@@ -357,3 +359,78 @@ def load_config(path: Path | None = None) -> Config:
         return parse_config(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def dropped_environment_lines(text: str) -> list[tuple[int, str, str]]:
+    """Assignments of an EnvironmentFile= that systemd ignores without failing the unit:
+    (line number, line, why). Follows systemd's parser (env-file.c): blank lines and `#`/`;`
+    comments are skipped, a line ends at \\n or \\r, the name runs to the first `=` (trailing blanks dropped) and must be a
+    shell variable name; quoted values and backslash-newline continue onto further lines."""
+    lines = text.split("\n")
+    dropped: list[tuple[int, str, str]] = []
+    state, key, start, line_no = "pre_key", "", 0, 1
+
+    def drop(why: str) -> None:
+        dropped.append((start, lines[start - 1].rstrip("\r"), why))
+
+    for c in text + "\n":
+        if state == "pre_key":
+            if c == "#" or c == ";":
+                state = "comment"
+            elif c not in " \t\r\n":
+                state, key, start = "key", c, line_no
+        elif state == "key":
+            if c in "\n\r":
+                drop("no variable name before `=`" if key.startswith("=") else "no `=` in it")
+                state = "pre_key"
+            elif c == "=":
+                name = key.rstrip(" \t\r")
+                if name.startswith("export ") and _ENV_NAME.fullmatch(name.removeprefix("export ").strip()):
+                    drop("systemd does not understand `export`; leave it out")
+                elif not _ENV_NAME.fullmatch(name):
+                    drop(f"{name!r} is not a variable name (letters, digits and _, not starting with a digit)")
+                state = "pre_value"
+            else:
+                key += c
+        elif state == "pre_value":
+            if c in "\n\r":
+                state = "pre_key"
+            elif c == "'":
+                state = "single_quote"
+            elif c == '"':
+                state = "double_quote"
+            elif c == "\\":
+                state = "value_escape"
+            elif c not in " \t\r":
+                state = "value"
+        elif state == "value":
+            if c in "\n\r":
+                state = "pre_key"
+            elif c == "\\":
+                state = "value_escape"
+        elif state == "value_escape":
+            state = "value"  # even a newline: the value goes on
+        elif state == "single_quote":
+            if c == "'":
+                state = "pre_value"
+        elif state == "double_quote":
+            if c == '"':
+                state = "pre_value"
+            elif c == "\\":
+                state = "double_quote_escape"
+        elif state == "double_quote_escape":
+            state = "double_quote"
+        elif state == "comment":
+            if c in "\n\r":
+                state = "pre_key"
+            elif c == "\\":
+                state = "comment_escape"
+        elif state == "comment_escape":
+            # a comment ending in `\` went on to the next line before systemd 254, not since
+            state = "pre_key" if c in "\n\r" else "comment"
+        if c == "\n":
+            line_no += 1
+    return dropped

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import getpass
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
-from .install import current_launcher, digest, installed_docs, read_manifest, unit_directory
+from .config import DEFAULT_COMMAND, Config
+from .install import (
+    InstallError,
+    check_environment_file,
+    current_launcher,
+    digest,
+    installed_docs,
+    missing_sidecar_files,
+    read_manifest,
+    unit_directory,
+)
 from .units import NATIVE_BACKOFF_VERSION, render_units, uses_native_backoff
 
 # version → what it gates for agor-systemd
@@ -70,7 +77,9 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
         checks.append(hardening_check)
     except BusError as e:
         fix = "log in graphically or run `sudo loginctl enable-linger " + user + "`, then check $XDG_RUNTIME_DIR"
-        checks.append(Check("manager reachable", "error", str(e), "" if system else fix))
+        # the message's pointer to this very command helps nobody here
+        checks.append(Check("manager reachable", "error", str(e).removesuffix("; see `agor-units doctor`"),
+                            "" if system else fix))
 
     running = version or installed
     if running:
@@ -99,30 +108,59 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
         checks.append(Check("sandbox", "ok" if level == "full" else "error" if refused else "warn",
                             f"Landlock ABI {abi}: {level}" + (f"; not enforced: {', '.join(missing)}" if missing else ""),
                             "" if level == "full" else "a kernel ≥ 6.7 with landlock in the lsm= list enforces everything"))
+        checks += _broad_write_paths(config)
     else:
         checks.append(Check("sandbox", "warn", "off ([sandbox] enabled = false)", "remove `enabled = false` from [sandbox]"))
+
+    import ctypes.util  # here: agor-units imports this module for every command
 
     lib = ctypes.util.find_library("systemd")
     checks.append(Check("libsystemd", "ok" if lib else "error", lib or "libsystemd.so.0 not found (the launcher needs it)",
                         "" if lib else "apt-get install libsystemd0"))
 
-    program = config.sidecar.command[0]
-    path = program.expand(str(Path.home())) if hasattr(program, "expand") else program
-    usable = os.path.isfile(path) and os.access(path, os.X_OK)
-    checks.append(Check("sidecar program", "ok" if usable else "error", path if usable else f"{path} is missing",
-                        "" if usable else "set [sidecar] command in ~/.config/agor/units.toml"))
+    checks.append(_sidecar_program(config))
+    if config.sidecar.environment_file is not None:
+        try:
+            check_environment_file(config)
+            checks.append(Check("environment file", "ok", "every line is an assignment systemd applies"))
+        except InstallError as e:
+            checks.append(Check("environment file", "error", str(e), "fix that line (NAME=value)"))
 
     directory = unit_directory(system)
     try:
         manifest = read_manifest(directory)
-    except Exception as e:  # noqa: BLE001 - reported, not fatal, in a diagnosis
-        manifest = {}
-        checks.append(Check("units installed", "error", str(e)))
-    if running:
-        wanted = render_units(config, running, current_launcher(), system,
+    except InstallError as e:
+        checks.append(Check("units installed", "error", str(e), f"rm {directory / '.agor-units.json'}"))
+        return checks
+    if version is None:
+        # what install would write depends on the manager's probe: without it, only what is there
+        installed = ", ".join(sorted(manifest)) or "none"
+        checks.append(Check("units installed", "warn", f"{installed}; not compared with the configuration "
+                            "(the manager is unreachable)", "reach the manager, then run this again"))
+    else:
+        wanted = render_units(config, version, current_launcher(), system,
                               set(probed.applied) if probed is not None else None, installed_docs())
         stale = [name for name, text in wanted.items() if manifest.get(name) != digest(text)]
         checks.append(Check("units installed", "warn" if stale else "ok",
                             f"not installed or out of date: {', '.join(stale)}" if stale else f"up to date in {directory}",
                             "agor-units install --now" if stale else ""))
     return checks
+
+
+def _sidecar_program(config: Config) -> Check:
+    from .sandbox_check import expand
+
+    command, home = config.sidecar.command, str(Path.home())
+    missing = missing_sidecar_files(command, home)
+    if missing:
+        placeholder = " (of the placeholder default command)" if tuple(command) == DEFAULT_COMMAND else ""
+        return Check("sidecar program", "error", f"missing{placeholder}: {', '.join(missing)}",
+                     "set [sidecar] command in ~/.config/agor/units.toml")
+    return Check("sidecar program", "ok", expand(command[0], home))
+
+
+def _broad_write_paths(config: Config) -> list[Check]:
+    from .sandbox_check import broad_write_warnings
+
+    return [Check("sandbox paths", "warn", warning, "list only the project directories in read_write_paths")
+            for warning in broad_write_warnings(config, str(Path.home()))]

@@ -5,17 +5,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import AGOR_DATA, Config, config_home, expand_home, working_directory_problem
+from .config import (
+    AGOR_DATA,
+    DEFAULT_COMMAND,
+    Config,
+    dropped_environment_lines,
+    expand_home,
+    working_directory_problem,
+)
 from .protocol import SIDECAR_UNIT
-from .unitfile import HomePath
-from .units import render_units, sandbox_paths
+from .unitfile import HomePath, Text
+from .units import HEADER, render_units, sandbox_paths
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
+# what the manifest may name: unit files in the unit directory, never a path elsewhere
+_MANIFEST_UNIT_NAME = re.compile(r"[A-Za-z0-9_@:-][A-Za-z0-9_@:.-]*\.(service|timer)")
+# a unit still stopping after its own stop timeout (systemd has sent SIGKILL by then) plus this is
+# stuck; TimeoutStopSec=infinity waits no longer than MAX_STOP_WAIT_S
+STOP_GRACE_S = 5.0
+MAX_STOP_WAIT_S = 300.0
 
 
 class InstallError(RuntimeError):
@@ -34,16 +49,20 @@ class InstallReport:
     dry_run: bool = False
     hardening: list[str] = field(default_factory=list)  # systemd hardening groups in the sidecar's unit
     left_out: dict[str, str] = field(default_factory=dict)  # group → why (probe or version)
+    notes: list[str] = field(default_factory=list)  # what the user should know or do next
 
     def as_dict(self) -> dict:
         return {"directory": str(self.directory), "systemd_version": self.systemd_version,
                 "written": self.written, "unchanged": self.unchanged, "removed": self.removed, "kept": self.kept,
                 "actions": self.actions, "dry_run": self.dry_run, "hardening": self.hardening,
-                "left_out": self.left_out}
+                "left_out": self.left_out, "notes": self.notes}
 
 
 def unit_directory(system: bool = False) -> Path:
-    return Path("/etc/systemd/system") if system else config_home() / "systemd" / "user"
+    """Where install writes the units and its manifest. For a user: ~/.config/systemd/user, even when
+    the calling shell sets $XDG_CONFIG_HOME — the user manager does not see that shell's environment,
+    and an uninstall from any other shell must find what was installed."""
+    return Path("/etc/systemd/system") if system else Path.home() / ".config" / "systemd" / "user"
 
 
 def current_launcher() -> list[str]:
@@ -72,37 +91,71 @@ def digest(text: str) -> str:
 
 
 def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write via a temp file in the same directory and rename: never a half-written unit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write via a temp file in the same directory and rename: never a half-written unit.
+    A failure names `path`, never the temp file."""
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InstallError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
 def read_manifest(directory: Path) -> dict[str, str]:
+    """{unit name: sha256 of the text install wrote}; anything else is refused in one line."""
+    path = directory / MANIFEST
     try:
-        data = json.loads((directory / MANIFEST).read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise InstallError(f"{directory / MANIFEST}: unreadable ({e}); remove it to start over") from None
-    return {str(k): str(v) for k, v in data.get("units", {}).items()}
+        raise InstallError(f"{path}: unreadable ({e}); remove it to start over") from None
+    units = data.get("units") if isinstance(data, dict) else None
+    if not isinstance(units, dict) or not all(
+            isinstance(name, str) and _MANIFEST_UNIT_NAME.fullmatch(name)
+            and isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) for name, sha in units.items()):
+        raise InstallError(f'{path}: not an agor-units manifest ({{"units": {{unit name: sha256}}}} expected); '
+                           "remove it to start over")
+    return dict(units)
+
+
+def write_manifest(directory: Path, units: dict[str, str]) -> None:
+    if units:
+        atomic_write(directory / MANIFEST, json.dumps({"units": units}, indent=2, sort_keys=True) + "\n")
+    else:
+        (directory / MANIFEST).unlink(missing_ok=True)
+
+
+def missing_sidecar_files(command: tuple[Text, ...], home: str) -> list[str]:
+    """The sidecar's program if it is not an executable file, and — for the placeholder default
+    command, whose program (node) is often installed — its script if it does not exist."""
+    program = expand_home(command[0], home)
+    missing = [] if os.path.isfile(program) and os.access(program, os.X_OK) else [program]
+    if tuple(command) == DEFAULT_COMMAND:
+        missing += [path for path in (expand_home(word, home) for word in command[1:]) if not os.path.exists(path)]
+    return missing
 
 
 def check_sidecar(config: Config) -> None:
     """The sidecar must be able to start now: a unit that can only crash-loop helps nobody."""
     home = str(Path.home())
-    path = expand_home(config.sidecar.command[0], home)
-    if not os.path.isfile(path) or not os.access(path, os.X_OK):
-        raise InstallError(f"sidecar program {path!r} does not exist or is not executable; "
+    command = config.sidecar.command
+    missing = missing_sidecar_files(command, home)
+    if missing and tuple(command) == DEFAULT_COMMAND:
+        raise InstallError(f"no sidecar configured (the default command is a placeholder; missing: "
+                           f"{', '.join(missing)}); set [sidecar] command in units.toml or pass it after `--`")
+    if missing:
+        raise InstallError(f"sidecar program {missing[0]!r} does not exist or is not executable; "
                            "set [sidecar] command in units.toml or pass it after `--`")
     if (problem := working_directory_problem(config, home)) is not None:
         raise InstallError(problem)
@@ -126,8 +179,33 @@ def check_sandbox_start(config: Config, home: str) -> None:
                            + " (docs/sandbox.md: what the sidecar may touch)")
 
 
-def write_units(directory: Path, units: dict[str, str], report: InstallReport) -> None:
-    manifest = read_manifest(directory)
+def check_environment_file(config: Config) -> None:
+    """Lines systemd would drop without a word (`export X=1`, `WITH-DASH=x`) are refused now."""
+    env_file = config.sidecar.environment_file
+    if env_file is None:
+        return
+    path = Path(expand_home(env_file, str(Path.home())))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return  # systemd reports an unreadable file when the unit starts
+    dropped = dropped_environment_lines(text)
+    if dropped:
+        number, line, why = dropped[0]
+        more = f" (and {len(dropped) - 1} more)" if len(dropped) > 1 else ""
+        raise InstallError(f"{path} line {number}: systemd would ignore {line!r}: {why}{more}")
+
+
+def is_generated(text: str) -> bool:
+    """A unit file agor-units rendered (it starts with the generated header)."""
+    return text.startswith(f"# {HEADER.splitlines()[0]}\n")
+
+
+def write_units(directory: Path, units: dict[str, str], report: InstallReport,
+                manifest: dict[str, str] | None, force: bool = False) -> None:
+    """Write what changed. With a manifest (an install), a unit edited since it was written is
+    overwritten only with `force`; without one (--output, a package directory), a file is ours
+    when it carries the generated header. Anything else is never overwritten."""
     for name, text in units.items():
         path = directory / name
         try:
@@ -136,21 +214,35 @@ def write_units(directory: Path, units: dict[str, str], report: InstallReport) -
             current = None
         except (OSError, UnicodeDecodeError) as e:
             raise InstallError(f"{path}: cannot read ({e})") from None
-        if current is not None and name not in manifest and current != text:
-            raise InstallError(f"{path} exists and was not written by agor-units; move it away first")
+        if current is not None and current != text:
+            ours = is_generated(current) if manifest is None else name in manifest
+            if not ours:
+                raise InstallError(f"{path} exists and was not written by agor-units; move it away first")
+            if manifest is not None and digest(current) != manifest[name] and not force:
+                raise InstallError(f"{path} was edited since agor-units wrote it; "
+                                   "pass --force to overwrite it (or move it away)")
         if current == text:
             report.unchanged.append(name)
         else:
             report.written.append(name)
             if not report.dry_run:
                 atomic_write(path, text)
-        manifest[name] = digest(text)
-    if not report.dry_run and report.written:
-        atomic_write(directory / MANIFEST, json.dumps({"units": manifest}, indent=2, sort_keys=True) + "\n")
+        if manifest is not None:
+            manifest[name] = digest(text)
+    if manifest is not None and not report.dry_run and report.written:
+        write_manifest(directory, manifest)
+
+
+def note_running_old_settings(manager, report: InstallReport) -> None:
+    """A rewritten unit takes effect at the sidecar's next start, not in the running one."""
+    if SIDECAR_UNIT in report.written and manager.unit_properties(SIDECAR_UNIT).get("ActiveState") in (
+            "active", "activating", "reloading"):
+        report.notes.append(f"{SIDECAR_UNIT} is still running with its old settings; "
+                            "`agor-units restart` (or `install --now`) applies the new ones")
 
 
 def install(config: Config, *, system: bool = False, output: Path | None = None, now: bool = False,
-            dry_run: bool = False, systemd_version: int | None = None) -> InstallReport:
+            dry_run: bool = False, systemd_version: int | None = None, force: bool = False) -> InstallReport:
     """Render the units for the running manager (or `systemd_version` for --output) and install them."""
     from .bus import Systemd, installed_systemd_version
 
@@ -163,11 +255,14 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         from .hardening import version_gaps, wanted_groups
 
         report.hardening, report.left_out = list(wanted_groups(version, None, system)), version_gaps(version, system)
-        write_units(output, render_units(config, version, current_launcher(), system, docs=installed_docs()), report)
+        write_units(output, render_units(config, version, current_launcher(), system, docs=installed_docs()), report,
+                    manifest=None)
         return report
 
     check_sidecar(config)
+    check_environment_file(config)
     directory = unit_directory(system)
+    manifest = read_manifest(directory)  # a broken one stops us before probing
     with Systemd(system) as manager:
         version = systemd_version or manager.version()
         report = InstallReport(directory, version, dry_run=dry_run)
@@ -177,7 +272,7 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         probed = probe(manager, config, version, system)
         report.hardening, report.left_out = list(probed.applied), probed.left_out
         units = render_units(config, version, current_launcher(), system, set(probed.applied), installed_docs())
-        write_units(directory, units, report)
+        write_units(directory, units, report, manifest, force)
         if dry_run:
             return report
         # the sandbox lets the sidecar write its databases here, but not create the directory
@@ -193,11 +288,48 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
             from .walcheck_units import WALCHECK_TIMER
             manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
             report.actions.append(f"restart {WALCHECK_TIMER}")
+        else:
+            note_running_old_settings(manager, report)
     return report
 
 
+def wait_stopped(manager, names: list[str]) -> list[str]:
+    """Wait until no unit of `names` is stopping; the ones still stopping after their own stop
+    timeout (when systemd has sent SIGKILL) plus STOP_GRACE_S."""
+    from .bus import BusError
+
+    deadlines: dict[str, float] = {}
+    pending, stuck = list(names), []
+    while pending:
+        still = []
+        for name in pending:
+            try:
+                props = manager.unit_properties(name)
+            except BusError:
+                continue  # not loaded: not running
+            job = props.get("Job") or (0, "/")
+            if not job[0] and props.get("ActiveState") in ("inactive", "failed"):
+                continue
+            stop_timeout_s = min((props.get("TimeoutStopUSec") or 0) / 1e6, MAX_STOP_WAIT_S)
+            deadline = deadlines.setdefault(name, time.monotonic() + stop_timeout_s + STOP_GRACE_S)
+            (still if time.monotonic() < deadline else stuck).append(name)
+        pending = still
+        if pending:
+            time.sleep(0.05)
+    return stuck
+
+
+def remove_dangling_links(directory: Path, name: str) -> None:
+    """`enable` links left for a unit file that is gone (systemd refuses to disable a missing unit)."""
+    for wants in directory.glob("*.wants"):  # (a glob for the link itself skips dangling ones)
+        link = wants / name
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+
+
 def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
-    """Stop, disable and delete the units install wrote; a unit edited since is kept and reported."""
+    """Stop (and wait for it), disable and delete the units install wrote; a unit edited since is
+    kept and reported, one deleted since is forgotten."""
     from .bus import BusError, Systemd
 
     directory = unit_directory(system)
@@ -221,16 +353,24 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
                 manager.stop(name)
             except BusError:
                 pass  # not loaded: nothing to stop
-        manager.disable(names)
+        # files removed under a unit that is still stopping leave a `not-found failed` ghost
+        stuck = wait_stopped(manager, names)
+        if stuck:
+            status = "systemctl status" if system else "systemctl --user status"
+            raise InstallError(f"{', '.join(stuck)} did not stop; nothing was removed — "
+                               f"see `{status}`, then run `agor-units uninstall` again")
+        present = report.removed + report.kept
+        if present:
+            manager.disable(present)
+        for name in names:
+            if name not in present:
+                remove_dangling_links(directory, name)
+                report.notes.append(f"{directory / name} was deleted by hand: forgotten")
         for name in report.removed:
             (directory / name).unlink()
-        if report.kept:
-            atomic_write(directory / MANIFEST, json.dumps({"units": {n: manifest[n] for n in report.kept}},
-                                                          indent=2, sort_keys=True) + "\n")
-        else:
-            (directory / MANIFEST).unlink(missing_ok=True)
+        write_manifest(directory, {n: manifest[n] for n in report.kept})
         manager.reload()
-        for name in report.removed:
+        for name in names:
             manager.reset_failed(name)
         report.actions += ["stop", "disable", "daemon-reload"]
     return report

@@ -207,19 +207,19 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
         "systemd 252: restart backoff launcher fallback, delays 1s, 2s, 4s, 8s, 16s",
         "systemd hardening: always, seccomp, userns, mounts (not probed: --output renders every group)",
     ]
-    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS, MANIFEST])  # no temp files
+    # no temp files, and no hidden manifest in a package directory
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS])
     text = (out / SIDECAR_UNIT).read_text()
     assert f'ExecStart={launcher_prefix()}' in text and '"--" "/bin/true"\n' in text
     assert oct((out / SIDECAR_UNIT).stat().st_mode & 0o777) == oct(0o644)
-    assert json.loads((out / MANIFEST).read_text())["units"][SIDECAR_UNIT] == digest(text)
 
-    manifest_before = (out / MANIFEST).stat().st_mtime_ns
+    unit_before = (out / SIDECAR_UNIT).stat().st_mtime_ns
     second = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
     assert second.exit_code == 0, second.output
     assert second.stdout.splitlines()[0] == f"unchanged {out / SIDECAR_UNIT}"
     assert not any(line.startswith("wrote ") for line in second.stdout.splitlines())
-    assert (out / MANIFEST).stat().st_mtime_ns == manifest_before
-    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS, MANIFEST])
+    assert (out / SIDECAR_UNIT).stat().st_mtime_ns == unit_before
+    assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS])
 
 
 def test_install_output_native_report(env, tmp_path):
@@ -249,7 +249,7 @@ def test_install_output_json(env, tmp_path):
     report = json.loads(result.stdout)
     assert report == {"directory": str(out), "systemd_version": 254, "written": [SIDECAR_UNIT, *WALCHECK_UNITS], "unchanged": [],
                       "removed": [], "kept": [], "actions": [], "dry_run": False, "backoff": "native",
-                      "hardening": ["always", "seccomp", "userns", "mounts"], "left_out": {}}
+                      "hardening": ["always", "seccomp", "userns", "mounts"], "left_out": {}, "notes": []}
 
 
 def test_install_output_refuses_a_foreign_unit(env, tmp_path):
@@ -261,11 +261,11 @@ def test_install_output_refuses_a_foreign_unit(env, tmp_path):
     assert (out / SIDECAR_UNIT).read_text() == "[Service]\nExecStart=/usr/bin/someone-elses\n"
 
 
-def test_install_output_with_a_corrupt_manifest(env, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / MANIFEST).write_text("{not json")
-    result = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+def test_install_with_a_corrupt_manifest(env):
+    unit_dir = Path(env["HOME"]) / ".config" / "systemd" / "user"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / MANIFEST).write_text("{not json")
+    result = run(env, "install", "--", "/bin/true")
     assert_one_line_error(result, MANIFEST, "unreadable", "remove it to start over")
 
 
@@ -283,3 +283,192 @@ def test_health_json_without_a_manager(env):
 
 def test_restart_without_a_manager(env):
     assert_one_line_error(run(env, "restart"), "cannot connect to the user manager")
+
+
+# --- issue 15: usage errors, --config, --output, manifests, doctor, sandbox report ---------------
+
+
+def assert_one_line_usage_error(result: Result, prog: str, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"{prog}: error: ") and result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--bogus"], "No such option '--bogus'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+    (["install", "--bogus"], "No such option '--bogus' (see `main install --help`)"),
+    (["health", "extra"], "unexpected extra argument (extra)"),
+    (["render", "--attempts", "many"], "'many' is not a valid integer"),
+    (["render", "--systemd-version", "-1"], "--systemd-version"),
+    (["render", "--systemd-version", "242"], "--systemd-version"),
+    (["install", "--output", "OUT", "--now"], "--now cannot be used with --output"),
+], ids=["option", "command", "command-option", "extra-argument", "bad-number", "negative-version",
+        "version-too-old", "now-with-output"])
+def test_usage_errors_are_one_line_with_exit_status_2(env, tmp_path, args, fragment):
+    out = tmp_path / "out"
+    assert_one_line_usage_error(run(env, *(str(out) if a == "OUT" else a for a in args)), "agor-units", fragment)
+    assert not out.exists()
+
+
+def test_agor_sandbox_usage_errors_are_one_line(tmp_path):
+    from agor_systemd.sandbox_check import main as sandbox_cli
+
+    result = CliRunner(env={"HOME": str(tmp_path)}).invoke(sandbox_cli, ["check", "--bogus"])
+    assert_one_line_usage_error(result, "agor-sandbox", "No such option '--bogus'")
+
+
+def test_config_goes_before_or_after_the_command_in_both_programs(env, tmp_path):
+    from agor_systemd.sandbox_check import main as sandbox_cli
+
+    config = tmp_path / "units.toml"
+    config.write_text('[sidecar]\ncommand = ["/bin/echo", "from --config"]\n[sandbox]\ntcp_bind = [5173]\n')
+    for args in (["--config", str(config), "render"], ["render", "--config", str(config)]):
+        result = run(env, *args, "--systemd-version", "254")
+        assert result.exit_code == 0, result.output
+        assert '"--" "/bin/echo" "from --config"\n' in result.stdout
+    for args in (["--config", str(config), "check"], ["check", "--config", str(config)]):
+        result = CliRunner(env=env).invoke(sandbox_cli, [*args, "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["tcp_bind"] == [5173]
+
+
+def test_install_output_renders_the_default_configuration_unless_config_is_given(env, tmp_path):
+    own = Path(env["XDG_CONFIG_HOME"]) / "agor" / "units.toml"
+    own.parent.mkdir(parents=True)
+    own.write_text('[sidecar]\ncommand = ["/bin/echo", "the build user\'s"]\n[restart]\nattempts = 3\n')
+    out = tmp_path / "out"
+    result = run(env, "install", "--output", str(out), "--systemd-version", "254")
+    assert result.exit_code == 0, result.output
+    text = (out / SIDECAR_UNIT).read_text()
+    assert "build user" not in text and '"--attempts" "5"' in text
+    assert text.endswith('"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"\n'
+                         + text.split('claude-runner.mjs"\n', 1)[1])
+
+    explicit = run(env, "install", "--output", str(out), "--systemd-version", "254", "--config", str(own))
+    assert explicit.exit_code == 0, explicit.output
+    assert "the build user's" in (out / SIDECAR_UNIT).read_text()
+
+
+def test_install_output_rewrites_a_generated_unit_without_a_manifest(env, tmp_path):
+    """A package directory has no manifest: the generated header marks what agor-units may replace."""
+    out = tmp_path / "out"
+    run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    (out / SIDECAR_UNIT).write_text((out / SIDECAR_UNIT).read_text() + "# packager's note\n")
+    result = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"wrote {out / SIDECAR_UNIT}"
+    assert not (out / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("manifest", [
+    "[]", "null", '{"units": []}', '{"units": {"agor-sidecar.service": 1}}',
+    '{"units": {"agor-sidecar.service": "not-a-digest"}}',
+    '{"units": {"../../.bashrc.service": "' + "0" * 64 + '"}}',
+], ids=["list", "null", "units-list", "digest-number", "digest-text", "path-escape"])
+@pytest.mark.parametrize("command", [["uninstall"], ["install", "--", "/bin/true"]])
+def test_a_manifest_of_the_wrong_shape_is_one_line_error(env, manifest, command):
+    unit_dir = Path(env["HOME"]) / ".config" / "systemd" / "user"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / MANIFEST).write_text(manifest)
+    assert_one_line_error(run(env, *command), str(unit_dir / MANIFEST), "not an agor-units manifest",
+                          "remove it to start over")
+
+
+def test_doctor_reports_a_manifest_of_the_wrong_shape(env):
+    unit_dir = Path(env["HOME"]) / ".config" / "systemd" / "user"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / MANIFEST).write_text('{"units": ["agor-sidecar.service"]}')
+    result = run(env, "doctor", "--json")
+    assert "Traceback" not in result.output
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["units installed"]["status"] == "error"
+    assert "not an agor-units manifest" in checks["units installed"]["detail"]
+
+
+def test_doctor_without_a_manager_points_nowhere_circular_and_calls_nothing_out_of_date(env):
+    result = run(env, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["manager reachable"]["status"] == "error"
+    assert "agor-units doctor" not in checks["manager reachable"]["detail"]
+    assert checks["units installed"]["status"] == "warn"
+    assert "out of date" not in checks["units installed"]["detail"]
+    assert "manager is unreachable" in checks["units installed"]["detail"]
+
+
+def test_the_placeholder_command_is_refused_while_its_script_is_missing(env):
+    script = Path(env["HOME"]) / ".local/share/agor/dist/claude-runner.mjs"
+    assert_one_line_error(run(env, "install"), "no sidecar configured", str(script))
+    checks = {c["name"]: c for c in json.loads(run(env, "doctor", "--json").stdout)}
+    assert checks["sidecar program"]["status"] == "error"
+    assert str(script) in checks["sidecar program"]["detail"]
+
+    from agor_systemd.config import DEFAULT_COMMAND
+    from agor_systemd.install import missing_sidecar_files
+
+    script.parent.mkdir(parents=True)
+    script.write_text("// agor's runner\n")
+    assert str(script) not in missing_sidecar_files(DEFAULT_COMMAND, env["HOME"])
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ("export FAKE_X=1", "systemd does not understand `export`"),
+    ("WITH-DASH=x", "'WITH-DASH' is not a variable name"),
+])
+def test_install_refuses_environment_file_lines_systemd_would_drop(env, tmp_path, line, fragment):
+    env_file = tmp_path / "sidecar.env"
+    env_file.write_text(f"GOOD=1\n{line}\n")
+    result = run(env, "install", "--environment-file", str(env_file), "--", "/bin/true")
+    assert_one_line_error(result, f"{env_file} line 2: systemd would ignore {line!r}", fragment)
+    checks = {c["name"]: c for c in json.loads(run(env, "--config", str(write_env_config(tmp_path, env_file)),
+                                                   "doctor", "--json").stdout)}
+    assert checks["environment file"]["status"] == "error" and fragment in checks["environment file"]["detail"]
+
+
+def write_env_config(tmp_path: Path, env_file: Path) -> Path:
+    config = tmp_path / "units.toml"
+    config.write_text(f'[sidecar]\ncommand = ["/bin/true"]\nenvironment_file = "{env_file}"\n')
+    return config
+
+
+def test_user_units_go_to_the_managers_directory_whatever_xdg_config_home_says(env, monkeypatch):
+    from agor_systemd.install import unit_directory
+
+    monkeypatch.setenv("HOME", env["HOME"])
+    monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+    assert unit_directory() == Path(env["HOME"]) / ".config" / "systemd" / "user"
+
+
+def sandbox_check(env: dict[str, str], config_text: str, tmp_path: Path, *args: str) -> Result:
+    from agor_systemd.sandbox_check import main as sandbox_cli
+
+    config = tmp_path / "units.toml"
+    config.write_text(config_text)
+    return CliRunner(env=env).invoke(sandbox_cli, ["check", "--config", str(config), *args], catch_exceptions=False)
+
+
+def test_sandbox_check_shows_an_empty_port_list_as_none(env, tmp_path):
+    result = sandbox_check(env, "[sandbox]\ntcp_connect = []\ntcp_bind = [5173, 8080]\n", tmp_path)
+    assert "  TCP connect: none; TCP bind: 5173, 8080\n" in result.stdout
+    report = json.loads(sandbox_check(env, "[sandbox]\ntcp_connect = []\n", tmp_path, "--json").stdout)
+    assert report["tcp_connect"] == [] and report["tcp_bind"] == []
+    assert "  TCP connect: any; TCP bind: none\n" in sandbox_check(env, "", tmp_path).stdout
+
+
+@pytest.mark.parametrize("path", ["/", "~", "~/", "HOME-PARENT"])
+def test_sandbox_check_and_doctor_warn_when_the_home_directory_is_writable(env, tmp_path, path):
+    path = str(Path(env["HOME"]).parent) if path == "HOME-PARENT" else path
+    config_text = f'[sidecar]\ncommand = ["/bin/true"]\n[sandbox]\nread_write_paths = ["{path}"]\n'
+    result = sandbox_check(env, config_text, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: read-write ") and "holds the home directory" in result.stderr
+    assert len(json.loads(sandbox_check(env, config_text, tmp_path, "--json").stdout)["warnings"]) == 1
+    checks = json.loads(run(env, "--config", str(tmp_path / "units.toml"), "doctor", "--json").stdout)
+    assert [c["status"] for c in checks if c["name"] == "sandbox paths"] == ["warn"]
+
+
+def test_sandbox_check_does_not_warn_about_a_project_directory(env, tmp_path):
+    result = sandbox_check(env, '[sandbox]\nread_write_paths = ["~/projects", "/srv/www"]\n', tmp_path)
+    assert result.exit_code == 0 and result.stderr == ""

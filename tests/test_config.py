@@ -318,3 +318,51 @@ def test_program_found_through_a_relative_path_entry_is_made_absolute(tmp_path, 
     monkeypatch.setenv("PATH", path_entry)
     program = resolve_command(["node"])[0]
     assert program == str(tmp_path / "bin" / "node")
+
+
+# --- issue 15: a byte-order mark, environment-file lines systemd drops -------------------------
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    path = write(tmp_path, "\ufeff[restart]\nattempts = 3\n")
+    assert load_config(path).restart.attempts == 3
+
+
+def test_only_a_leading_byte_order_mark_is_forgiven(tmp_path):
+    path = write(tmp_path, "[restart]\n\ufeffattempts = 3\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("export X=1\n", [(1, "export X=1", "systemd does not understand `export`; leave it out")]),
+    ("GOOD=1\nWITH-DASH=x\n", [(2, "WITH-DASH=x", "'WITH-DASH' is not a variable name "
+                                                  "(letters, digits and _, not starting with a digit)")]),
+    ("1ST=x\n", [(1, "1ST=x", "'1ST' is not a variable name (letters, digits and _, not starting with a digit)")]),
+    ("JUST_A_NAME\n", [(1, "JUST_A_NAME", "no `=` in it")]),
+    ("=value\n", [(1, "=value", "no variable name before `=`")]),
+    ("A=1\r\nB\r\n", [(2, "B", "no `=` in it")]),
+    ("BAD NAME=1\n", [(1, "BAD NAME=1", "'BAD NAME' is not a variable name "
+                                        "(letters, digits and _, not starting with a digit)")]),
+], ids=["export", "dash", "digit-first", "no-equals", "no-name", "crlf", "space-in-name"])
+def test_environment_lines_systemd_drops(text, expected):
+    from agor_systemd.config import dropped_environment_lines
+
+    assert dropped_environment_lines(text) == expected
+
+
+def test_environment_lines_systemd_applies():
+    """Comments, blank lines, spaces around `=`, quotes and continuations spanning lines: all kept."""
+    from agor_systemd.config import dropped_environment_lines
+
+    text = ("# a comment\n; another\n\n  INDENTED=1\nSPACED = 2\nQ='single\nnot-a-line'\n"
+            'D="double \\" quote\nstill value"\nC=continued \\\nnot-a-key-either\n'
+            "_UNDER_9=x\n")
+    assert dropped_environment_lines(text) == []
+
+
+def test_a_line_after_a_comment_ending_in_a_backslash_is_flagged():
+    """systemd < 254 reads it as more comment, ≥ 254 as a line of its own: neither applies it."""
+    from agor_systemd.config import dropped_environment_lines
+
+    assert dropped_environment_lines("# note \\\nNO_EQUALS\n") == [(2, "NO_EQUALS", "no `=` in it")]

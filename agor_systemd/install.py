@@ -90,6 +90,31 @@ def check_sidecar(config: Config) -> None:
                            "set [sidecar] command in units.toml or pass it after `--`")
 
 
+def start_path_problems(config: Config) -> list[str]:
+    """A working directory or environment file that is missing now: the sidecar could not start.
+    (One removed later is caught by the launcher at each start, as a failed attempt.)"""
+    home = str(Path.home())
+    sidecar = config.sidecar
+    problems = []
+    directory = sidecar.working_directory
+    directory_path = directory.expand(home) if isinstance(directory, HomePath) else directory
+    if not os.path.isdir(directory_path):
+        problems.append(f"working directory {directory_path!r} ([sidecar] working_directory) does not exist")
+    if sidecar.environment_file is not None:
+        env = sidecar.environment_file
+        env_path = env.expand(home) if isinstance(env, HomePath) else env
+        if not os.path.isfile(env_path) or not os.access(env_path, os.R_OK):
+            problems.append(f"environment file {env_path!r} ([sidecar] environment_file) does not exist "
+                            "or is not readable")
+    return problems
+
+
+def check_start_paths(config: Config) -> None:
+    problems = start_path_problems(config)
+    if problems:
+        raise InstallError("; ".join(problems) + "; create it or change the setting")
+
+
 def write_units(directory: Path, units: dict[str, str], report: InstallReport) -> None:
     manifest = read_manifest(directory)
     for name, text in units.items():
@@ -131,6 +156,7 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         return report
 
     check_sidecar(config)
+    check_start_paths(config)
     directory = unit_directory(system)
     with Systemd(system) as manager:
         version = systemd_version or manager.version()

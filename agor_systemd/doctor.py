@@ -17,7 +17,6 @@ FEATURES = [
     (243, "ExecStart ':' prefix (argv passed verbatim, no $VAR expansion) — required"),
     (NATIVE_BACKOFF_VERSION, "RestartSteps=/RestartMaxDelaySec=/RestartUSecNext (native backoff; older: launcher fallback)"),
     (255, "start rate limiter survives daemon-reload"),
-    (257, "restart counter reset when stopped during a restart wait"),
     (258, "RESTART_RESET=1 notify message"),
 ]
 MINIMUM_VERSION = 243

@@ -637,10 +637,8 @@ def run(options: LauncherOptions) -> None:
         supervisor.sandbox = prepare_sandbox(options)
     try:
         supervisor.spawn()
-    except OSError as e:
-        notify(f"STATUS={CRASH_MARK}cannot start {options.command[0]}: {e.strerror}")
-        log(f"cannot start {options.command[0]!r}: {e.strerror}", ERR)
-        sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
+    except OSError as e:  # e.g. the program was removed after install
+        fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}")
     if bus is None:
         try:
             supervisor.bus = ManagerBus(options.system)

@@ -15,14 +15,15 @@ from .support import LOG_ID, UNIT, agor_units, health, install_sidecar, wait_for
 LATE_MAX_S = 1.0  # a failed attempt is logged after the launcher's start-up (python), on a loaded box
 
 
-def launcher_lines(mgr, needle: str) -> list[tuple[float, str]]:
-    """(CLOCK_MONOTONIC, message) of the launcher's journal lines containing `needle`."""
+def launcher_lines(mgr, needle: str, since: float) -> list[tuple[float, str]]:
+    """(CLOCK_MONOTONIC, message) of the launcher's journal lines containing `needle`, logged after
+    `since` (the manager, and its journal, lives on from test to test)."""
     mgr.namespace.sync_journal()
     cp = mgr.journalctl("--user", "-t", LOG_ID, "-o", "short-monotonic", timeout=30)
     found = []
     for line in cp.stdout.splitlines():
         stamp = re.match(r"^\[\s*(\d+\.\d+)\]", line)
-        if stamp and needle in line:
+        if stamp and float(stamp.group(1)) > since and needle in line:
             found.append((float(stamp.group(1)), line))
     return found
 
@@ -88,6 +89,7 @@ def test_start_limit_still_ends_a_loop_the_launcher_never_sees(user_manager, fak
 def test_missing_path_follows_the_schedule_gives_up_and_is_named(user_manager, fake_sidecar_path, removed):
     """Install checks the paths; one removed later fails each attempt in the launcher: restarts
     after 0.5 and 1 s (not 200/CHDIR at once), failed after `attempts`, the path in last_error."""
+    since = time.clock_gettime(time.CLOCK_MONOTONIC)
     project = user_manager.write_file("project/.keep", "").parent
     env_file = user_manager.write_file("sidecar.env", "FAKE_FROM_FILE=1\n")
     sidecar = install_sidecar(user_manager, fake_sidecar_path, ["run:1.5"], base_s=0.5, attempts=2,
@@ -108,8 +110,8 @@ def test_missing_path_follows_the_schedule_gives_up_and_is_named(user_manager, f
     assert user_manager.unit_property(UNIT, "NRestarts") == "2"
     assert user_manager.unit_property(UNIT, "ExecMainStatus") == "250"  # the launcher gave up, not 200/CHDIR
 
-    crash = launcher_lines(user_manager, "sidecar exited with status 1; restart 1/2 follows")
-    attempts = launcher_lines(user_manager, cause)
+    crash = launcher_lines(user_manager, "sidecar exited with status 1; restart 1/2 follows", since)
+    attempts = launcher_lines(user_manager, cause, since)
     assert len(crash) == 1 and len(attempts) == 2, (crash, attempts)
     times = [crash[0][0], attempts[0][0], attempts[1][0]]
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -163,3 +165,29 @@ def test_plain_start_after_a_stop_during_a_restart_wait_has_a_fresh_budget(user_
     assert len(sidecar.starts()) == 3
     doctor = json.loads(agor_units(user_manager, "doctor", "--json").stdout)
     assert not [c for c in doctor if "restart wait" in c["detail"]], "doctor warns of a budget kept after a stop"
+
+
+def test_program_removed_after_install_follows_the_schedule_and_gives_up(user_manager, fake_sidecar_path):
+    """The same for the sidecar's program (install checks it exists): each start fails as a crash
+    with the cause named, restarts follow the schedule, the last one gives up."""
+    since = time.clock_gettime(time.CLOCK_MONOTONIC)
+    data = user_manager.write_file("sidecar-data/.keep", "").parent
+    log = data / "starts.jsonl"
+    program = user_manager.write_file(
+        "bin/sidecar", f"#!/bin/sh\nexec /usr/bin/python3 -I -S {fake_sidecar_path} --log {log} run:1.5\n", mode=0o755)
+    agor_units(user_manager, "install", "--now", "--base-s=0.5", "--attempts=2", f"--read-write-path={data}",
+               "--", str(program), check=True)
+    wait_for("the first start", log.exists, timeout=10)
+    program.unlink()
+
+    failed = wait_health(user_manager, "failed", timeout=15)
+    cause = f"cannot start {program}: No such file or directory"
+    assert failed.health == {"status": "failed", "attempts": 2, "last_error": cause}
+    assert user_manager.unit_property(UNIT, "ExecMainStatus") == "250"
+    crash = launcher_lines(user_manager, "sidecar exited with status 1; restart 1/2 follows", since)
+    attempts = launcher_lines(user_manager, cause, since)
+    assert len(crash) == 1 and len(attempts) == 2, (crash, attempts)
+    gaps = [attempts[0][0] - crash[0][0], attempts[1][0] - attempts[0][0]]
+    print("gaps between the crash and the failed attempts (s):", [round(g, 3) for g in gaps])
+    for gap, delay in zip(gaps, [0.5, 1.0]):
+        assert delay - 0.01 <= gap <= delay + LATE_MAX_S, (gaps, [0.5, 1.0])

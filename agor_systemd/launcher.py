@@ -16,6 +16,9 @@ docs/supervision.md):
   exits the way the sidecar did, so systemd's Restart= logic follows the sidecar's fate;
 * give-up at once: after the last allowed crash it exits with GAVE_UP_STATUS, which the unit
   lists in RestartPreventExitStatus=;
+* a start that cannot spawn the sidecar (working directory, environment file or program gone)
+  fails like a crash, inside the schedule and the budget; a start that is not a restart clears
+  systemd's start limiter, so manual restarts never run into it;
 * fallback backoff (systemd < 254, or a schedule systemd cannot express): the unit restarts
   it at once (RestartSec=0) and it waits out the rest of the delay, measured from the crash
   (InactiveEnterTimestampMonotonic), while the unit stays `activating`;

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import time
+import uuid
 
 import pytest
 
@@ -172,7 +173,7 @@ def test_program_removed_after_install_follows_the_schedule_and_gives_up(user_ma
     with the cause named, restarts follow the schedule, the last one gives up."""
     since = time.clock_gettime(time.CLOCK_MONOTONIC)
     data = user_manager.write_file("sidecar-data/.keep", "").parent
-    log = data / "starts.jsonl"
+    log = data / f"starts-{uuid.uuid4().hex[:8]}.jsonl"  # the home directory outlives the test
     program = user_manager.write_file(
         "bin/sidecar", f"#!/bin/sh\nexec /usr/bin/python3 -I -S {fake_sidecar_path} --log {log} run:1.5\n", mode=0o755)
     agor_units(user_manager, "install", "--now", "--base-s=0.5", "--attempts=2", f"--read-write-path={data}",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .install import current_launcher, digest, read_manifest, unit_directory
+from .install import current_launcher, digest, read_manifest, start_path_problems, unit_directory
 from .units import NATIVE_BACKOFF_VERSION, render_units, uses_native_backoff
 
 # version → what it gates for agor-systemd
@@ -110,6 +110,11 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
     usable = os.path.isfile(path) and os.access(path, os.X_OK)
     checks.append(Check("sidecar program", "ok" if usable else "error", path if usable else f"{path} is missing",
                         "" if usable else "set [sidecar] command in ~/.config/agor/units.toml"))
+
+    missing = start_path_problems(config)
+    checks.append(Check("sidecar paths", "error" if missing else "ok",
+                        "; ".join(missing) or "working directory and environment file exist",
+                        "create it or change [sidecar] in ~/.config/agor/units.toml" if missing else ""))
 
     directory = unit_directory(system)
     try:

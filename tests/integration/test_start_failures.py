@@ -122,6 +122,11 @@ def test_missing_path_follows_the_schedule_gives_up_and_is_named(user_manager, f
     assert "giving up after 2 restarts" in attempts[1][1]
     status = user_manager.systemctl("status", UNIT).stdout
     assert f"gave up after 2 restarts; sidecar crashed: {cause}" in status
+    settings = user_manager.write_file(f"sidecar-data/units-{uuid.uuid4().hex[:8]}.toml", (
+        f'[sidecar]\ncommand = ["/bin/true"]\nworking_directory = "{project}"\nenvironment_file = "{env_file}"\n'))
+    doctor = {c["name"]: c for c in json.loads(agor_units(user_manager, "--config", str(settings), "doctor",
+                                                          "--json").stdout)}
+    assert doctor["sidecar paths"]["status"] == "error" and str(gone) in doctor["sidecar paths"]["detail"]
 
 
 # --- case 9: deactivating on the way to a restart ----------------------------------------------

@@ -331,7 +331,9 @@ def verify(ctx, systemd_version, **overrides):
     config = effective_config(ctx, **overrides)
     units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
                          ctx.obj["system"], docs=installed_docs())
-    problems = verify_units(units, user=not ctx.obj["system"])
+    from .install import start_path_problems
+
+    problems = start_path_problems(config) + verify_units(units, user=not ctx.obj["system"])
     for line in problems:
         click.echo(line, err=True)
     if problems:

@@ -125,7 +125,7 @@ _RESTART_LIMITS = {
     "stability_window_s": (1.0, 30 * 86400.0),
 }
 _WATCHDOG_LIMITS = {
-    "interval_s": (0.0, 86400.0),  # 0 turns the watchdog off
+    "interval_s": (0.0, 86400.0),  # 0 turns the watchdog off; else at least WATCHDOG_MIN_S
     "ready_timeout_s": (0.1, 3600.0),
     "activity_timeout_s": (0.0, 86400.0),
     "probe_timeout_s": (0.1, 3600.0),
@@ -169,6 +169,12 @@ def restart_policy(values: dict[str, Any], base: RestartPolicy | None = None) ->
 
 
 READY_MODES = ("line", "immediate", "socket:PATH", "tcp:PORT")
+# A unix socket path is at most sizeof(sun_path) - 1 bytes (the rest is its NUL terminator);
+# a longer one would only show up later as "not ready" or a failing probe.
+SUN_PATH_MAX = 107
+# The launcher pings at half the interval and checks liveness every 0.25 s; below 1 s a loaded
+# machine misses pings and every attempt is killed (and 1e-7 s would render WatchdogSec=0s: off).
+WATCHDOG_MIN_S = 1.0
 PROBE_MODES = ("socket:PATH", "tcp:PORT", "exec:COMMAND")
 
 
@@ -180,6 +186,9 @@ def check_endpoint(key: str, value: Any, plain: tuple[str, ...], modes: tuple[st
             return value
         if kind == "socket" and arg.startswith("/"):
             _checked(key, lambda a: check_text(a, f"[watchdog] {key} socket path"), arg)
+            if len(arg.encode()) > SUN_PATH_MAX:
+                raise ConfigError(f"[watchdog] {key} socket path is {len(arg.encode())} bytes long; a unix socket "
+                                  f"path can have at most {SUN_PATH_MAX}: {arg!r}")
             return value
         if kind == "tcp" and arg.isdigit() and 1 <= int(arg) <= 65535:
             return value
@@ -199,7 +208,24 @@ def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) 
                                                           READY_MODES))
     if "probe" in values:
         watchdog = replace(watchdog, probe=check_endpoint("probe", values["probe"], (), PROBE_MODES))
+    check_watchdog_works(watchdog)
     return watchdog
+
+
+def check_watchdog_works(watchdog: WatchdogConfig) -> None:
+    """Refuse watchdog settings that would be silently ignored or kill every attempt."""
+    if 0 < watchdog.interval_s < WATCHDOG_MIN_S:
+        raise ConfigError(f"[watchdog] interval_s must be 0 (off) or at least {WATCHDOG_MIN_S:g} s, "
+                          f"got {watchdog.interval_s!r}")
+    if watchdog.interval_s == 0:
+        # the launcher checks liveness only to decide on watchdog pings
+        unused = [f"{key} = {value!r}" for key, value in (("probe", watchdog.probe),
+                                                         ("activity_timeout_s", watchdog.activity_timeout_s))
+                  if value]
+        if unused:
+            verb = "needs" if len(unused) == 1 else "need"
+            raise ConfigError(f"[watchdog] {' and '.join(unused)} {verb} the watchdog, which interval_s = 0 "
+                              "turns off; set interval_s or remove it")
 
 
 def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) -> WalcheckConfig:

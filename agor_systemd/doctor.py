@@ -15,6 +15,7 @@ from .install import (
     installed_docs,
     missing_sidecar_files,
     read_manifest,
+    start_path_problems,
     unit_directory,
 )
 from .units import NATIVE_BACKOFF_VERSION, render_units, uses_native_backoff
@@ -24,7 +25,6 @@ FEATURES = [
     (243, "ExecStart ':' prefix (argv passed verbatim, no $VAR expansion) — required"),
     (NATIVE_BACKOFF_VERSION, "RestartSteps=/RestartMaxDelaySec=/RestartUSecNext (native backoff; older: launcher fallback)"),
     (255, "start rate limiter survives daemon-reload"),
-    (257, "restart counter reset when stopped during a restart wait"),
     (258, "RESTART_RESET=1 notify message"),
 ]
 MINIMUM_VERSION = 243
@@ -125,6 +125,11 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
             checks.append(Check("environment file", "ok", "every line is an assignment systemd applies"))
         except InstallError as e:
             checks.append(Check("environment file", "error", str(e), "fix that line (NAME=value)"))
+
+    missing = start_path_problems(config)
+    checks.append(Check("sidecar paths", "error" if missing else "ok",
+                        "; ".join(missing) or "working directory and environment file exist",
+                        "create it or change [sidecar] in ~/.config/agor/units.toml" if missing else ""))
 
     directory = unit_directory(system)
     try:

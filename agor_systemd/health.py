@@ -23,6 +23,7 @@ from .protocol import (
     CLD_EXITED,
     CLD_KILLED,
     CRASH_MARK,
+    GAVE_UP_STATUS,
     SIDECAR_UNIT,
     LauncherOptions,
     describe_exit,
@@ -80,6 +81,27 @@ def _seconds(usec: int) -> float:
     return round(max(usec, 0) / 1e6, 3)
 
 
+def has_job(props: dict[str, Any]) -> bool:
+    """Whether a job (a stop, restart or start someone asked for) is running on the unit."""
+    job = props.get("Job")
+    return bool(job) and int(job[0]) != 0
+
+
+def unrequested_stop(props: dict[str, Any], restarts: int, options: LauncherOptions | None) -> Health:
+    """`deactivating` with no job: the main process ended by itself (a crash, a watchdog kill) and
+    systemd is ending the rest of the unit (ExecStopPost=, leftover processes) before it restarts
+    it, or before it stays `failed` when the launcher gave up."""
+    if props.get("ExecMainCode") == CLD_EXITED and props.get("ExecMainStatus") == GAVE_UP_STATUS:
+        return {"status": "failed", "attempts": restarts, "last_error": last_error(props)}
+    attempt = restarts + 1
+    if options is not None and options.wait_schedule:
+        delay_usec = round(options.wait_schedule[min(attempt, len(options.wait_schedule)) - 1] * 1e6)
+    else:  # systemd ≥ 254 computes RestartUSecNext for the coming restart already
+        delay_usec = props.get("RestartUSecNext", props.get("RestartUSec", 0))
+    # the wait starts only when the unit is inactive: this is the whole delay, still ahead
+    return {"status": "restarting", "attempt": attempt, "next_retry_s": _seconds(delay_usec)}
+
+
 def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
     """Pure mapping from unit properties (str keys) to a health dict; now_usec is CLOCK_MONOTONIC."""
     if props.get("LoadState") in ("not-found", "masked") and props.get("ActiveState") == "inactive":
@@ -111,6 +133,8 @@ def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
         return {"status": "restarting", "attempt": restarts, "next_retry_s": 0.0}
     if active == "activating":
         return {"status": "starting"}
+    if active == "deactivating" and not has_job(props):
+        return unrequested_stop(props, restarts, options)
     return {"status": "stopped"}
 
 

@@ -157,6 +157,7 @@ def check_sidecar(config: Config) -> None:
     if missing:
         raise InstallError(f"sidecar program {missing[0]!r} does not exist or is not executable; "
                            "set [sidecar] command in units.toml or pass it after `--`")
+    check_start_paths(config)
     if (problem := working_directory_problem(config, home)) is not None:
         raise InstallError(problem)
     if config.sandbox.enabled:
@@ -171,12 +172,38 @@ def check_sandbox_start(config: Config, home: str) -> None:
     read_write, read_only = ([expand_home(p, home) for p in paths] for paths in sandbox_paths(config))
     command = [expand_home(word, home) for word in config.sidecar.command]
     cwd = expand_home(config.sidecar.working_directory, home)
-    # install makes agor's data directory (the default working directory) before the first start
-    made_later = cwd == expand_home(HomePath(AGOR_DATA), home) and not os.path.exists(cwd)
+    made_later = made_by_install(cwd, home) and not os.path.exists(cwd)
     problems = probe_start(read_write, read_only, command, cwd, home, check_cwd=not made_later)
     if problems:
         raise InstallError("the sidecar could not start in its sandbox: " + "; ".join(problems)
                            + " (docs/sandbox.md: what the sidecar may touch)")
+
+
+def made_by_install(path: str, home: str) -> bool:
+    """agor's data directory (the default working directory): install makes it before any start."""
+    return path == expand_home(HomePath(AGOR_DATA), home)
+
+
+def start_path_problems(config: Config) -> list[str]:
+    """A working directory or environment file that is missing now: the sidecar could not start.
+    (One removed later is caught by the launcher at each start, as a failed attempt.)"""
+    home = str(Path.home())
+    sidecar = config.sidecar
+    problems = []
+    directory = expand_home(sidecar.working_directory, home)
+    if not os.path.isdir(directory) and not made_by_install(directory, home):
+        problems.append(f"working directory {directory!r} ([sidecar] working_directory) does not exist")
+    if sidecar.environment_file is not None:
+        env_path = expand_home(sidecar.environment_file, home)
+        if not os.path.isfile(env_path) or not os.access(env_path, os.R_OK):
+            problems.append(f"environment file {env_path!r} ([sidecar] environment_file) does not exist "
+                            "or is not readable")
+    return problems
+
+
+def check_start_paths(config: Config) -> None:
+    if problems := start_path_problems(config):
+        raise InstallError("; ".join(problems) + "; create it or change the setting")
 
 
 def check_environment_file(config: Config) -> None:

@@ -16,6 +16,9 @@ docs/supervision.md):
   exits the way the sidecar did, so systemd's Restart= logic follows the sidecar's fate;
 * give-up at once: after the last allowed crash it exits with GAVE_UP_STATUS, which the unit
   lists in RestartPreventExitStatus=;
+* a start that cannot spawn the sidecar (working directory, environment file or program gone)
+  fails like a crash, inside the schedule and the budget; a start that is not a restart clears
+  systemd's start limiter, so manual restarts never run into it;
 * fallback backoff (systemd < 254, or a schedule systemd cannot express): the unit restarts
   it at once (RestartSec=0) and it waits out the rest of the delay, measured from the crash
   (InactiveEnterTimestampMonotonic), while the unit stays `activating`;
@@ -586,6 +589,49 @@ def check_hardening(expected: tuple[str, ...]) -> None:
         log("hardening asked for but not in effect: " + ", ".join(EFFECT_TEXT.get(m, m) for m in missing), WARNING)
 
 
+def missing_start_path(options: LauncherOptions) -> str | None:
+    """Why the sidecar cannot start in the unit's working directory or with its environment file.
+
+    The unit prefixes both with `-`, so systemd starts the launcher even when they are missing
+    (else it fails before the launcher, 200/CHDIR, with no backoff and no give-up); the check is
+    here instead, and the attempt fails like a crash, with the path in the cause.
+    """
+    if options.working_directory is not None:
+        try:
+            os.chdir(options.working_directory)  # where systemd put us unless it was missing
+        except OSError as e:
+            return f"working directory {options.working_directory}: {e.strerror}"
+    if options.environment_file is not None:
+        try:
+            os.close(os.open(options.environment_file, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            return f"environment file {options.environment_file}: {e.strerror}"
+    return None
+
+
+def fail_before_spawn(options: LauncherOptions, bus: ManagerBus | None, attempt: int, cause: str) -> None:
+    """End an attempt that cannot spawn the sidecar as a crash: the schedule and the budget apply."""
+    if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
+        attempt = ManagerBus(options.system).restart_count(options.unit)
+    if attempt >= options.attempts:
+        notify(f"STATUS=gave up after {options.attempts} restarts; {CRASH_MARK}{cause}")
+        log(f"{cause}; giving up after {options.attempts} restarts", ERR)
+        sys.exit(GAVE_UP_STATUS)
+    notify(f"STATUS={CRASH_MARK}{cause}")
+    log(f"{cause}; restart {attempt + 1}/{options.attempts} follows", ERR)
+    sys.exit(1)
+
+
+def forget_earlier_starts(bus: ManagerBus, unit: str) -> None:
+    """On a start that is not a restart (NRestarts = 0: a manual start or restart, boot), clear the
+    start limiter, so that only the restarts of one budget count against StartLimitBurst= and a
+    user's restart always works. NRestarts is 0 already: the restart budget is unchanged."""
+    try:
+        bus.reset_failed(unit)
+    except OSError as e:
+        log(f"{e}; repeated manual restarts may hit the start limit", WARNING)
+
+
 def run(options: LauncherOptions) -> None:
     bus: ManagerBus | None = None
     attempt = 0
@@ -593,22 +639,25 @@ def run(options: LauncherOptions) -> None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
     notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
+    cause = missing_start_path(options)
+    if cause is not None:
+        fail_before_spawn(options, bus, attempt, cause)
     check_hardening(options.expect_hardening)
     supervisor = Supervisor(options, bus, attempt)
     if options.sandbox != "off":
         supervisor.sandbox = prepare_sandbox(options)
     try:
         supervisor.spawn()
-    except OSError as e:
-        notify(f"STATUS={CRASH_MARK}cannot start {options.command[0]}: {e.strerror}")
-        log(f"cannot start {options.command[0]!r}: {e.strerror}", ERR)
-        sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
-    if bus is None and (options.attempts or options.reset_via == "dbus"):
+    except OSError as e:  # e.g. the program was removed after install
+        fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}")
+    if bus is None:
         try:
             supervisor.bus = ManagerBus(options.system)
             supervisor.attempt = supervisor.bus.restart_count(options.unit)
         except OSError as e:  # keep supervising; StartLimitBurst= still ends a crash loop
             log(f"{e}; cannot tell the attempt number, so the start limit will end a crash loop", WARNING)
+    if supervisor.bus is not None and supervisor.attempt == 0:
+        forget_earlier_starts(supervisor.bus, options.unit)
     supervisor.finish(*supervisor.run())
 
 

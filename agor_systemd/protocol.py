@@ -39,6 +39,11 @@ def _join(values) -> str:
     return ",".join(number_text(v) for v in values)
 
 
+def _as_is(value):
+    """Paths stay as they are (a HomePath becomes %h/... when the unit is written)."""
+    return value
+
+
 # flag → (attribute, parse, render); flags whose value equals the default are left out
 _FLAGS = {
     "--unit": ("unit", str, str),
@@ -55,6 +60,8 @@ _FLAGS = {
     "--tcp-connect": ("tcp_connect", _int_list, _join),
     "--tcp-bind": ("tcp_bind", _int_list, _join),
     "--expect-hardening": ("expect_hardening", _str_list, ",".join),
+    "--working-directory": ("working_directory", str, _as_is),
+    "--environment-file": ("environment_file", str, _as_is),
 }
 _LIST_FLAGS = {"--rw": "read_write", "--ro": "read_only"}  # repeated, one path each
 _REQUIRED = ("--unit", "--attempts", "--stability-window")
@@ -65,7 +72,8 @@ class LauncherOptions:
 
     __slots__ = ("unit", "attempts", "stability_window_s", "command", "wait_schedule", "system", "ready",
                  "ready_timeout_s", "activity_timeout_s", "probe", "probe_timeout_s", "reset_via", "sandbox",
-                 "read_write", "read_only", "tcp_connect", "tcp_bind", "expect_hardening")
+                 "read_write", "read_only", "tcp_connect", "tcp_bind", "expect_hardening", "working_directory",
+                 "environment_file")
 
     def __init__(self, unit: str, attempts: int, stability_window_s: float, command: tuple[str, ...],
                  wait_schedule: tuple[float, ...] | None = None, system: bool = False,
@@ -73,7 +81,8 @@ class LauncherOptions:
                  probe: str | None = None, probe_timeout_s: float = 5.0, reset_via: str = "dbus",
                  sandbox: str = "off", read_write: tuple[str, ...] = (), read_only: tuple[str, ...] = (),
                  tcp_connect: tuple[int, ...] | None = None, tcp_bind: tuple[int, ...] = (),
-                 expect_hardening: tuple[str, ...] = ()) -> None:
+                 expect_hardening: tuple[str, ...] = (), working_directory: str | None = None,
+                 environment_file: str | None = None) -> None:
         self.unit = unit
         self.attempts = attempts
         self.stability_window_s = stability_window_s
@@ -92,6 +101,9 @@ class LauncherOptions:
         self.tcp_connect = tcp_connect  # None: any port
         self.tcp_bind = tcp_bind
         self.expect_hardening = expect_hardening  # effects of the unit's systemd hardening (hardening.EFFECTS)
+        # the unit's WorkingDirectory=-/EnvironmentFile=-: systemd skips them when missing, the launcher checks
+        self.working_directory = working_directory
+        self.environment_file = environment_file
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(

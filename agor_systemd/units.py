@@ -103,6 +103,8 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
         probe_timeout_s=watchdog.probe_timeout_s,
         reset_via="notify" if systemd_version >= RESTART_RESET_VERSION else "dbus",
         expect_hardening=expected_effects(wanted_groups(systemd_version, hardening, system)),
+        working_directory=config.sidecar.working_directory,  # type: ignore[arg-type]
+        environment_file=config.sidecar.environment_file,  # type: ignore[arg-type]
     )
     if config.sandbox.enabled:
         read_write, read_only = sandbox_paths(config)
@@ -113,17 +115,21 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
     unit.add("Unit", "Description", "agor sidecar (agent runners), supervised by systemd")
     if (pages := documentation(docs, "supervision.md", "watchdog.md", "sandbox.md")) is not None:
         unit.add("Unit", "Documentation", pages)
-    # A safety net only: the launcher gives up after `attempts` restarts, and within one
-    # restart budget there are at most attempts+1 starts, so this never trips first.
+    # A safety net for a launcher that cannot even start (its interpreter gone, ...): the launcher
+    # gives up itself after `attempts` restarts, and it clears the limiter on every start that is
+    # not a restart (NRestarts = 0: manual start or restart, boot), so only the restarts of one
+    # budget count here and a user's `systemctl --user restart` always works.
     unit.add("Unit", "StartLimitIntervalSec", usec_text(round(policy.stability_window_s * 1e6)))
     unit.add("Unit", "StartLimitBurst", str(policy.attempts + 1))
 
     unit.add("Service", "Type", "notify")
     unit.add("Service", "NotifyAccess", "main")
     unit.add("Service", "ExecStart", exec_line([*launcher, *launcher_arguments(options)]))
-    unit.add("Service", "WorkingDirectory", path_value(config.sidecar.working_directory, "working_directory"))
+    # `-`: a missing directory or file does not fail the start before the launcher runs (200/CHDIR,
+    # outside the backoff and the budget); the launcher checks both and fails the attempt, by name.
+    unit.add("Service", "WorkingDirectory", "-" + path_value(config.sidecar.working_directory, "working_directory"))
     if config.sidecar.environment_file is not None:
-        unit.add("Service", "EnvironmentFile", path_value(config.sidecar.environment_file, "environment_file"))
+        unit.add("Service", "EnvironmentFile", "-" + path_value(config.sidecar.environment_file, "environment_file"))
     # Every exit nobody asked for is a crash, exit 0 included; a stop is never restarted.
     unit.add("Service", "Restart", "always")
     unit.add("Service", "RestartPreventExitStatus", str(GAVE_UP_STATUS))

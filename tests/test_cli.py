@@ -108,7 +108,7 @@ def test_render_quotes_the_command(env):
     assert exec_start[:1] == [f"ExecStart={launcher_prefix()}"
                           '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
                           '"--ready" "line" "--sandbox" "best" "--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" '
-                          + sandbox_words("/bin/true") +
+                          '"--working-directory" "%h/.local/share/agor" ' + sandbox_words("/bin/true") +
                           '"--" "/bin/true" "a b" "$HOME" "50%%"']
     assert "RestartSteps=4" in lines
 
@@ -138,7 +138,8 @@ def test_render_flags_override_the_config(env, tmp_path):
     text = result.stdout
     assert '"--attempts" "7"' in text and '"--wait-schedule" "1,2,4,8,16,30,30"' in text  # not expressible
     assert '"--" "/bin/false"\n' in text
-    assert "WorkingDirectory=%h/agor\n" in text and "EnvironmentFile=/etc/agor.env\n" in text
+    assert "WorkingDirectory=-%h/agor\n" in text and "EnvironmentFile=-/etc/agor.env\n" in text
+    assert '"--working-directory" "%h/agor" "--environment-file" "/etc/agor.env"' in text
 
 
 def test_render_reads_the_default_config_file(env):

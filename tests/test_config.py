@@ -20,6 +20,7 @@ from agor_systemd.config import (
     parse_config,
     resolve_command,
     restart_policy,
+    watchdog_config,
 )
 from agor_systemd.unitfile import HomePath
 
@@ -366,3 +367,52 @@ def test_a_line_after_a_comment_ending_in_a_backslash_is_flagged():
     from agor_systemd.config import dropped_environment_lines
 
     assert dropped_environment_lines("# note \\\nNO_EQUALS\n") == [(2, "NO_EQUALS", "no `=` in it")]
+
+
+# --- [watchdog] settings that cannot work are refused --------------------------------------------
+
+LONG_SOCKET = "/run/user/1000/" + "s" * 93  # 108 bytes: no room for sun_path's NUL
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[watchdog]\ninterval_s = 0.001", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 0.001"),
+    ("[watchdog]\ninterval_s = 1e-7", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 1e-07"),
+    ("[watchdog]\ninterval_s = 0.999", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 0.999"),
+    (f'[watchdog]\nready = "socket:{LONG_SOCKET}"',
+     f"[watchdog] ready socket path is 108 bytes long; a unix socket path can have at most 107: '{LONG_SOCKET}'"),
+    (f'[watchdog]\nprobe = "socket:{LONG_SOCKET}"',
+     f"[watchdog] probe socket path is 108 bytes long; a unix socket path can have at most 107: '{LONG_SOCKET}'"),
+    ('[watchdog]\ninterval_s = 0\nprobe = "tcp:8080"',
+     "[watchdog] probe = 'tcp:8080' needs the watchdog, which interval_s = 0 turns off; "
+     "set interval_s or remove it"),
+    ("[watchdog]\ninterval_s = 0\nactivity_timeout_s = 60",
+     "[watchdog] activity_timeout_s = 60 needs the watchdog, which interval_s = 0 turns off; "
+     "set interval_s or remove it"),
+    ('[watchdog]\ninterval_s = 0\nactivity_timeout_s = 60\nprobe = "exec:true"',
+     "[watchdog] probe = 'exec:true' and activity_timeout_s = 60 need the watchdog, which interval_s = 0 "
+     "turns off; set interval_s or remove it"),
+])
+def test_watchdog_settings_that_cannot_work(tmp_path, text, message):
+    assert config_error(tmp_path, text + "\n") == message
+
+
+@pytest.mark.parametrize("values", [
+    {"interval_s": 0}, {"interval_s": 1}, {"interval_s": 1.5, "probe": "tcp:80", "activity_timeout_s": 9},
+    {"ready": "socket:/run/user/1000/" + "s" * 92},  # 107 bytes: the longest that fits
+    {"ready": "socket:/run/user/1000/" + "é" * 46},  # 107 bytes, 61 characters
+])
+def test_watchdog_settings_that_work(values):
+    watchdog = watchdog_config(values)
+    assert all(getattr(watchdog, key) == value for key, value in values.items())
+
+
+def test_multibyte_socket_path_is_measured_in_bytes():
+    with pytest.raises(ConfigError, match="is 108 bytes long"):
+        watchdog_config({"ready": "socket:/run/user/1000/" + "é" * 46 + "x"})
+
+
+def test_turning_the_watchdog_off_keeps_the_check_for_a_configured_probe():
+    """A command-line override (--watchdog-s 0) is checked against the settings it lands on."""
+    configured = watchdog_config({"probe": "tcp:8080"})
+    with pytest.raises(ConfigError, match="probe = 'tcp:8080' needs the watchdog"):
+        watchdog_config({"interval_s": 0}, configured)

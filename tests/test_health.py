@@ -72,10 +72,40 @@ def test_first_start_is_starting(native):
     assert health(props("activating", "start", native=native)) == {"status": "starting"}
 
 
-@pytest.mark.parametrize("active, sub", [("inactive", "dead"), ("deactivating", "stop-sigterm"),
-                                         ("deactivating", "final-sigterm")])
-def test_not_running_is_stopped(active, sub):
-    assert health(props(active, sub, n_restarts=2)) == {"status": "stopped"}
+STOP_JOB = (7, "/org/freedesktop/systemd1/job/7")
+
+
+@pytest.mark.parametrize("active, sub, job", [("inactive", "dead", (0, "/")), ("deactivating", "stop-sigterm", STOP_JOB),
+                                              ("deactivating", "final-sigterm", STOP_JOB),
+                                              ("deactivating", "stop-post", STOP_JOB)])
+def test_not_running_is_stopped(active, sub, job):
+    assert health(props(active, sub, n_restarts=2, Job=job)) == {"status": "stopped"}
+
+
+# --- deactivating with nobody's job: a crash on its way to a restart ----------------------------
+
+
+@pytest.mark.parametrize("sub, result", [("stop-watchdog", "watchdog"), ("stop-sigterm", "exit-code"),
+                                         ("final-sigkill", "signal"), ("stop-post", "success")])
+@pytest.mark.parametrize("job", [(0, "/"), None])
+def test_deactivating_without_a_job_is_a_restart_in_progress(sub, result, job):
+    values = props("deactivating", sub, n_restarts=2, Result=result, ExecMainCode=1, ExecMainStatus=3,
+                   RestartUSecNext=4 * SEC, **({} if job is None else {"Job": job}))
+    assert health(values) == {"status": "restarting", "attempt": 3, "next_retry_s": 4.0}
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 7])
+def test_deactivating_towards_a_fallback_restart_names_the_coming_delay(k):
+    values = props("deactivating", "stop-sigterm", n_restarts=k, native=False, Result="signal",
+                   ExecMainCode=2, ExecMainStatus=9)
+    expected = FALLBACK_SCHEDULE[min(k + 1, len(FALLBACK_SCHEDULE)) - 1]
+    assert health(values) == {"status": "restarting", "attempt": k + 1, "next_retry_s": expected}
+
+
+def test_deactivating_after_the_launcher_gave_up_is_failed():
+    values = props("deactivating", "stop-sigterm", n_restarts=5, Result="exit-code", ExecMainCode=1,
+                   ExecMainStatus=250, StatusText="gave up after 5 restarts; sidecar crashed: exited with status 3")
+    assert health(values) == {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
 
 
 # --- restarting: native (systemd ≥ 254 holds the unit in auto-restart) -------------------------

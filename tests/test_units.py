@@ -106,8 +106,8 @@ def test_native_defaults():
         "NotifyAccess": ["main"],
         "ExecStart": [':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" "--unit" "agor-sidecar.service" '
                       '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--sandbox" "best" '
-                      '"--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" ' + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
-        "WorkingDirectory": ["%h/.local/share/agor"],
+                      '"--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" "--working-directory" "%h/.local/share/agor" ' + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
+        "WorkingDirectory": ["-%h/.local/share/agor"],
         "Restart": ["always"],
         "RestartPreventExitStatus": ["250"],
         "RestartSec": ["1s"],
@@ -207,15 +207,31 @@ def test_zero_attempts_fallback():
 
 def test_environment_file_only_when_configured():
     assert one(render(Config(), 254), "Service", "EnvironmentFile") is None
+    assert "--environment-file" not in render(Config(), 254)
     text = render(config(environment_file=HomePath(".config/agor/sidecar.env")), 254)
-    assert one(text, "Service", "EnvironmentFile") == "%h/.config/agor/sidecar.env"
+    assert one(text, "Service", "EnvironmentFile") == "-%h/.config/agor/sidecar.env"
+    assert '"--environment-file" "%h/.config/agor/sidecar.env"' in one(text, "Service", "ExecStart")
     text = render(config(environment_file="/etc/agor/side car.env"), 254)
-    assert one(text, "Service", "EnvironmentFile") == "/etc/agor/side car.env"
+    assert one(text, "Service", "EnvironmentFile") == "-/etc/agor/side car.env"
 
 
 def test_working_directory():
-    assert one(render(config(working_directory="/srv/100%"), 254), "Service", "WorkingDirectory") == "/srv/100%%"
-    assert one(render(config(working_directory=HomePath("agor")), 254), "Service", "WorkingDirectory") == "%h/agor"
+    text = render(config(working_directory="/srv/100%"), 254)
+    assert one(text, "Service", "WorkingDirectory") == "-/srv/100%%"
+    assert '"--working-directory" "/srv/100%%"' in one(text, "Service", "ExecStart")
+    assert one(render(config(working_directory=HomePath("agor")), 254), "Service", "WorkingDirectory") == "-%h/agor"
+
+
+@pytest.mark.parametrize("version", [252, 254])
+def test_missing_paths_reach_the_launcher_not_systemd(version):
+    """'-': systemd starts the launcher even when they are missing (no 200/CHDIR outside the
+    budget); the launcher checks the same paths itself."""
+    cfg = config(working_directory=HomePath("proj"), environment_file="/etc/agor.env")
+    text = render(cfg, version)
+    assert one(text, "Service", "WorkingDirectory") == "-%h/proj"
+    assert one(text, "Service", "EnvironmentFile") == "-/etc/agor.env"
+    exec_start = one(text, "Service", "ExecStart")
+    assert '"--working-directory" "%h/proj" "--environment-file" "/etc/agor.env"' in exec_start
 
 
 def test_system_mode_reaches_the_launcher():

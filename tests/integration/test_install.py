@@ -46,7 +46,8 @@ def test_hostile_arguments_and_paths_reach_the_sidecar_verbatim(user_manager, fa
 
     exec_start = dbus_exec_start(user_manager)
     assert exec_start[exec_start.index("--") + 1:] == intended
-    assert user_manager.unit_property(UNIT, "WorkingDirectory") == str(workdir)
+    # written as WorkingDirectory=-PATH (the launcher checks it); systemd shows that prefix as '!'
+    assert user_manager.unit_property(UNIT, "WorkingDirectory") == "!" + str(workdir)
 
 
 @pytest.mark.parametrize(("args", "message"), [

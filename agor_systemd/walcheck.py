@@ -12,6 +12,9 @@ own crash-safe operation (a kill at any point leaves the WAL as the source of tr
 never creates, deletes, renames or copies a database, WAL or shm file, and never opens a file
 SQLite could damage: a missing path is not created (``mode=rw``), and a zero-byte database is not
 opened at all, because SQLite deletes the WAL next to an empty database file when it opens it.
+The database file is opened only through SQLite, never with ``open()``: closing a plain
+descriptor of it would drop the POSIX locks of every SQLite connection the calling process holds
+on it, and another process's last close would then delete the WAL under them.
 
 Library use::
 
@@ -63,8 +66,6 @@ OUTCOMES = {
 # Retries after a busy attempt: bounded, so one run takes at most
 # (1 + len(RETRY_DELAYS_S)) * busy_timeout + sum(RETRY_DELAYS_S) per database.
 RETRY_DELAYS_S = (0.25, 0.5, 1.0)
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # SQLite primary result codes (extended code & 0xff)
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
@@ -124,9 +125,9 @@ def _wal_size(path: str) -> int:
         return 0
 
 
-def _uri(path: str) -> str:
-    """A read-write, never-create SQLite URI for any path (spaces, %, ?, # included)."""
-    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+def _uri(path: str, query: str = "mode=rw") -> str:
+    """An SQLite URI for any path (spaces, %, ?, # included); by default read-write, never create."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
 
 
 def _classify(error: sqlite3.Error) -> tuple[str, str]:
@@ -155,7 +156,15 @@ _UNTOUCHED = "file left untouched"
 
 
 def _precheck(path: str) -> CheckpointResult | None:
-    """Look at the file without SQLite: a result for what must not be opened, else None."""
+    """Look at the file before a read-write SQLite connection may touch it: a result for what
+    must not be opened, else None.
+
+    The file itself is never opened outside SQLite: POSIX locks belong to the process, so closing
+    any descriptor of the database file would drop the locks of every connection the calling
+    process holds on it (another process's last close would then delete the WAL under them).
+    SQLite's own VFS keeps such a descriptor open until this process's last lock on the file is
+    released, so the header is read through SQLite.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -176,19 +185,36 @@ def _precheck(path: str) -> CheckpointResult | None:
         extra = f"; its WAL ({size_text(wal)}) left alone" if os.path.exists(path + "-wal") else ""
         return CheckpointResult(path, "not-a-database", f"empty file (0 bytes), not an SQLite database; "
                                 f"{_UNTOUCHED}{extra}", wal_bytes_before=wal, wal_bytes_after=wal)
-    try:
-        with open(path, "rb") as f:
-            header = f.read(100)
-    except PermissionError:
+    if not os.access(path, os.R_OK):
         return CheckpointResult(path, "permission-denied", f"cannot read the file (permission denied); {_UNTOUCHED}")
-    except OSError as e:
-        return CheckpointResult(path, "io-error", f"cannot read the file: {e.strerror}; {_UNTOUCHED}")
-    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
-        return CheckpointResult(path, "not-a-database",
-                                f"no SQLite header ({st.st_size} bytes), not an SQLite database; {_UNTOUCHED}")
+    refused = _header_refused(path)
+    if refused is not None:
+        return CheckpointResult(path, "not-a-database", f"no valid SQLite header ({st.st_size} bytes), "
+                                f"not an SQLite database: {refused}; {_UNTOUCHED}")
     if not os.access(path, os.W_OK):
         return CheckpointResult(path, "permission-denied",
                                 f"read-only for this user: cannot checkpoint; {_UNTOUCHED}")
+    return None
+
+
+def _header_refused(path: str) -> str | None:
+    """SQLite's reason when the 100-byte header (magic, page size, format) is not a database's.
+
+    ``immutable=1`` reads the main file only: no locks, no journal or WAL looked at, nothing
+    created, so a non-database with a ``-wal`` beside it is not "recovered" into. Any other error
+    (e.g. SQLITE_CORRUPT: the main file alone is behind its WAL after an interrupted checkpoint)
+    means the header passed; the read-write connection, which sees the WAL, judges the rest.
+    """
+    conn = None
+    try:
+        conn = sqlite3.connect(_uri(path, "mode=ro&immutable=1"), uri=True)
+        conn.execute("PRAGMA schema_version").fetchone()  # reads page 1 and checks its header
+    except sqlite3.Error as e:
+        outcome, reason = _classify(e)
+        return reason if outcome == "not-a-database" else None
+    finally:
+        if conn is not None:
+            conn.close()
     return None
 
 

@@ -64,11 +64,6 @@ class WalDb:
     def close(self) -> None:
         self.db.close()
 
-    def reopen(self) -> None:
-        self.db.close()
-        self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), isolation_level=None))
-        self.db.execute("PRAGMA wal_autocheckpoint=0")
-
 
 @pytest.fixture
 def waldb(tmp_path):
@@ -200,6 +195,28 @@ def test_a_short_transaction_is_waited_for_within_the_busy_timeout(waldb):
     assert waldb.count() == 201
 
 
+# --- library use: the caller's own connections keep their locks ----------------------------------
+
+
+def count_elsewhere(path: Path) -> int:
+    """The row count a fresh process sees (opens, reads, closes: a last close deletes the WAL)."""
+    code = "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM t').fetchone()[0])"
+    return int(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              check=True, timeout=60).stdout)
+
+
+def test_library_call_keeps_the_callers_writer_locks(waldb):
+    # POSIX locks belong to the process: closing any descriptor of the database file drops the
+    # locks of every connection this process holds on it. Another process's last close then
+    # checkpoints and deletes -wal/-shm under the live writer, whose later commits go to the
+    # unlinked WAL: no other process sees them, and they are gone once the writer exits.
+    assert checkpoint(waldb.path).outcome == "truncated"
+    assert count_elsewhere(waldb.path) == 200
+    assert os.path.exists(f"{waldb.path}-wal") and os.path.exists(f"{waldb.path}-shm")
+    waldb.db["t"].insert_all({"id": 1000 + i, "b": b"after"} for i in range(20))
+    assert count_elsewhere(waldb.path) == 220
+
+
 # --- bad inputs: one line, non-zero, the file untouched -------------------------------------------
 
 
@@ -216,8 +233,8 @@ def make_truncated(path: Path, wal: bool) -> None:
 @pytest.mark.parametrize(("kind", "outcome", "needle"), [
     ("directory", "not-a-database", "is a directory"),
     ("empty", "not-a-database", "empty file (0 bytes)"),
-    ("random", "not-a-database", "no SQLite header"),
-    ("short", "not-a-database", "no SQLite header"),
+    ("random", "not-a-database", "no valid SQLite header (65536 bytes)"),
+    ("short", "not-a-database", "no valid SQLite header (19 bytes)"),
     ("header-then-garbage", "not-a-database", "file is not a database (SQLITE_NOTADB)"),
     ("truncated-rollback", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
     ("truncated-wal", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
@@ -260,6 +277,19 @@ def test_empty_database_next_to_a_wal_keeps_the_wal(tmp_path, waldb):
     result = checkpoint(empty)
     assert result.outcome == "not-a-database" and "its WAL" in result.message and "left alone" in result.message
     assert sha(Path(f"{empty}-wal")) == wal_digest and empty.stat().st_size == 0
+
+
+def test_junk_next_to_a_wal_is_not_recovered_into(tmp_path, waldb):
+    # a read-write SQLite connection would take page 1 from the WAL, accept the junk as a
+    # database, and its last close would checkpoint the WAL into the junk and delete the WAL
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(random.Random(3).randbytes(64 * 1024))
+    shutil.copyfile(f"{waldb.path}-wal", f"{junk}-wal")
+    digests = sha(junk), sha(Path(f"{junk}-wal"))
+    result = checkpoint(junk)
+    assert result.outcome == "not-a-database" and "SQLITE_NOTADB" in result.message
+    assert (sha(junk), sha(Path(f"{junk}-wal"))) == digests
+    assert not Path(f"{junk}-shm").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only file (the integration test covers it)")
@@ -357,14 +387,16 @@ def test_disk_full_during_checkpoint_on_a_tiny_tmpfs(tmp_path):
 
 def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
     rng = random.Random(7)
+    # how long one unkilled run takes here (on a twin), so the kills land inside runs; never
+    # copy a database file while this process holds a connection to it: closing the copy's
+    # descriptor would drop that connection's POSIX locks
+    twin = WalDb(tmp_path / "twin.db", rows=2500, blob=4000)
+    started = time.monotonic()
+    assert walcheck(twin.path).returncode == 0
+    run_s = time.monotonic() - started
+    twin.close()
     db = WalDb(tmp_path / "big.db", rows=2500, blob=4000)  # ~13 MiB of WAL
     try:
-        # how long one unkilled run takes here (on a copy), so the kills land inside runs
-        shutil.copyfile(db.path, tmp_path / "calib.db")
-        shutil.copyfile(f"{db.path}-wal", tmp_path / "calib.db-wal")
-        started = time.monotonic()
-        assert walcheck(tmp_path / "calib.db").returncode == 0
-        run_s = time.monotonic() - started
         kills = 0
         for round_ in range(6):
             db.db["t"].insert({"id": 100_000 + round_, "b": b"marker"})
@@ -376,10 +408,7 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
                 kills += 1
             proc.wait()
             assert integrity(db.path) == "ok"
-            # a writer connection that lived through a killed TRUNCATE can hold stale wal-index
-            # state and fail with SQLITE_IOERR_SHORT_READ (seen ~1 in 5 runs under load; a known
-            # hazard of TRUNCATE, docs/walcheck.md); agor reopens after an error, so does this
-            db.reopen()
+            # the same writer connection carries on through every kill
             db.db["t"].insert_all(({"id": 200_000 + round_ * 1000 + i, "b": os.urandom(4000)} for i in range(500)))
         assert kills >= 2
         assert checkpoint(db.path).outcome == "truncated"
@@ -411,8 +440,9 @@ def test_cli_json_mixed_outcomes_and_exit_status(tmp_path, waldb):
     doc = json.loads(cp.stdout)
     assert doc["exit_status"] == EXIT_DATAERR
     assert [d["outcome"] for d in doc["databases"]] == ["truncated", "missing", "not-a-database"]
-    assert cp.stderr.splitlines() == [f"agor-walcheck: {tmp_path / 'junk.db'}: not-a-database: no SQLite header "
-                                      "(170 bytes), not an SQLite database; file left untouched"]
+    assert cp.stderr.splitlines() == [f"agor-walcheck: {tmp_path / 'junk.db'}: not-a-database: no valid SQLite "
+                                      "header (170 bytes), not an SQLite database: file is not a database "
+                                      "(SQLITE_NOTADB); file left untouched"]
 
 
 def test_cli_lines_go_to_stdout_and_defaults_are_agors_databases(tmp_path):

@@ -64,7 +64,8 @@ AGOR_DATA = ".local/share/agor"
 class WalcheckConfig:
     interval_s: float = 300.0
     databases: tuple[Text, ...] = (HomePath(f"{AGOR_DATA}/sessions.db"), HomePath(f"{AGOR_DATA}/btmsg.db"))
-    busy_timeout_s: float = 5.0  # agor's busy_timeout
+    # the most one run holds agor's writers up per database; agor's own checkpoint: up to 5 s
+    busy_timeout_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ _WATCHDOG_LIMITS = {
 }
 _WALCHECK_LIMITS = {
     "interval_s": (1.0, 7 * 86400.0),
-    "busy_timeout_s": (0.0, 600.0),
+    "busy_timeout_s": (0.0, 5.0),  # walcheck.MAX_BUSY_TIMEOUT_S
 }
 _WHOLE_NUMBERS = {"attempts"}
 

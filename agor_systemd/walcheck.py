@@ -19,7 +19,7 @@ on it, and another process's last close would then delete the WAL under them.
 Library use::
 
     from agor_systemd.walcheck import checkpoint
-    result = checkpoint("/home/me/.local/share/agor/btmsg.db", busy_timeout_s=5)
+    result = checkpoint("/home/me/.local/share/agor/btmsg.db", busy_timeout_s=1)
     result.outcome, result.as_dict()
 """
 
@@ -63,8 +63,15 @@ OUTCOMES = {
     "error": EXIT_SOFTWARE,
 }
 
-# Retries after a busy attempt: bounded, so one run takes at most
-# (1 + len(RETRY_DELAYS_S)) * busy_timeout + sum(RETRY_DELAYS_S) per database.
+# The busy timeout is the most one run waits for locks on one database, over all its attempts.
+# TRUNCATE waits holding the write lock, so this also bounds how long agor's writers are held up
+# (a writer without busy timeout, as on sessions.db, fails at once meanwhile). agor's own
+# checkpoint holds them for up to its 5 s busy timeout: never more than that.
+BUSY_TIMEOUT_S = 1.0
+MAX_BUSY_TIMEOUT_S = 5.0
+
+# Retries after a busy attempt, no locks held while waiting: one run takes at most
+# busy_timeout + sum(RETRY_DELAYS_S) per database, plus the copying.
 RETRY_DELAYS_S = (0.25, 0.5, 1.0)
 
 # SQLite primary result codes (extended code & 0xff)
@@ -88,6 +95,7 @@ class CheckpointResult:
     wal_bytes_before: int | None = None
     wal_bytes_after: int | None = None
     passive: list[int] | None = None  # the PASSIVE pre-pass row of the last attempt
+    truncate_s: float = 0.0  # time in TRUNCATE, all attempts: the most agor's writers were held up
     journal_mode: str | None = None
     switched_to_wal: bool = False
     attempts: int = 0
@@ -225,32 +233,38 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
     sqlite_utils.Database(conn).enable_wal()
 
 
-def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = 5.0, *, ensure_wal: bool = False,
+def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = BUSY_TIMEOUT_S, *, ensure_wal: bool = False,
                retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
                sleep: Callable[[float], None] = time.sleep) -> CheckpointResult:
     """Checkpoint one database with ``PRAGMA wal_checkpoint(TRUNCATE)``; never raises for a
     database problem, the result says what happened.
 
-    Each attempt first runs a PASSIVE checkpoint (copies what it can without taking the write
-    lock, so agor's writers are not held up during the bulk copy), then TRUNCATE, which waits up
-    to `busy_timeout_s` for writers and readers. A busy attempt is retried after each of
-    `retry_delays_s` (no locks held while sleeping).
+    Each attempt first runs a PASSIVE checkpoint (copies what it can without the write lock and
+    without waiting, so agor's writers are not held up by the bulk copy), then TRUNCATE, which
+    takes the write lock and waits for readers to leave the WAL. The attempts share
+    `busy_timeout_s` (0 to 5 s) equally: that is the most all of them together wait for locks,
+    and so the most they hold up writers, apart from copying frames committed since the PASSIVE
+    pass. A busy attempt is retried after each of `retry_delays_s` (no locks held while sleeping).
     """
+    if not 0 <= busy_timeout_s <= MAX_BUSY_TIMEOUT_S:
+        raise ValueError(f"busy_timeout_s must be between 0 and {MAX_BUSY_TIMEOUT_S:g}, got {busy_timeout_s:g}")
     path = os.fspath(path)
     started = time.monotonic()
     result = _precheck(path)
     if result is None:
         result = _checkpoint_open(path, busy_timeout_s, ensure_wal, retry_delays_s, sleep)
     result.seconds = round(time.monotonic() - started, 4)
+    result.truncate_s = round(result.truncate_s, 4)
     return result
 
 
 def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
                      retry_delays_s: Sequence[float], sleep: Callable[[float], None]) -> CheckpointResult:
     result = CheckpointResult(path, "error", "")
+    attempt_timeout_s = busy_timeout_s / (1 + len(retry_delays_s))
     conn = None
     try:
-        conn = sqlite3.connect(_uri(path), uri=True, timeout=busy_timeout_s, isolation_level=None)
+        conn = sqlite3.connect(_uri(path), uri=True, timeout=attempt_timeout_s, isolation_level=None)
         # reading the schema validates the header and page 1 and recovers a hot WAL/journal
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
@@ -274,7 +288,11 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
             result.attempts += 1
             try:
                 result.passive = list(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-                busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                truncate_started = time.monotonic()
+                try:
+                    busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    result.truncate_s += time.monotonic() - truncate_started
                 result.busy, result.log_frames, result.checkpointed_frames = busy, log, done
             except sqlite3.OperationalError as e:
                 if _classify(e)[0] != "busy":
@@ -295,8 +313,8 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
             row = (f"busy={result.busy}, {result.log_frames} frames in the WAL, "
                    f"{result.checkpointed_frames} checkpointed" if result.busy is not None else reason)
             result.message = (f"{switched}readers or writers held the database through {result.attempts} attempts "
-                              f"(busy timeout {busy_timeout_s:g} s each): {row}; WAL {before} -> {after}; "
-                              "the next run tries again")
+                              f"({result.truncate_s:.2f} s in TRUNCATE, busy timeout {busy_timeout_s:g} s in all): "
+                              f"{row}; WAL {before} -> {after}; the next run tries again")
         else:
             result.outcome = "truncated"
             frames = result.passive[2] if result.passive and result.passive[2] > 0 else 0
@@ -343,9 +361,11 @@ def exit_status(results: Sequence[CheckpointResult]) -> int:
 # -- command line ---------------------------------------------------------------------------------
 
 HELP = f"""\
-For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): open it with a busy
-timeout, run PRAGMA wal_checkpoint(TRUNCATE), and print one line with the outcome, SQLite's result
-row (busy, frames in the WAL, frames checkpointed) and the WAL size before and after.
+For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): run PRAGMA
+wal_checkpoint(PASSIVE), then PRAGMA wal_checkpoint(TRUNCATE), and print one line with the
+outcome, SQLite's result row (busy, frames in the WAL, frames checkpointed) and the WAL size
+before and after. TRUNCATE holds agor's writers up while it waits for readers: all attempts on a
+database together wait at most the busy timeout (default {BUSY_TIMEOUT_S:g} s, at most {MAX_BUSY_TIMEOUT_S:g} s, agor's own).
 
 outcomes and exit statuses (with several databases the first listed here that occurred wins):
   {EXIT_DATAERR}  not-a-database, corrupt   not SQLite, empty (0 bytes), a directory, malformed;
@@ -355,8 +375,8 @@ outcomes and exit statuses (with several databases the first listed here that oc
   {EXIT_NOPERM}  permission-denied          cannot read, or cannot write (read-only file/directory)
   {EXIT_SOFTWARE}  error                      an SQLite error this tool does not know
   {EXIT_TEMPFAIL}  busy                       readers or writers held the database through every
-                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {', '.join(f'{d:g}' for d in RETRY_DELAYS_S)} s apart, each waiting up
-                                to the busy timeout); the next run tries again
+                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {', '.join(f'{d:g}' for d in RETRY_DELAYS_S)} s apart, sharing the
+                                busy timeout); the next run tries again
    0  truncated                  checkpointed, WAL truncated to 0 bytes
    0  missing                    no such file: skipped with a notice
    0  not-wal                    not in WAL mode: reported, mode left alone (--ensure-wal)
@@ -377,8 +397,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON document instead of lines")
     p.add_argument("--ensure-wal", action="store_true",
                    help="switch a database that is not in WAL mode to WAL, then checkpoint it")
-    p.add_argument("--busy-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="how long each attempt waits for readers and writers (default 5, agor's value)")
+    p.add_argument("--busy-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
+                   help="the most all attempts on one database wait for locks, and so hold agor's writers "
+                        f"up (default {BUSY_TIMEOUT_S:g}, at most {MAX_BUSY_TIMEOUT_S:g}: agor's own checkpoint's)")
     p.add_argument("--retries", type=int, default=len(RETRY_DELAYS_S), metavar="N",
                    help=f"retries after a busy attempt, 0-{len(RETRY_DELAYS_S)} (default {len(RETRY_DELAYS_S)})")
     return p
@@ -400,8 +421,9 @@ _LEVELS = {EXIT_OK: 6, EXIT_TEMPFAIL: 4}  # info, warning; errors are 3
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not (0 <= args.busy_timeout <= 3600):
-        _parser().error(f"--busy-timeout must be between 0 and 3600 seconds, got {args.busy_timeout:g}")
+    if not (0 <= args.busy_timeout <= MAX_BUSY_TIMEOUT_S):
+        _parser().error(f"--busy-timeout must be between 0 and {MAX_BUSY_TIMEOUT_S:g} seconds, "
+                        f"got {args.busy_timeout:g}")
     if not (0 <= args.retries <= len(RETRY_DELAYS_S)):
         _parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
     databases = args.databases or default_databases()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from agor_systemd.config import Config, WalcheckConfig, parse_config
+from agor_systemd.config import Config, ConfigError, WalcheckConfig, parse_config
 from agor_systemd.unitfile import HomePath
 from agor_systemd.verify import verify_units
 from agor_systemd.walcheck import (
@@ -148,9 +148,10 @@ def test_a_reader_blocks_truncate_then_the_next_run_truncates(waldb):
     assert reader.execute("SELECT count(*) FROM t").fetchone() == (200,)  # snapshot pins the WAL
     waldb.db["t"].insert({"id": 1000, "b": b"x"})
     sleeps = []
-    result = checkpoint(waldb.path, busy_timeout_s=0.05, retry_delays_s=FAST, sleep=sleeps.append)
+    result = checkpoint(waldb.path, busy_timeout_s=0.3, retry_delays_s=FAST, sleep=sleeps.append)
     assert (result.outcome, result.exit_status, result.busy, result.attempts) == ("busy", EXIT_TEMPFAIL, 1, 3)
     assert sleeps == list(FAST)
+    assert 0.25 < result.truncate_s < 0.3 + 0.3  # the three attempts share the busy timeout
     assert result.log_frames > 0 and result.wal_bytes_after == result.wal_bytes_before > 0
     assert "readers or writers held the database through 3 attempts" in result.message
 
@@ -215,6 +216,73 @@ def test_library_call_keeps_the_callers_writer_locks(waldb):
     assert os.path.exists(f"{waldb.path}-wal") and os.path.exists(f"{waldb.path}-shm")
     waldb.db["t"].insert_all({"id": 1000 + i, "b": b"after"} for i in range(20))
     assert count_elsewhere(waldb.path) == 220
+
+
+# --- how long a run holds up agor's writers --------------------------------------------------------
+
+# inserts without a busy timeout (as agor's sessions.db connection) until stdin closes; prints
+# how long its inserts failed with "database is locked": each stall runs from the first failed
+# insert to the next one that succeeded
+NO_WAIT_WRITER = """
+import json, sqlite3, sys, threading, time
+c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+ok = failed = 0
+stalls, stalled_since = [], None
+while not stop.is_set():
+    try:
+        c.execute("INSERT INTO t(b) VALUES (randomblob(200))")
+    except sqlite3.OperationalError:
+        failed += 1
+        stalled_since = stalled_since or time.monotonic()
+    else:
+        ok += 1
+        if stalled_since is not None:
+            stalls.append(time.monotonic() - stalled_since)
+            stalled_since = None
+        if ok == 1:
+            print("writing", flush=True)
+    time.sleep(0.001)
+print(json.dumps({"ok": ok, "failed": failed, "stalls": stalls}))
+"""
+
+# a read transaction that pins the WAL until stdin closes: every TRUNCATE attempt waits for it
+PINNING_READER = """
+import sqlite3, sys
+r = sqlite3.connect(sys.argv[1], isolation_level=None)
+r.execute("BEGIN"); r.execute("SELECT count(*) FROM t").fetchone()
+print("reading", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_timeout(tmp_path):
+    path = tmp_path / "sessions.db"
+    db = sqlite_utils.Database(path)
+    db.enable_wal()
+    db["t"].insert({"b": b"x"})
+    db.close()
+    reader = subprocess.Popen([sys.executable, "-c", PINNING_READER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", NO_WAIT_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "reading\n" and writer.stdout.readline() == "writing\n"
+        time.sleep(0.3)
+        cp = walcheck("--json", path)  # the timer's defaults
+        time.sleep(0.3)
+    finally:
+        stats = json.loads(writer.communicate("", timeout=30)[0])
+        reader.communicate("", timeout=30)
+    (entry,) = json.loads(cp.stdout)["databases"]
+    assert (cp.returncode, entry["outcome"], entry["attempts"]) == (EXIT_TEMPFAIL, "busy", 4), cp.stdout
+    # every attempt held the writer up while it waited for the reader, and only then
+    assert stats["failed"] > 0 and len(stats["stalls"]) == 4, stats
+    # the four attempts share the 1 s default busy timeout (agor's own checkpoint: up to 5 s);
+    # the slack is for a loaded machine
+    assert sum(stats["stalls"]) < 1.0 + 0.8 and max(stats["stalls"]) < 0.25 + 0.4, stats
+    assert entry["truncate_s"] < 1.0 + 0.8
 
 
 # --- bad inputs: one line, non-zero, the file untouched -------------------------------------------
@@ -464,7 +532,7 @@ def test_cli_lines_go_to_stdout_and_defaults_are_agors_databases(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--bogus"], ["--busy-timeout", "soon"], ["--busy-timeout", "-1"],
-                                  ["--retries", "9"]])
+                                  ["--busy-timeout", "5.5"], ["--busy-timeout", "nan"], ["--retries", "9"]])
 def test_cli_usage_errors_are_one_line(args):
     cp = walcheck(*args)
     assert cp.returncode == 2 and cp.stdout == ""
@@ -496,9 +564,9 @@ def test_default_units():
     assert (service.name, timer.name) == (WALCHECK_SERVICE, WALCHECK_TIMER)
     s, t = settings(service.render()), settings(timer.render())
     assert s["Type"] == ["oneshot"]
-    assert s["ExecStart"] == [':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "5" "--" '
+    assert s["ExecStart"] == [':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "1" "--" '
                               '"%h/.local/share/agor/sessions.db" "%h/.local/share/agor/btmsg.db"']
-    assert s["StartLimitIntervalSec"] == ["0"] and s["TimeoutStartSec"] == ["644s"]
+    assert s["StartLimitIntervalSec"] == ["0"] and s["TimeoutStartSec"] == ["606s"]
     assert "[Install]" not in service.render()  # started by the timer only
     assert t["OnStartupSec"] == ["60s"] and t["OnUnitInactiveSec"] == ["300s"] and t["AccuracySec"] == ["1s"]
     assert "OnCalendar" not in t and "Persistent" not in t and "OnUnitActiveSec" not in t
@@ -514,6 +582,14 @@ def test_units_from_a_walcheck_table_with_odd_paths():
                               '"--" "%h/data %%h dir/s.db" "/srv/a b/c%%d.db"']
     assert t["OnStartupSec"] == ["1s"] and t["OnUnitInactiveSec"] == ["1s"]
     assert verify_units({service.name: service.render(), timer.name: timer.render()}) == []
+
+
+def test_busy_timeout_is_at_most_agors_five_seconds(tmp_path):
+    assert parse_config({"walcheck": {"busy_timeout_s": 5}}).walcheck.busy_timeout_s == 5
+    with pytest.raises(ConfigError, match="busy_timeout_s"):
+        parse_config({"walcheck": {"busy_timeout_s": 5.5}})
+    with pytest.raises(ValueError, match="between 0 and 5"):
+        checkpoint(tmp_path / "x.db", busy_timeout_s=6)
 
 
 def test_timer_interval_keeps_sub_second_precision():

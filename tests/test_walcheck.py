@@ -277,12 +277,12 @@ def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_time
         reader.communicate("", timeout=30)
     (entry,) = json.loads(cp.stdout)["databases"]
     assert (cp.returncode, entry["outcome"], entry["attempts"]) == (EXIT_TEMPFAIL, "busy", 4), cp.stdout
-    # every attempt held the writer up while it waited for the reader, and only then
-    assert stats["failed"] > 0 and len(stats["stalls"]) == 4, stats
-    # the four attempts share the 1 s default busy timeout (agor's own checkpoint: up to 5 s);
-    # the slack is for a loaded machine
-    assert sum(stats["stalls"]) < 1.0 + 0.8 and max(stats["stalls"]) < 0.25 + 0.4, stats
-    assert entry["truncate_s"] < 1.0 + 0.8
+    # the attempts held the writer up while they waited for the reader, and only then
+    assert stats["failed"] > 0 and 0 < len(stats["stalls"]) <= 4, stats
+    # the four attempts share the 1 s default busy timeout (before: 5 s each, 20 s per run; agor's
+    # own checkpoint: up to 5 s); the slack is for a loaded machine
+    assert sum(stats["stalls"]) < 1.0 + 1.5 and max(stats["stalls"]) < 0.25 + 0.75, stats
+    assert 0.9 < entry["truncate_s"] < 1.0 + 1.0
 
 
 # --- bad inputs: one line, non-zero, the file untouched -------------------------------------------

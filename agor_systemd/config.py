@@ -203,6 +203,9 @@ def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) 
         paths = values["databases"]
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ConfigError("[walcheck] databases must be a list of paths")
+        if not paths:  # agor-walcheck without paths would checkpoint agor's default databases
+            raise ConfigError("[walcheck] databases is empty: list at least one database, "
+                              "or leave the setting out for agor's two")
         words = tuple(home_text(p) for p in paths)
         for word in words:
             _checked("database", lambda w: path_value(w, "[walcheck] databases entry"), word)

@@ -249,10 +249,15 @@ def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = BUSY_TIMEOU
     if not 0 <= busy_timeout_s <= MAX_BUSY_TIMEOUT_S:
         raise ValueError(f"busy_timeout_s must be between 0 and {MAX_BUSY_TIMEOUT_S:g}, got {busy_timeout_s:g}")
     path = os.fspath(path)
+    if not path:
+        raise ValueError("an empty database path")
     started = time.monotonic()
-    result = _precheck(path)
+    # SQLite follows symbolic links: the WAL lives beside the target, so look there
+    real = os.path.realpath(path)
+    result = _precheck(real)
     if result is None:
-        result = _checkpoint_open(path, busy_timeout_s, ensure_wal, retry_delays_s, sleep)
+        result = _checkpoint_open(real, busy_timeout_s, ensure_wal, retry_delays_s, sleep)
+    result.path = path
     result.seconds = round(time.monotonic() - started, 4)
     result.truncate_s = round(result.truncate_s, 4)
     return result
@@ -426,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"got {args.busy_timeout:g}")
     if not (0 <= args.retries <= len(RETRY_DELAYS_S)):
         _parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
+    if "" in args.databases:
+        _parser().error("an empty database path")
     databases = args.databases or default_databases()
     results = []
     for db in databases:

@@ -383,6 +383,36 @@ def test_path_with_spaces_and_percent(tmp_path):
         db.close()
 
 
+def test_a_symlinked_database_reports_the_wal_beside_its_target(tmp_path):
+    # SQLite follows the link: the WAL lives beside the target, not beside the link
+    (tmp_path / "data").mkdir()
+    (tmp_path / "links").mkdir()
+    db = WalDb(tmp_path / "data" / "btmsg.db", rows=50)
+    try:
+        before = db.wal_size
+        link = tmp_path / "links" / "btmsg.db"
+        link.symlink_to("../data/btmsg.db")
+        result = checkpoint(link)
+        assert (result.outcome, result.path) == ("truncated", str(link))
+        assert (result.wal_bytes_before, result.wal_bytes_after) == (before, 0) and db.wal_size == 0
+        assert f"WAL {size_text(before)} -> 0 B" in result.message
+        assert sorted(p.name for p in (tmp_path / "links").iterdir()) == ["btmsg.db"]
+        assert db.count() == 50
+    finally:
+        db.close()
+
+
+def test_a_symlink_to_an_empty_file_reports_the_wal_beside_the_target(tmp_path, waldb):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    shutil.copyfile(f"{waldb.path}-wal", f"{empty}-wal")
+    link = tmp_path / "link.db"
+    link.symlink_to(empty.name)
+    result = checkpoint(link)
+    assert result.outcome == "not-a-database" and f"its WAL ({size_text(waldb.wal_size)}) left alone" in result.message
+    assert result.wal_bytes_before == waldb.wal_size
+
+
 # --- disk full: nothing damaged, the next run succeeds --------------------------------------------
 
 
@@ -539,6 +569,12 @@ def test_cli_usage_errors_are_one_line(args):
     assert len(cp.stderr.splitlines()) == 1 and cp.stderr.startswith("agor-walcheck: error: ")
 
 
+def test_cli_empty_database_argument_is_a_usage_error():
+    cp = walcheck("")
+    assert (cp.returncode, cp.stdout) == (2, "")
+    assert cp.stderr == "agor-walcheck: error: an empty database path (see --help)\n"
+
+
 def test_cli_help_explains_outcomes_and_statuses():
     cp = walcheck("--help")
     assert cp.returncode == 0
@@ -582,6 +618,12 @@ def test_units_from_a_walcheck_table_with_odd_paths():
                               '"--" "%h/data %%h dir/s.db" "/srv/a b/c%%d.db"']
     assert t["OnStartupSec"] == ["1s"] and t["OnUnitInactiveSec"] == ["1s"]
     assert verify_units({service.name: service.render(), timer.name: timer.render()}) == []
+
+
+def test_an_empty_databases_list_is_refused():
+    # empty would run the CLI without paths, which checkpoints agor's default databases
+    with pytest.raises(ConfigError, match=r"\[walcheck\] databases is empty"):
+        parse_config({"walcheck": {"databases": []}})
 
 
 def test_busy_timeout_is_at_most_agors_five_seconds(tmp_path):

@@ -370,7 +370,8 @@ For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): run P
 wal_checkpoint(PASSIVE), then PRAGMA wal_checkpoint(TRUNCATE), and print one line with the
 outcome, SQLite's result row (busy, frames in the WAL, frames checkpointed) and the WAL size
 before and after. TRUNCATE holds agor's writers up while it waits for readers: all attempts on a
-database together wait at most the busy timeout (default {BUSY_TIMEOUT_S:g} s, at most {MAX_BUSY_TIMEOUT_S:g} s, agor's own).
+database together wait at most the busy timeout (default {BUSY_TIMEOUT_S:g} s; at most {MAX_BUSY_TIMEOUT_S:g} s, agor's
+own checkpoint's bound).
 
 outcomes and exit statuses (with several databases the first listed here that occurred wins):
   {EXIT_DATAERR}  not-a-database, corrupt   not SQLite, empty (0 bytes), a directory, malformed;

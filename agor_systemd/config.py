@@ -69,7 +69,8 @@ class WatchdogConfig:
 class WalcheckConfig:
     interval_s: float = 300.0
     databases: tuple[Text, ...] = (HomePath(f"{AGOR_DATA}/sessions.db"), HomePath(f"{AGOR_DATA}/btmsg.db"))
-    busy_timeout_s: float = 5.0  # agor's busy_timeout
+    # the most one run holds agor's writers up per database; agor's own checkpoint: up to 5 s
+    busy_timeout_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ _WATCHDOG_LIMITS = {
 }
 _WALCHECK_LIMITS = {
     "interval_s": (1.0, 7 * 86400.0),
-    "busy_timeout_s": (0.0, 600.0),
+    "busy_timeout_s": (0.0, 5.0),  # walcheck.MAX_BUSY_TIMEOUT_S
 }
 _WHOLE_NUMBERS = {"attempts"}
 
@@ -234,6 +235,9 @@ def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) 
         paths = values["databases"]
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ConfigError("[walcheck] databases must be a list of paths")
+        if not paths:  # agor-walcheck without paths would checkpoint agor's default databases
+            raise ConfigError("[walcheck] databases is empty: list at least one database, "
+                              "or leave the setting out for agor's two")
         words = tuple(home_text(p) for p in paths)
         for word in words:
             _checked("database", lambda w: path_value(w, "[walcheck] databases entry"), word)

@@ -12,11 +12,14 @@ own crash-safe operation (a kill at any point leaves the WAL as the source of tr
 never creates, deletes, renames or copies a database, WAL or shm file, and never opens a file
 SQLite could damage: a missing path is not created (``mode=rw``), and a zero-byte database is not
 opened at all, because SQLite deletes the WAL next to an empty database file when it opens it.
+The database file is opened only through SQLite, never with ``open()``: closing a plain
+descriptor of it would drop the POSIX locks of every SQLite connection the calling process holds
+on it, and another process's last close would then delete the WAL under them.
 
 Library use::
 
     from agor_systemd.walcheck import checkpoint
-    result = checkpoint("/home/me/.local/share/agor/btmsg.db", busy_timeout_s=5)
+    result = checkpoint("/home/me/.local/share/agor/btmsg.db", busy_timeout_s=1)
     result.outcome, result.as_dict()
 """
 
@@ -60,11 +63,16 @@ OUTCOMES = {
     "error": EXIT_SOFTWARE,
 }
 
-# Retries after a busy attempt: bounded, so one run takes at most
-# (1 + len(RETRY_DELAYS_S)) * busy_timeout + sum(RETRY_DELAYS_S) per database.
-RETRY_DELAYS_S = (0.25, 0.5, 1.0)
+# The busy timeout is the most one run waits for locks on one database, over all its attempts.
+# TRUNCATE waits holding the write lock, so this also bounds how long agor's writers are held up
+# (a writer without busy timeout, as on sessions.db, fails at once meanwhile). agor's own
+# checkpoint holds them for up to its 5 s busy timeout: never more than that.
+BUSY_TIMEOUT_S = 1.0
+MAX_BUSY_TIMEOUT_S = 5.0
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
+# Retries after a busy attempt, no locks held while waiting: one run takes at most
+# busy_timeout + sum(RETRY_DELAYS_S) per database, plus the copying.
+RETRY_DELAYS_S = (0.25, 0.5, 1.0)
 
 # SQLite primary result codes (extended code & 0xff)
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
@@ -87,6 +95,7 @@ class CheckpointResult:
     wal_bytes_before: int | None = None
     wal_bytes_after: int | None = None
     passive: list[int] | None = None  # the PASSIVE pre-pass row of the last attempt
+    truncate_s: float = 0.0  # time in TRUNCATE, all attempts: the most agor's writers were held up
     journal_mode: str | None = None
     switched_to_wal: bool = False
     attempts: int = 0
@@ -124,9 +133,9 @@ def _wal_size(path: str) -> int:
         return 0
 
 
-def _uri(path: str) -> str:
-    """A read-write, never-create SQLite URI for any path (spaces, %, ?, # included)."""
-    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+def _uri(path: str, query: str = "mode=rw") -> str:
+    """An SQLite URI for any path (spaces, %, ?, # included); by default read-write, never create."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
 
 
 def _classify(error: sqlite3.Error) -> tuple[str, str]:
@@ -155,7 +164,15 @@ _UNTOUCHED = "file left untouched"
 
 
 def _precheck(path: str) -> CheckpointResult | None:
-    """Look at the file without SQLite: a result for what must not be opened, else None."""
+    """Look at the file before a read-write SQLite connection may touch it: a result for what
+    must not be opened, else None.
+
+    The file itself is never opened outside SQLite: POSIX locks belong to the process, so closing
+    any descriptor of the database file would drop the locks of every connection the calling
+    process holds on it (another process's last close would then delete the WAL under them).
+    SQLite's own VFS keeps such a descriptor open until this process's last lock on the file is
+    released, so the header is read through SQLite.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -176,19 +193,36 @@ def _precheck(path: str) -> CheckpointResult | None:
         extra = f"; its WAL ({size_text(wal)}) left alone" if os.path.exists(path + "-wal") else ""
         return CheckpointResult(path, "not-a-database", f"empty file (0 bytes), not an SQLite database; "
                                 f"{_UNTOUCHED}{extra}", wal_bytes_before=wal, wal_bytes_after=wal)
-    try:
-        with open(path, "rb") as f:
-            header = f.read(100)
-    except PermissionError:
+    if not os.access(path, os.R_OK):
         return CheckpointResult(path, "permission-denied", f"cannot read the file (permission denied); {_UNTOUCHED}")
-    except OSError as e:
-        return CheckpointResult(path, "io-error", f"cannot read the file: {e.strerror}; {_UNTOUCHED}")
-    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
-        return CheckpointResult(path, "not-a-database",
-                                f"no SQLite header ({st.st_size} bytes), not an SQLite database; {_UNTOUCHED}")
+    refused = _header_refused(path)
+    if refused is not None:
+        return CheckpointResult(path, "not-a-database", f"no valid SQLite header ({st.st_size} bytes), "
+                                f"not an SQLite database: {refused}; {_UNTOUCHED}")
     if not os.access(path, os.W_OK):
         return CheckpointResult(path, "permission-denied",
                                 f"read-only for this user: cannot checkpoint; {_UNTOUCHED}")
+    return None
+
+
+def _header_refused(path: str) -> str | None:
+    """SQLite's reason when the 100-byte header (magic, page size, format) is not a database's.
+
+    ``immutable=1`` reads the main file only: no locks, no journal or WAL looked at, nothing
+    created, so a non-database with a ``-wal`` beside it is not "recovered" into. Any other error
+    (e.g. SQLITE_CORRUPT: the main file alone is behind its WAL after an interrupted checkpoint)
+    means the header passed; the read-write connection, which sees the WAL, judges the rest.
+    """
+    conn = None
+    try:
+        conn = sqlite3.connect(_uri(path, "mode=ro&immutable=1"), uri=True)
+        conn.execute("PRAGMA schema_version").fetchone()  # reads page 1 and checks its header
+    except sqlite3.Error as e:
+        outcome, reason = _classify(e)
+        return reason if outcome == "not-a-database" else None
+    finally:
+        if conn is not None:
+            conn.close()
     return None
 
 
@@ -199,32 +233,43 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
     sqlite_utils.Database(conn).enable_wal()
 
 
-def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = 5.0, *, ensure_wal: bool = False,
+def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = BUSY_TIMEOUT_S, *, ensure_wal: bool = False,
                retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
                sleep: Callable[[float], None] = time.sleep) -> CheckpointResult:
     """Checkpoint one database with ``PRAGMA wal_checkpoint(TRUNCATE)``; never raises for a
     database problem, the result says what happened.
 
-    Each attempt first runs a PASSIVE checkpoint (copies what it can without taking the write
-    lock, so agor's writers are not held up during the bulk copy), then TRUNCATE, which waits up
-    to `busy_timeout_s` for writers and readers. A busy attempt is retried after each of
-    `retry_delays_s` (no locks held while sleeping).
+    Each attempt first runs a PASSIVE checkpoint (copies what it can without the write lock and
+    without waiting, so agor's writers are not held up by the bulk copy), then TRUNCATE, which
+    takes the write lock and waits for readers to leave the WAL. The attempts share
+    `busy_timeout_s` (0 to 5 s) equally: that is the most all of them together wait for locks,
+    and so the most they hold up writers, apart from copying frames committed since the PASSIVE
+    pass. A busy attempt is retried after each of `retry_delays_s` (no locks held while sleeping).
     """
+    if not 0 <= busy_timeout_s <= MAX_BUSY_TIMEOUT_S:
+        raise ValueError(f"busy_timeout_s must be between 0 and {MAX_BUSY_TIMEOUT_S:g}, got {busy_timeout_s:g}")
     path = os.fspath(path)
+    if not path:
+        raise ValueError("an empty database path")
     started = time.monotonic()
-    result = _precheck(path)
+    # SQLite follows symbolic links: the WAL lives beside the target, so look there
+    real = os.path.realpath(path)
+    result = _precheck(real)
     if result is None:
-        result = _checkpoint_open(path, busy_timeout_s, ensure_wal, retry_delays_s, sleep)
+        result = _checkpoint_open(real, busy_timeout_s, ensure_wal, retry_delays_s, sleep)
+    result.path = path
     result.seconds = round(time.monotonic() - started, 4)
+    result.truncate_s = round(result.truncate_s, 4)
     return result
 
 
 def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
                      retry_delays_s: Sequence[float], sleep: Callable[[float], None]) -> CheckpointResult:
     result = CheckpointResult(path, "error", "")
+    attempt_timeout_s = busy_timeout_s / (1 + len(retry_delays_s))
     conn = None
     try:
-        conn = sqlite3.connect(_uri(path), uri=True, timeout=busy_timeout_s, isolation_level=None)
+        conn = sqlite3.connect(_uri(path), uri=True, timeout=attempt_timeout_s, isolation_level=None)
         # reading the schema validates the header and page 1 and recovers a hot WAL/journal
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
@@ -248,7 +293,11 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
             result.attempts += 1
             try:
                 result.passive = list(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-                busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                truncate_started = time.monotonic()
+                try:
+                    busy, log, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    result.truncate_s += time.monotonic() - truncate_started
                 result.busy, result.log_frames, result.checkpointed_frames = busy, log, done
             except sqlite3.OperationalError as e:
                 if _classify(e)[0] != "busy":
@@ -269,8 +318,8 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
             row = (f"busy={result.busy}, {result.log_frames} frames in the WAL, "
                    f"{result.checkpointed_frames} checkpointed" if result.busy is not None else reason)
             result.message = (f"{switched}readers or writers held the database through {result.attempts} attempts "
-                              f"(busy timeout {busy_timeout_s:g} s each): {row}; WAL {before} -> {after}; "
-                              "the next run tries again")
+                              f"({result.truncate_s:.2f} s in TRUNCATE, busy timeout {busy_timeout_s:g} s in all): "
+                              f"{row}; WAL {before} -> {after}; the next run tries again")
         else:
             result.outcome = "truncated"
             frames = result.passive[2] if result.passive and result.passive[2] > 0 else 0
@@ -317,9 +366,12 @@ def exit_status(results: Sequence[CheckpointResult]) -> int:
 # -- command line ---------------------------------------------------------------------------------
 
 HELP = f"""\
-For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): open it with a busy
-timeout, run PRAGMA wal_checkpoint(TRUNCATE), and print one line with the outcome, SQLite's result
-row (busy, frames in the WAL, frames checkpointed) and the WAL size before and after.
+For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): run PRAGMA
+wal_checkpoint(PASSIVE), then PRAGMA wal_checkpoint(TRUNCATE), and print one line with the
+outcome, SQLite's result row (busy, frames in the WAL, frames checkpointed) and the WAL size
+before and after. TRUNCATE holds agor's writers up while it waits for readers: all attempts on a
+database together wait at most the busy timeout (default {BUSY_TIMEOUT_S:g} s; at most {MAX_BUSY_TIMEOUT_S:g} s, agor's
+own checkpoint's bound).
 
 outcomes and exit statuses (with several databases the first listed here that occurred wins):
   {EXIT_DATAERR}  not-a-database, corrupt   not SQLite, empty (0 bytes), a directory, malformed;
@@ -329,8 +381,8 @@ outcomes and exit statuses (with several databases the first listed here that oc
   {EXIT_NOPERM}  permission-denied          cannot read, or cannot write (read-only file/directory)
   {EXIT_SOFTWARE}  error                      an SQLite error this tool does not know
   {EXIT_TEMPFAIL}  busy                       readers or writers held the database through every
-                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {', '.join(f'{d:g}' for d in RETRY_DELAYS_S)} s apart, each waiting up
-                                to the busy timeout); the next run tries again
+                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {', '.join(f'{d:g}' for d in RETRY_DELAYS_S)} s apart, sharing the
+                                busy timeout); the next run tries again
    0  truncated                  checkpointed, WAL truncated to 0 bytes
    0  missing                    no such file: skipped with a notice
    0  not-wal                    not in WAL mode: reported, mode left alone (--ensure-wal)
@@ -351,8 +403,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON document instead of lines")
     p.add_argument("--ensure-wal", action="store_true",
                    help="switch a database that is not in WAL mode to WAL, then checkpoint it")
-    p.add_argument("--busy-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="how long each attempt waits for readers and writers (default 5, agor's value)")
+    p.add_argument("--busy-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
+                   help="the most all attempts on one database wait for locks, and so hold agor's writers "
+                        f"up (default {BUSY_TIMEOUT_S:g}, at most {MAX_BUSY_TIMEOUT_S:g}: agor's own checkpoint's)")
     p.add_argument("--retries", type=int, default=len(RETRY_DELAYS_S), metavar="N",
                    help=f"retries after a busy attempt, 0-{len(RETRY_DELAYS_S)} (default {len(RETRY_DELAYS_S)})")
     return p
@@ -374,10 +427,13 @@ _LEVELS = {EXIT_OK: 6, EXIT_TEMPFAIL: 4}  # info, warning; errors are 3
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not (0 <= args.busy_timeout <= 3600):
-        _parser().error(f"--busy-timeout must be between 0 and 3600 seconds, got {args.busy_timeout:g}")
+    if not (0 <= args.busy_timeout <= MAX_BUSY_TIMEOUT_S):
+        _parser().error(f"--busy-timeout must be between 0 and {MAX_BUSY_TIMEOUT_S:g} seconds, "
+                        f"got {args.busy_timeout:g}")
     if not (0 <= args.retries <= len(RETRY_DELAYS_S)):
         _parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
+    if "" in args.databases:
+        _parser().error("an empty database path")
     databases = args.databases or default_databases()
     results = []
     for db in databases:

@@ -26,9 +26,9 @@ def _seconds(value: float) -> str:
 
 
 def worst_case_s(config: Config) -> float:
-    """Longest a run can wait for locks: every attempt waits the busy timeout, plus the backoff."""
+    """Longest a run can wait: the attempts on a database share its busy timeout, plus the backoff."""
     walcheck = config.walcheck
-    per_db = (1 + len(RETRY_DELAYS_S)) * walcheck.busy_timeout_s + sum(RETRY_DELAYS_S)
+    per_db = walcheck.busy_timeout_s + sum(RETRY_DELAYS_S)
     return per_db * len(walcheck.databases)
 
 
@@ -70,7 +70,7 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     #   longer than the interval is followed by an immediate catch-up run, back to back, holding
     #   agor's writers up again at once. Counted from the end of a run, there is always one full
     #   interval without a checkpoint in between, however long a run took (a busy run waits up to
-    #   4 x busy timeout per database);
+    #   busy timeout + 1.75 s per database);
     # * no wall-clock alignment, so a clock change cannot bunch or skip runs, and Persistent=
     #   (which only applies to OnCalendar=) is not needed: after a suspend or a login the next run
     #   comes within one interval anyway.

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from agor_systemd.config import Config, WalcheckConfig, parse_config
+from agor_systemd.config import Config, ConfigError, WalcheckConfig, parse_config
 from agor_systemd.unitfile import HomePath
 from agor_systemd.verify import verify_units
 from agor_systemd.walcheck import (
@@ -63,11 +63,6 @@ class WalDb:
 
     def close(self) -> None:
         self.db.close()
-
-    def reopen(self) -> None:
-        self.db.close()
-        self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), isolation_level=None))
-        self.db.execute("PRAGMA wal_autocheckpoint=0")
 
 
 @pytest.fixture
@@ -153,9 +148,10 @@ def test_a_reader_blocks_truncate_then_the_next_run_truncates(waldb):
     assert reader.execute("SELECT count(*) FROM t").fetchone() == (200,)  # snapshot pins the WAL
     waldb.db["t"].insert({"id": 1000, "b": b"x"})
     sleeps = []
-    result = checkpoint(waldb.path, busy_timeout_s=0.05, retry_delays_s=FAST, sleep=sleeps.append)
+    result = checkpoint(waldb.path, busy_timeout_s=0.3, retry_delays_s=FAST, sleep=sleeps.append)
     assert (result.outcome, result.exit_status, result.busy, result.attempts) == ("busy", EXIT_TEMPFAIL, 1, 3)
     assert sleeps == list(FAST)
+    assert 0.25 < result.truncate_s < 0.3 + 0.3  # the three attempts share the busy timeout
     assert result.log_frames > 0 and result.wal_bytes_after == result.wal_bytes_before > 0
     assert "readers or writers held the database through 3 attempts" in result.message
 
@@ -200,6 +196,95 @@ def test_a_short_transaction_is_waited_for_within_the_busy_timeout(waldb):
     assert waldb.count() == 201
 
 
+# --- library use: the caller's own connections keep their locks ----------------------------------
+
+
+def count_elsewhere(path: Path) -> int:
+    """The row count a fresh process sees (opens, reads, closes: a last close deletes the WAL)."""
+    code = "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM t').fetchone()[0])"
+    return int(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              check=True, timeout=60).stdout)
+
+
+def test_library_call_keeps_the_callers_writer_locks(waldb):
+    # POSIX locks belong to the process: closing any descriptor of the database file drops the
+    # locks of every connection this process holds on it. Another process's last close then
+    # checkpoints and deletes -wal/-shm under the live writer, whose later commits go to the
+    # unlinked WAL: no other process sees them, and they are gone once the writer exits.
+    assert checkpoint(waldb.path).outcome == "truncated"
+    assert count_elsewhere(waldb.path) == 200
+    assert os.path.exists(f"{waldb.path}-wal") and os.path.exists(f"{waldb.path}-shm")
+    waldb.db["t"].insert_all({"id": 1000 + i, "b": b"after"} for i in range(20))
+    assert count_elsewhere(waldb.path) == 220
+
+
+# --- how long a run holds up agor's writers --------------------------------------------------------
+
+# inserts without a busy timeout (as agor's sessions.db connection) until stdin closes; prints
+# how long its inserts failed with "database is locked": each stall runs from the first failed
+# insert to the next one that succeeded
+NO_WAIT_WRITER = """
+import json, sqlite3, sys, threading, time
+c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+ok = failed = 0
+stalls, stalled_since = [], None
+while not stop.is_set():
+    try:
+        c.execute("INSERT INTO t(b) VALUES (randomblob(200))")
+    except sqlite3.OperationalError:
+        failed += 1
+        stalled_since = stalled_since or time.monotonic()
+    else:
+        ok += 1
+        if stalled_since is not None:
+            stalls.append(time.monotonic() - stalled_since)
+            stalled_since = None
+        if ok == 1:
+            print("writing", flush=True)
+    time.sleep(0.001)
+print(json.dumps({"ok": ok, "failed": failed, "stalls": stalls}))
+"""
+
+# a read transaction that pins the WAL until stdin closes: every TRUNCATE attempt waits for it
+PINNING_READER = """
+import sqlite3, sys
+r = sqlite3.connect(sys.argv[1], isolation_level=None)
+r.execute("BEGIN"); r.execute("SELECT count(*) FROM t").fetchone()
+print("reading", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_timeout(tmp_path):
+    path = tmp_path / "sessions.db"
+    db = sqlite_utils.Database(path)
+    db.enable_wal()
+    db["t"].insert({"b": b"x"})
+    db.close()
+    reader = subprocess.Popen([sys.executable, "-c", PINNING_READER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", NO_WAIT_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "reading\n" and writer.stdout.readline() == "writing\n"
+        time.sleep(0.3)
+        cp = walcheck("--json", path)  # the timer's defaults
+        time.sleep(0.3)
+    finally:
+        stats = json.loads(writer.communicate("", timeout=30)[0])
+        reader.communicate("", timeout=30)
+    (entry,) = json.loads(cp.stdout)["databases"]
+    assert (cp.returncode, entry["outcome"], entry["attempts"]) == (EXIT_TEMPFAIL, "busy", 4), cp.stdout
+    # the attempts held the writer up while they waited for the reader, and only then
+    assert stats["failed"] > 0 and 0 < len(stats["stalls"]) <= 4, stats
+    # the four attempts share the 1 s default busy timeout (before: 5 s each, 20 s per run; agor's
+    # own checkpoint: up to 5 s); the slack is for a loaded machine
+    assert sum(stats["stalls"]) < 1.0 + 1.5 and max(stats["stalls"]) < 0.25 + 0.75, stats
+    assert 0.9 < entry["truncate_s"] < 1.0 + 1.0
+
+
 # --- bad inputs: one line, non-zero, the file untouched -------------------------------------------
 
 
@@ -216,8 +301,8 @@ def make_truncated(path: Path, wal: bool) -> None:
 @pytest.mark.parametrize(("kind", "outcome", "needle"), [
     ("directory", "not-a-database", "is a directory"),
     ("empty", "not-a-database", "empty file (0 bytes)"),
-    ("random", "not-a-database", "no SQLite header"),
-    ("short", "not-a-database", "no SQLite header"),
+    ("random", "not-a-database", "no valid SQLite header (65536 bytes)"),
+    ("short", "not-a-database", "no valid SQLite header (19 bytes)"),
     ("header-then-garbage", "not-a-database", "file is not a database (SQLITE_NOTADB)"),
     ("truncated-rollback", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
     ("truncated-wal", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
@@ -262,6 +347,19 @@ def test_empty_database_next_to_a_wal_keeps_the_wal(tmp_path, waldb):
     assert sha(Path(f"{empty}-wal")) == wal_digest and empty.stat().st_size == 0
 
 
+def test_junk_next_to_a_wal_is_not_recovered_into(tmp_path, waldb):
+    # a read-write SQLite connection would take page 1 from the WAL, accept the junk as a
+    # database, and its last close would checkpoint the WAL into the junk and delete the WAL
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(random.Random(3).randbytes(64 * 1024))
+    shutil.copyfile(f"{waldb.path}-wal", f"{junk}-wal")
+    digests = sha(junk), sha(Path(f"{junk}-wal"))
+    result = checkpoint(junk)
+    assert result.outcome == "not-a-database" and "SQLITE_NOTADB" in result.message
+    assert (sha(junk), sha(Path(f"{junk}-wal"))) == digests
+    assert not Path(f"{junk}-shm").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only file (the integration test covers it)")
 def test_read_only_file_is_permission_denied(waldb):
     waldb.close()
@@ -283,6 +381,36 @@ def test_path_with_spaces_and_percent(tmp_path):
         assert not (tmp_path / "a dir ").exists() and sorted(p.name for p in tmp_path.iterdir()) == [odd.parent.name]
     finally:
         db.close()
+
+
+def test_a_symlinked_database_reports_the_wal_beside_its_target(tmp_path):
+    # SQLite follows the link: the WAL lives beside the target, not beside the link
+    (tmp_path / "data").mkdir()
+    (tmp_path / "links").mkdir()
+    db = WalDb(tmp_path / "data" / "btmsg.db", rows=50)
+    try:
+        before = db.wal_size
+        link = tmp_path / "links" / "btmsg.db"
+        link.symlink_to("../data/btmsg.db")
+        result = checkpoint(link)
+        assert (result.outcome, result.path) == ("truncated", str(link))
+        assert (result.wal_bytes_before, result.wal_bytes_after) == (before, 0) and db.wal_size == 0
+        assert f"WAL {size_text(before)} -> 0 B" in result.message
+        assert sorted(p.name for p in (tmp_path / "links").iterdir()) == ["btmsg.db"]
+        assert db.count() == 50
+    finally:
+        db.close()
+
+
+def test_a_symlink_to_an_empty_file_reports_the_wal_beside_the_target(tmp_path, waldb):
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    shutil.copyfile(f"{waldb.path}-wal", f"{empty}-wal")
+    link = tmp_path / "link.db"
+    link.symlink_to(empty.name)
+    result = checkpoint(link)
+    assert result.outcome == "not-a-database" and f"its WAL ({size_text(waldb.wal_size)}) left alone" in result.message
+    assert result.wal_bytes_before == waldb.wal_size
 
 
 # --- disk full: nothing damaged, the next run succeeds --------------------------------------------
@@ -357,14 +485,16 @@ def test_disk_full_during_checkpoint_on_a_tiny_tmpfs(tmp_path):
 
 def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
     rng = random.Random(7)
+    # how long one unkilled run takes here (on a twin), so the kills land inside runs; never
+    # copy a database file while this process holds a connection to it: closing the copy's
+    # descriptor would drop that connection's POSIX locks
+    twin = WalDb(tmp_path / "twin.db", rows=2500, blob=4000)
+    started = time.monotonic()
+    assert walcheck(twin.path).returncode == 0
+    run_s = time.monotonic() - started
+    twin.close()
     db = WalDb(tmp_path / "big.db", rows=2500, blob=4000)  # ~13 MiB of WAL
     try:
-        # how long one unkilled run takes here (on a copy), so the kills land inside runs
-        shutil.copyfile(db.path, tmp_path / "calib.db")
-        shutil.copyfile(f"{db.path}-wal", tmp_path / "calib.db-wal")
-        started = time.monotonic()
-        assert walcheck(tmp_path / "calib.db").returncode == 0
-        run_s = time.monotonic() - started
         kills = 0
         for round_ in range(6):
             db.db["t"].insert({"id": 100_000 + round_, "b": b"marker"})
@@ -376,10 +506,7 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
                 kills += 1
             proc.wait()
             assert integrity(db.path) == "ok"
-            # a writer connection that lived through a killed TRUNCATE can hold stale wal-index
-            # state and fail with SQLITE_IOERR_SHORT_READ (seen ~1 in 5 runs under load; a known
-            # hazard of TRUNCATE, docs/walcheck.md); agor reopens after an error, so does this
-            db.reopen()
+            # the same writer connection carries on through every kill
             db.db["t"].insert_all(({"id": 200_000 + round_ * 1000 + i, "b": os.urandom(4000)} for i in range(500)))
         assert kills >= 2
         assert checkpoint(db.path).outcome == "truncated"
@@ -411,8 +538,9 @@ def test_cli_json_mixed_outcomes_and_exit_status(tmp_path, waldb):
     doc = json.loads(cp.stdout)
     assert doc["exit_status"] == EXIT_DATAERR
     assert [d["outcome"] for d in doc["databases"]] == ["truncated", "missing", "not-a-database"]
-    assert cp.stderr.splitlines() == [f"agor-walcheck: {tmp_path / 'junk.db'}: not-a-database: no SQLite header "
-                                      "(170 bytes), not an SQLite database; file left untouched"]
+    assert cp.stderr.splitlines() == [f"agor-walcheck: {tmp_path / 'junk.db'}: not-a-database: no valid SQLite "
+                                      "header (170 bytes), not an SQLite database: file is not a database "
+                                      "(SQLITE_NOTADB); file left untouched"]
 
 
 def test_cli_lines_go_to_stdout_and_defaults_are_agors_databases(tmp_path):
@@ -434,11 +562,17 @@ def test_cli_lines_go_to_stdout_and_defaults_are_agors_databases(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--bogus"], ["--busy-timeout", "soon"], ["--busy-timeout", "-1"],
-                                  ["--retries", "9"]])
+                                  ["--busy-timeout", "5.5"], ["--busy-timeout", "nan"], ["--retries", "9"]])
 def test_cli_usage_errors_are_one_line(args):
     cp = walcheck(*args)
     assert cp.returncode == 2 and cp.stdout == ""
     assert len(cp.stderr.splitlines()) == 1 and cp.stderr.startswith("agor-walcheck: error: ")
+
+
+def test_cli_empty_database_argument_is_a_usage_error():
+    cp = walcheck("")
+    assert (cp.returncode, cp.stdout) == (2, "")
+    assert cp.stderr == "agor-walcheck: error: an empty database path (see --help)\n"
 
 
 def test_cli_help_explains_outcomes_and_statuses():
@@ -466,9 +600,9 @@ def test_default_units():
     assert (service.name, timer.name) == (WALCHECK_SERVICE, WALCHECK_TIMER)
     s, t = settings(service.render()), settings(timer.render())
     assert s["Type"] == ["oneshot"]
-    assert s["ExecStart"] == [':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "5" "--" '
+    assert s["ExecStart"] == [':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "1" "--" '
                               '"%h/.local/share/agor/sessions.db" "%h/.local/share/agor/btmsg.db"']
-    assert s["StartLimitIntervalSec"] == ["0"] and s["TimeoutStartSec"] == ["644s"]
+    assert s["StartLimitIntervalSec"] == ["0"] and s["TimeoutStartSec"] == ["606s"]
     assert "[Install]" not in service.render()  # started by the timer only
     assert t["OnStartupSec"] == ["60s"] and t["OnUnitInactiveSec"] == ["300s"] and t["AccuracySec"] == ["1s"]
     assert "OnCalendar" not in t and "Persistent" not in t and "OnUnitActiveSec" not in t
@@ -484,6 +618,20 @@ def test_units_from_a_walcheck_table_with_odd_paths():
                               '"--" "%h/data %%h dir/s.db" "/srv/a b/c%%d.db"']
     assert t["OnStartupSec"] == ["1s"] and t["OnUnitInactiveSec"] == ["1s"]
     assert verify_units({service.name: service.render(), timer.name: timer.render()}) == []
+
+
+def test_an_empty_databases_list_is_refused():
+    # empty would run the CLI without paths, which checkpoints agor's default databases
+    with pytest.raises(ConfigError, match=r"\[walcheck\] databases is empty"):
+        parse_config({"walcheck": {"databases": []}})
+
+
+def test_busy_timeout_is_at_most_agors_five_seconds(tmp_path):
+    assert parse_config({"walcheck": {"busy_timeout_s": 5}}).walcheck.busy_timeout_s == 5
+    with pytest.raises(ConfigError, match="busy_timeout_s"):
+        parse_config({"walcheck": {"busy_timeout_s": 5.5}})
+    with pytest.raises(ValueError, match="between 0 and 5"):
+        checkpoint(tmp_path / "x.db", busy_timeout_s=6)
 
 
 def test_timer_interval_keeps_sub_second_precision():

@@ -11,16 +11,21 @@ docs/supervision.md):
   a hung sidecar gets WATCHDOG=trigger, so systemd kills and restarts it (Result=watchdog);
 * STATUS= that keeps `systemctl status` truthful ("ready; pid 1234; up 2m; attempt 2/5");
 * the sidecar's stdout/stderr go to the journal one line per record with a priority
-  (stdout info, stderr warning; a line's own <N> prefix wins);
-* stop signals are forwarded, and when the sidecar dies the launcher reports the cause and
-  exits the way the sidecar did, so systemd's Restart= logic follows the sidecar's fate;
+  (stdout info, stderr warning; a line's own <0>..<7> prefix wins), every record of a long
+  line included;
+* stop signals are forwarded; after a stop it waits for the rest of the unit and exits 0;
+  when the sidecar dies on its own the launcher reports the cause and exits the way the
+  sidecar did, so systemd's Restart= logic follows the sidecar's fate;
 * give-up at once: after the last allowed crash it exits with GAVE_UP_STATUS, which the unit
   lists in RestartPreventExitStatus=;
 * fallback backoff (systemd < 254, or a schedule systemd cannot express): the unit restarts
   it at once (RestartSec=0) and it waits out the rest of the delay, measured from the crash
   (InactiveEnterTimestampMonotonic), while the unit stays `activating`;
-* stability window: after the sidecar has run that long, the restart counter is reset
+* stability window: after the sidecar has been ready that long, the restart counter is reset
   (RESTART_RESET=1 on systemd ≥ 258, ResetFailedUnit over D-Bus before).
+
+With --forward-output it is the forwarder that takes a crashed sidecar's pipes over
+(forward_output).
 
 This runs on every restart, so it imports almost nothing up front: D-Bus goes through
 libsystemd with ctypes (pystemd's import alone costs ~45 ms), everything else is imported

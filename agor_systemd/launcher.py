@@ -169,6 +169,31 @@ class ManagerBus:
         self._call(f"read {name.decode()} of {unit}", get)
         return value.value
 
+    def _string_property(self, unit: str, interface: bytes, name: bytes) -> str:
+        ctypes = self._ctypes
+        value = ctypes.c_void_p()  # a malloc'ed C string, ours to free
+
+        def get() -> int:
+            return self._lib.sd_bus_get_property_string(
+                self._bus, self.DESTINATION, bus_path(unit), interface, name,
+                ctypes.byref(self._error()), ctypes.byref(value))
+
+        self._call(f"read {name.decode()} of {unit}", get)
+        try:
+            return ctypes.string_at(value).decode()
+        finally:
+            ctypes.CDLL(None).free(value)
+
+    def sub_state(self, unit: str) -> str:
+        return self._string_property(unit, b"org.freedesktop.systemd1.Unit", b"SubState")
+
+    def kill_mode(self, unit: str) -> str:
+        return self._string_property(unit, b"org.freedesktop.systemd1.Service", b"KillMode")
+
+    def close(self) -> None:
+        self._lib.sd_bus_unref(self._bus)
+        self._bus = self._ctypes.c_void_p()
+
     def restart_count(self, unit: str) -> int:
         return self._property(unit, b"org.freedesktop.systemd1.Service", b"NRestarts", b"u", self._ctypes.c_uint32)
 
@@ -508,14 +533,31 @@ class Supervisor:
         _signal.signal(_signal.SIGABRT, self.watchdog_timeout)  # systemd's default WatchdogSignal=
 
     def forward(self, signum: int, _frame) -> None:
-        if signum == _signal.SIGTERM and self.hung is not None:
-            # the unit's WatchdogSignal= answering our WATCHDOG=trigger (KillMode=control-group:
-            # everyone in the unit got it, so agents can shut down cleanly)
+        if signum == _signal.SIGHUP:
+            self.signal_child(signum)
+            return
+        # SIGTERM is also the unit's WatchdogSignal=, answering our WATCHDOG=trigger
+        systemd_doing = self.systemd_signalling_all() if signum == _signal.SIGTERM and self.hung is None else None
+        if signum == _signal.SIGTERM and (self.hung is not None or systemd_doing == "stop-watchdog"):
             self.watchdog_timeout(signum, _frame)
             return
-        if signum != _signal.SIGHUP:
-            self.stopping = True
-        self.signal_child(signum)
+        self.stopping = True
+        if systemd_doing != "stop-sigterm":  # else the sidecar has its SIGTERM: a second one
+            self.signal_child(signum)        # could end a once-only handler mid-shutdown
+
+    def systemd_signalling_all(self) -> str | None:
+        """The unit's SubState when systemd is signalling every process of the unit itself
+        (KillMode=control-group), else None; None also when systemd cannot be asked."""
+        try:
+            bus = ManagerBus(self.options.system)
+            try:
+                if bus.kill_mode(self.options.unit) != "control-group":
+                    return None
+                return bus.sub_state(self.options.unit)
+            finally:
+                bus.close()
+        except OSError:
+            return None
 
     def watchdog_timeout(self, _signum: int, _frame) -> None:
         """systemd gave up on us: end the sidecar for good, even if it is stopped (SIGSTOP)."""

@@ -126,8 +126,8 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
         # sidecar, agents get SIGTERM (SIGABRT, the default, would abort them with core dumps)
         unit.add("Service", "WatchdogSec", usec_text(round(watchdog.interval_s * 1e6)))
         unit.add("Service", "WatchdogSignal", "SIGTERM")
-        # the grace period after a watchdog kill; then SIGKILL (the default, TimeoutStopSec=,
-        # would keep a hung unit "deactivating" for 90 s)
+        # the launcher ends at once on WatchdogSignal=; should it not, SIGKILL follows soon (the
+        # default, TimeoutStopSec=, would keep a hung unit "deactivating" for 90 s)
         unit.add("Service", "TimeoutAbortSec", "5s")
     # On a stop (and after a crash) every process in the unit gets SIGTERM — the sidecar, its
     # agents, their git — and TimeoutStopSec= to finish; only then SIGKILL. (KillMode=mixed

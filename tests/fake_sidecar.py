@@ -27,6 +27,7 @@ start's number; the last line repeats), else BEHAVIOUR:
                   on SIGTERM each takes 0.3 s to flush, the first prints a line, then each
                   adds "N TERM" to file F; once both work, print "agents: working" and hang
     agents-crash:F  the same agents; exit with status 3 once both work
+    count-term:F  add a line to file F for every SIGTERM; exit 0.5 s after the first
 """
 
 import json
@@ -155,6 +156,18 @@ def act(behaviour):
         os._exit(3)
     if kind in ("agents", "agents-crash"):
         start_agents(arg)
+    if kind == "count-term":
+        received = []
+
+        def count(*_):
+            with open(arg, "a") as f:
+                f.write("TERM\n")
+            received.append(time.monotonic())
+
+        signal.signal(signal.SIGTERM, count)
+        while not received or time.monotonic() - received[0] < 0.5:
+            time.sleep(0.05)
+        os._exit(0)
     if kind == "agents-crash":
         os._exit(3)
     if kind == "log":

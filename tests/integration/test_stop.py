@@ -32,6 +32,17 @@ def test_stop_gives_the_agents_sigterm_and_time_to_flush(user_manager, fake_side
     assert user_manager.unit_property(UNIT, "Result") == "success"
 
 
+def test_the_sidecar_gets_one_sigterm_on_a_stop(user_manager, fake_sidecar_path):
+    """systemd signals everyone in the unit; the launcher must not send the sidecar a second one
+    (a Node sidecar with process.once('SIGTERM', …) would die of it mid-shutdown)."""
+    counted = user_manager.write_file("sidecar-data/.keep", "").parent / "sigterms"
+    counted.unlink(missing_ok=True)
+    install_sidecar(user_manager, fake_sidecar_path, [f"count-term:{counted}"])
+    wait_health(user_manager, "healthy", timeout=5)
+    user_manager.systemctl("stop", UNIT, check=True)
+    assert counted.read_text() == "TERM\n"
+
+
 def test_nonzero_exit_on_sigterm_is_a_clean_stop(user_manager, fake_sidecar_path):
     """A sidecar exiting 7 on SIGTERM (a JVM's 143, exit(1) handlers): stop and restart never fail."""
     seen = len(user_manager.journal_lines(UNIT))

@@ -43,6 +43,18 @@ def test_the_sidecar_gets_one_sigterm_on_a_stop(user_manager, fake_sidecar_path)
     assert counted.read_text() == "TERM\n"
 
 
+def test_sigterm_to_the_launcher_alone_is_forwarded(user_manager, fake_sidecar_path):
+    """`kill $MAINPID`: only the launcher gets it, so it passes it on; as for any unrequested
+    exit of the main process, systemd restarts the unit."""
+    counted = user_manager.write_file("sidecar-data/.keep", "").parent / "sigterms"
+    counted.unlink(missing_ok=True)
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, [f"count-term:{counted}", "hang"])
+    wait_health(user_manager, "healthy", timeout=5)
+    user_manager.systemctl("kill", "--kill-whom=main", "--signal=TERM", UNIT, check=True)
+    wait_for("the restart", lambda: len(sidecar.starts()) == 2, timeout=10)
+    assert counted.read_text() == "TERM\n"
+
+
 def test_nonzero_exit_on_sigterm_is_a_clean_stop(user_manager, fake_sidecar_path):
     """A sidecar exiting 7 on SIGTERM (a JVM's 143, exit(1) handlers): stop and restart never fail."""
     seen = len(user_manager.journal_lines(UNIT))

@@ -11,9 +11,11 @@ docs/supervision.md):
   a hung sidecar gets WATCHDOG=trigger, so systemd kills and restarts it (Result=watchdog);
 * STATUS= that keeps `systemctl status` truthful ("ready; pid 1234; up 2m; attempt 2/5");
 * the sidecar's stdout/stderr go to the journal one line per record with a priority
-  (stdout info, stderr warning; a line's own <N> prefix wins);
-* stop signals are forwarded, and when the sidecar dies the launcher reports the cause and
-  exits the way the sidecar did, so systemd's Restart= logic follows the sidecar's fate;
+  (stdout info, stderr warning; a line's own <0>..<7> prefix wins), every record of a long
+  line included;
+* stop signals are forwarded; after a stop it waits for the rest of the unit and exits 0;
+  when the sidecar dies on its own the launcher reports the cause and exits the way the
+  sidecar did, so systemd's Restart= logic follows the sidecar's fate;
 * give-up at once: after the last allowed crash it exits with GAVE_UP_STATUS, which the unit
   lists in RestartPreventExitStatus=;
 * a start that cannot spawn the sidecar (working directory, environment file or program gone)
@@ -22,8 +24,11 @@ docs/supervision.md):
 * fallback backoff (systemd < 254, or a schedule systemd cannot express): the unit restarts
   it at once (RestartSec=0) and it waits out the rest of the delay, measured from the crash
   (InactiveEnterTimestampMonotonic), while the unit stays `activating`;
-* stability window: after the sidecar has run that long, the restart counter is reset
+* stability window: after the sidecar has been ready that long, the restart counter is reset
   (RESTART_RESET=1 on systemd ≥ 258, ResetFailedUnit over D-Bus before).
+
+With --forward-output it is the forwarder that takes a crashed sidecar's pipes over
+(forward_output).
 
 This runs on every restart, so it imports almost nothing up front: D-Bus goes through
 libsystemd with ctypes (pystemd's import alone costs ~45 ms), everything else is imported
@@ -53,7 +58,9 @@ LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split th
 READY_POLL_S = 0.05
 LIVENESS_CHECK_S = 0.25
 STATUS_REFRESH_S = 10.0
+CGROUP_CHECK_MS = 50  # on a stop: how often to look whether the rest of the unit has ended
 READY_LINE = b'{"type":"ready"}'
+FORWARD_OUTPUT = "--forward-output"  # the launcher's second role, see forward_output()
 
 
 def log(message: str, priority: int = NOTICE) -> None:
@@ -89,25 +96,57 @@ def bus_path(unit: str) -> bytes:
 
 
 class ManagerBus:
-    """The few D-Bus calls the launcher makes, through libsystemd's sd-bus via ctypes."""
+    """The few D-Bus calls the launcher makes, through libsystemd's sd-bus via ctypes.
+
+    The connection is opened at start and used again at the stability window, possibly hours
+    later: a manager re-exec in between (distribution upgrades do one) resets it. Each call
+    therefore reconnects and retries while the manager is coming back."""
 
     DESTINATION = b"org.freedesktop.systemd1"
+    RECONNECT_S = 10.0  # a re-exec takes well under a second; a loaded machine gets more
+    RECONNECT_PAUSE_S = 0.1
 
     def __init__(self, system: bool) -> None:
         import ctypes
 
         self._ctypes = ctypes
-        lib = ctypes.CDLL("libsystemd.so.0")
-        self._lib = lib
+        self._lib = ctypes.CDLL("libsystemd.so.0")
+        self._system = system
         self._bus = ctypes.c_void_p()
-        if system:
-            self._check(lib.sd_bus_open_system(ctypes.byref(self._bus)), "connect to the system bus")
-        else:
-            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-            address = b"unix:path=" + os.fsencode(runtime) + b"/systemd/private"
-            self._check(lib.sd_bus_new(ctypes.byref(self._bus)), "create a bus")
-            self._check(lib.sd_bus_set_address(self._bus, address), "set the bus address")
-            self._check(lib.sd_bus_start(self._bus), f"connect to {address.decode(errors='replace')}")
+        self._check(self._connect(), "connect to the service manager")
+
+    def _connect(self) -> int:
+        """Open the connection; a negative errno on failure."""
+        ctypes, lib = self._ctypes, self._lib
+        if self._bus.value:
+            lib.sd_bus_unref(self._bus)
+        self._bus = ctypes.c_void_p()
+        if self._system:
+            return lib.sd_bus_open_system(ctypes.byref(self._bus))
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        result = lib.sd_bus_new(ctypes.byref(self._bus))
+        if result >= 0:
+            result = lib.sd_bus_set_address(self._bus, b"unix:path=" + os.fsencode(runtime) + b"/systemd/private")
+        return lib.sd_bus_start(self._bus) if result >= 0 else result
+
+    def _call(self, what: str, call) -> None:
+        """Run `call` (an sd-bus call returning a negative errno on failure); on a connection
+        the manager dropped, reconnect and retry for up to RECONNECT_S."""
+        import errno
+
+        dropped = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
+        coming_back = (*dropped, errno.ECONNREFUSED, errno.ENOENT)  # the socket is re-created
+        deadline = time.monotonic() + self.RECONNECT_S
+        result = call()
+        if result < 0 and -result in dropped:
+            while True:
+                result = self._connect()
+                if result >= 0:
+                    result = call()
+                if result >= 0 or -result not in coming_back or time.monotonic() > deadline:
+                    break
+                time.sleep(self.RECONNECT_PAUSE_S)
+        self._check(result, what)
 
     def _check(self, result: int, what: str) -> None:
         if result < 0:
@@ -124,12 +163,39 @@ class ManagerBus:
     def _property(self, unit: str, interface: bytes, name: bytes, kind: bytes, ctype):
         ctypes = self._ctypes
         value = ctype()
-        error = self._error()
-        result = self._lib.sd_bus_get_property_trivial(
-            self._bus, self.DESTINATION, bus_path(unit), interface, name,
-            ctypes.byref(error), ctypes.c_char(kind), ctypes.byref(value))
-        self._check(result, f"read {name.decode()} of {unit}")
+
+        def get() -> int:
+            return self._lib.sd_bus_get_property_trivial(
+                self._bus, self.DESTINATION, bus_path(unit), interface, name,
+                ctypes.byref(self._error()), ctypes.c_char(kind), ctypes.byref(value))
+
+        self._call(f"read {name.decode()} of {unit}", get)
         return value.value
+
+    def _string_property(self, unit: str, interface: bytes, name: bytes) -> str:
+        ctypes = self._ctypes
+        value = ctypes.c_void_p()  # a malloc'ed C string, ours to free
+
+        def get() -> int:
+            return self._lib.sd_bus_get_property_string(
+                self._bus, self.DESTINATION, bus_path(unit), interface, name,
+                ctypes.byref(self._error()), ctypes.byref(value))
+
+        self._call(f"read {name.decode()} of {unit}", get)
+        try:
+            return ctypes.string_at(value).decode()
+        finally:
+            ctypes.CDLL(None).free(value)
+
+    def sub_state(self, unit: str) -> str:
+        return self._string_property(unit, b"org.freedesktop.systemd1.Unit", b"SubState")
+
+    def kill_mode(self, unit: str) -> str:
+        return self._string_property(unit, b"org.freedesktop.systemd1.Service", b"KillMode")
+
+    def close(self) -> None:
+        self._lib.sd_bus_unref(self._bus)
+        self._bus = self._ctypes.c_void_p()
 
     def restart_count(self, unit: str) -> int:
         return self._property(unit, b"org.freedesktop.systemd1.Service", b"NRestarts", b"u", self._ctypes.c_uint32)
@@ -141,11 +207,13 @@ class ManagerBus:
     def reset_failed(self, unit: str) -> None:
         """Manager.ResetFailedUnit: on an active unit it zeroes NRestarts and the start limiter."""
         ctypes = self._ctypes
-        error = self._error()
-        result = self._lib.sd_bus_call_method(
-            self._bus, self.DESTINATION, b"/org/freedesktop/systemd1", b"org.freedesktop.systemd1.Manager",
-            b"ResetFailedUnit", ctypes.byref(error), None, b"s", unit.encode())
-        self._check(result, f"reset the restart counter of {unit}")
+
+        def reset() -> int:
+            return self._lib.sd_bus_call_method(
+                self._bus, self.DESTINATION, b"/org/freedesktop/systemd1", b"org.freedesktop.systemd1.Manager",
+                b"ResetFailedUnit", ctypes.byref(self._error()), None, b"s", unit.encode())
+
+        self._call(f"reset the restart counter of {unit}", reset)
 
 
 def monotonic_usec() -> int:
@@ -174,8 +242,9 @@ def exit_like(code: int, status: int) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # imitate the signal, not a launcher core dump
-    _signal.signal(status, _signal.SIG_DFL)
-    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [status])
+    if status != _signal.SIGKILL:  # SIGKILL (the OOM killer, kill -9) can have no handler and no mask
+        _signal.signal(status, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [status])
     os.kill(os.getpid(), status)
     sys.exit(128 + status)  # the signal's default action is to ignore it
 
@@ -229,6 +298,26 @@ def probe_once(probe: str, timeout_s: float) -> str | None:
     return None if done.returncode == 0 else f"probe exited with status {done.returncode}"
 
 
+def split_priority(line: bytes, default: bytes) -> tuple[bytes, bytes]:
+    """(prefix, text): a line's own sd-daemon prefix <0>…<7>, else the stream's `default`.
+    journald accepts no other (<8>, <9> would be logged as text at info)."""
+    if len(line) >= 3 and line[:1] == b"<" and b"0" <= line[1:2] <= b"7" and line[2:3] == b">":
+        return line[:3], line[3:]
+    return default, line
+
+
+def journal_records(prefix: bytes, text: bytes) -> list[bytes]:
+    """`text` as records that each carry `prefix` and fit journald's LineMax=, which counts the
+    prefix: a longer record would be split by journald and its tail logged at info."""
+    size = LINE_MAX - 1 - len(prefix)  # journald needs the newline within LineMax bytes
+    return [prefix + text[i:i + size] for i in range(0, max(len(text), 1), size)]
+
+
+def write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class OutputStream:
     """One of the sidecar's output pipes, forwarded to the journal line by line."""
 
@@ -238,6 +327,8 @@ class OutputStream:
         self.prefix = f"<{priority}>".encode()
         self.on_line = on_line
         self.pending = b""
+        self.pending_prefix: bytes | None = None  # the priority of a long line whose start went out
+        self.open = True
 
     def read(self) -> bool:
         """Forward what is available; False at end of file."""
@@ -246,37 +337,123 @@ class OutputStream:
         except BlockingIOError:
             return True
         if not data:
-            if self.pending:
-                self.emit(self.pending)
-                self.pending = b""
+            self.flush()
+            self.open = False
             return False
-        lines = (self.pending + data).split(b"\n")
-        self.pending = lines.pop()
-        while len(self.pending) > LINE_MAX:
-            lines.append(self.pending[:LINE_MAX])
-            self.pending = self.pending[LINE_MAX:]
-        for line in lines:
-            self.emit(line)
+        self.feed(data)
         return True
 
-    def emit(self, line: bytes) -> None:
-        has_priority = len(line) >= 3 and line[:1] == b"<" and line[1:2].isdigit() and line[2:3] == b">"
-        os.write(1, (line if has_priority else self.prefix + line) + b"\n")
-        self.on_line(self, line)
+    def feed(self, data: bytes) -> None:
+        # journald ends a record at a NUL byte too: make it a line break so the rest keeps a priority
+        lines = (self.pending + data.replace(b"\0", b"\n")).split(b"\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self.emit(line)
+        prefix, text = self.split(self.pending)
+        size = LINE_MAX - 1 - len(prefix)
+        if len(text) > size:  # send the full records of a long line now, the rest keeps its priority
+            whole = (len(text) - 1) // size * size
+            self.write(prefix, text[:whole])
+            self.pending, self.pending_prefix = text[whole:], prefix
 
-    def drain(self) -> None:
-        """After the sidecar exited: take what is buffered, without waiting for grandchildren."""
-        os.set_blocking(self.fd, False)
-        while self.read() and self._has_more():
-            pass
-        if self.pending:
+    def split(self, line: bytes) -> tuple[bytes, bytes]:
+        if self.pending_prefix is not None:
+            return self.pending_prefix, line
+        return split_priority(line, self.prefix)
+
+    def emit(self, line: bytes) -> None:
+        prefix, text = self.split(line)
+        self.pending_prefix = None
+        self.write(prefix, text)
+
+    def write(self, prefix: bytes, text: bytes) -> None:
+        write_all(1, b"".join(record + b"\n" for record in journal_records(prefix, text)))
+        self.on_line(self, text)
+
+    def flush(self) -> None:
+        """End a last line that has no newline."""
+        if self.pending or self.pending_prefix is not None:
             self.emit(self.pending)
             self.pending = b""
 
-    def _has_more(self) -> bool:
-        import select
+    def drain_available(self) -> None:
+        """After the sidecar exited: forward what is in the pipe at this moment, and not a byte
+        more. A descendant (an agent, `yes`, a build) may hold the pipe open and write forever;
+        waiting for it would keep the sidecar a zombie and the crash unnoticed."""
+        import fcntl
+        import termios
 
-        return bool(select.select([self.fd], [], [], 0)[0])
+        os.set_blocking(self.fd, False)
+        available = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
+        left = int.from_bytes(available, sys.byteorder)
+        while left > 0:
+            data = os.read(self.fd, min(left, 65536))  # these bytes are in the pipe: no EOF, no wait
+            self.feed(data)
+            left -= len(data)
+        if self.open:
+            self.read()  # at end of file unless a descendant still holds the pipe
+        self.flush()
+
+
+def cgroup_procs_file(proc_self_cgroup: str) -> str | None:
+    """The cgroup.procs file of this process's cgroup in the hierarchy systemd tracks units in:
+    the legacy name=systemd one on hybrid machines, else the unified one."""
+    paths = {}
+    for line in proc_self_cgroup.splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        paths[controllers if hierarchy != "0" else ""] = path
+    if "name=systemd" in paths:
+        return f"/sys/fs/cgroup/systemd{paths['name=systemd']}/cgroup.procs"
+    if "" in paths:
+        return f"/sys/fs/cgroup{paths['']}/cgroup.procs"
+    return None
+
+
+def own_cgroup_procs_file() -> str | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            return cgroup_procs_file(f.read())
+    except OSError:
+        return None
+
+
+def others_in_cgroup(procs_file: str | None) -> bool:
+    """Whether processes other than this one are left in the unit (False when unknown)."""
+    if procs_file is None:
+        return False
+    try:
+        with open(procs_file) as f:
+            return any(int(pid) != os.getpid() for pid in f.read().split())
+    except OSError:
+        return False
+
+
+def forward_until_closed(streams: dict[int, OutputStream], until_alone_in: str | None = None) -> None:
+    """Forward the streams until every writer has closed them and, with `until_alone_in` (a
+    cgroup.procs file), until no other process is left in the unit."""
+    import select
+
+    poller = select.poll()
+    for fd, stream in streams.items():
+        if stream.open:
+            poller.register(fd, select.POLLIN)
+    while any(stream.open for stream in streams.values()) or others_in_cgroup(until_alone_in):
+        for fd, _ in poller.poll(CGROUP_CHECK_MS if until_alone_in else -1):
+            if not streams[fd].read():
+                poller.unregister(fd)
+
+
+def forward_output() -> None:
+    """agor-launch --forward-output: fds 3 and 4 are the stdout and stderr pipes of a sidecar that
+    ended, handed over by the launcher; forward them until the sidecar's descendants are gone."""
+    for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+        _signal.signal(signum, _signal.SIG_IGN)  # the descendants' last words come after a SIGTERM
+
+    def ignore(_stream: OutputStream, _line: bytes) -> None:
+        pass
+
+    forward_until_closed({3: OutputStream(3, INFO, ignore, is_stdout=True),
+                          4: OutputStream(4, WARNING, ignore, is_stdout=False)})
 
 
 def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset) -> int:
@@ -325,6 +502,7 @@ class Supervisor:
         self.probe_reason: str | None = None
         self.denial: str | None = None  # the first path the sandbox refused, explained (sandbox.denial_hint)
         self.last_output = time.monotonic()
+        self.stable_at = float("inf")  # set at READY: a run counts as stable only from then
         usec = os.environ.get("WATCHDOG_USEC", "")
         owner = os.environ.get("WATCHDOG_PID", str(os.getpid()))
         self.ping_s = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and owner == str(os.getpid()) else 0.0
@@ -359,9 +537,31 @@ class Supervisor:
         _signal.signal(_signal.SIGABRT, self.watchdog_timeout)  # systemd's default WatchdogSignal=
 
     def forward(self, signum: int, _frame) -> None:
-        if signum != _signal.SIGHUP:
-            self.stopping = True
-        self.signal_child(signum)
+        if signum == _signal.SIGHUP:
+            self.signal_child(signum)
+            return
+        # SIGTERM is also the unit's WatchdogSignal=, answering our WATCHDOG=trigger
+        systemd_doing = self.systemd_signalling_all() if signum == _signal.SIGTERM and self.hung is None else None
+        if signum == _signal.SIGTERM and (self.hung is not None or systemd_doing == "stop-watchdog"):
+            self.watchdog_timeout(signum, _frame)
+            return
+        self.stopping = True
+        if systemd_doing != "stop-sigterm":  # else the sidecar has its SIGTERM: a second one
+            self.signal_child(signum)        # could end a once-only handler mid-shutdown
+
+    def systemd_signalling_all(self) -> str | None:
+        """The unit's SubState when systemd is signalling every process of the unit itself
+        (KillMode=control-group), else None; None also when systemd cannot be asked."""
+        try:
+            bus = ManagerBus(self.options.system)
+            try:
+                if bus.kill_mode(self.options.unit) != "control-group":
+                    return None
+                return bus.sub_state(self.options.unit)
+            finally:
+                bus.close()
+        except OSError:
+            return None
 
     def watchdog_timeout(self, _signum: int, _frame) -> None:
         """systemd gave up on us: end the sidecar for good, even if it is stopped (SIGSTOP)."""
@@ -404,6 +604,7 @@ class Supervisor:
         self.ready = True
         self.ready_at = time.monotonic()
         self.last_output = self.ready_at
+        self.stable_at = self.ready_at + self.options.stability_window_s
         notify("READY=1", self.status_text())
         if self.ping_s:
             notify("WATCHDOG=1")
@@ -457,7 +658,6 @@ class Supervisor:
         if ready_mode == "immediate":
             self.become_ready()
         ready_deadline = self.started + self.options.ready_timeout_s
-        stable_at = self.started + self.options.stability_window_s
         next_ping = next_check = next_status = next_ready_poll = self.started
         while True:
             now = time.monotonic()
@@ -481,10 +681,10 @@ class Supervisor:
             if self.ready and self.hung is None and now >= next_status:
                 notify(self.status_text())
                 next_status = now + STATUS_REFRESH_S
-            if now >= stable_at:
+            if now >= self.stable_at:
                 self.reset_budget()
-                stable_at = float("inf")
-            deadlines = [stable_at]
+                self.stable_at = float("inf")
+            deadlines = [self.stable_at]
             if self.waiting_for_ready():
                 deadlines.append(ready_deadline if ready_mode == "line" else min(ready_deadline, next_ready_poll))
             if self.ready and self.hung is None:
@@ -496,11 +696,27 @@ class Supervisor:
             for fd, _ in poller.poll(timeout_ms):
                 if fd == self.pidfd:
                     for stream in self.streams.values():
-                        stream.drain()
+                        stream.drain_available()
                     result = os.waitid(os.P_PID, self.pid, os.WEXITED)
                     return result.si_code, result.si_status
                 if not self.streams[fd].read():
                     poller.unregister(fd)
+
+    def hand_over_output(self) -> None:
+        """After a crash the launcher must exit at once (that is what systemd acts on), but the
+        sidecar's descendants may still hold its pipes and write while they shut down: a small
+        forwarder takes the pipes over, so their writes reach the journal instead of dying of
+        SIGPIPE. It ends when the last writer is gone (or with the rest of the unit)."""
+        if not any(stream.open for stream in self.streams.values()):
+            return
+        out_r, err_r = self.streams  # stdout's pipe, then stderr's
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")
+        try:
+            os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", script, FORWARD_OUTPUT],
+                           {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV},
+                           file_actions=[(os.POSIX_SPAWN_DUP2, out_r, 3), (os.POSIX_SPAWN_DUP2, err_r, 4)])
+        except OSError as e:
+            log(f"cannot hand the sidecar's output over: {e.strerror}; descendants lose it", WARNING)
 
     def give_up_waiting(self) -> None:
         """Not ready in time: this attempt failed; end the sidecar (SIGTERM, then SIGKILL)."""
@@ -545,8 +761,17 @@ class Supervisor:
     def finish(self, code: int, status: int) -> None:
         cause = self.cause(code, status)
         if self.stopping and not self.watchdog_fired:
+            # A stop is never a crash, whatever the sidecar's exit status (a JVM's 143, exit(1)
+            # handlers): the unit ends `inactive`, and no stale "ready; pid …" stays in STATUS=.
+            notify("STATUS=")
             log(f"sidecar {cause} after a stop request", INFO)
-            exit_like(code, status)
+            # Everyone in the unit got SIGTERM too. Stay until they are done: systemd SIGKILLs
+            # what is left once the main process is gone on a hybrid cgroup hierarchy in a
+            # container, and a write to a pipe nobody reads would kill them with SIGPIPE.
+            # systemd's stop timeout bounds the wait.
+            forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file())
+            sys.exit(0)
+        self.hand_over_output()
         if self.attempt >= self.options.attempts:
             notify(f"STATUS=gave up after {self.options.attempts} restarts; {CRASH_MARK}{cause}")
             log(f"sidecar {cause}; giving up after {self.options.attempts} restarts", ERR)
@@ -632,7 +857,17 @@ def forget_earlier_starts(bus: ManagerBus, unit: str) -> None:
         log(f"{e}; repeated manual restarts may hit the start limit", WARNING)
 
 
+def stop_before_start(_signum: int, _frame) -> None:
+    """A stop during the fallback wait or the sandbox set-up: nothing to forward it to. Leave no
+    "waiting 2.0s before restart 2/5" behind on the stopped unit."""
+    notify("STATUS=")
+    log("stop requested before the sidecar started", INFO)
+    sys.exit(0)
+
+
 def run(options: LauncherOptions) -> None:
+    for signum in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(signum, stop_before_start)
     bus: ManagerBus | None = None
     attempt = 0
     if options.wait_schedule is not None:
@@ -662,8 +897,12 @@ def run(options: LauncherOptions) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args == [FORWARD_OUTPUT]:
+        forward_output()
+        return
     try:
-        options = parse_launcher_arguments(sys.argv[1:] if argv is None else argv)
+        options = parse_launcher_arguments(args)
     except ValueError as e:
         log(f"usage error: {e}", ERR)
         sys.exit(2)

@@ -146,13 +146,17 @@ def sidecar_unit(config: Config, systemd_version: int, launcher: Sequence[str] =
     unit.add("Service", "TimeoutStartSec", f"{waited + math.ceil(watchdog.ready_timeout_s) + 30}s")
     if watchdog.interval_s:
         # WATCHDOG=1 comes from the launcher only while the sidecar answers its liveness checks;
-        # a hang ends in WatchdogSignal= (SIGABRT) to the launcher, which kills the sidecar.
+        # a hang ends in WatchdogSignal= to everyone in the unit: the launcher kills the hung
+        # sidecar, agents get SIGTERM (SIGABRT, the default, would abort them with core dumps)
         unit.add("Service", "WatchdogSec", usec_text(round(watchdog.interval_s * 1e6)))
+        unit.add("Service", "WatchdogSignal", "SIGTERM")
         # the launcher ends at once on WatchdogSignal=; should it not, SIGKILL follows soon (the
         # default, TimeoutStopSec=, would keep a hung unit "deactivating" for 90 s)
         unit.add("Service", "TimeoutAbortSec", "5s")
-    # SIGTERM goes to the launcher, which forwards it; leftovers get SIGKILL at the timeout.
-    unit.add("Service", "KillMode", "mixed")
+    # On a stop (and after a crash) every process in the unit gets SIGTERM — the sidecar, its
+    # agents, their git — and TimeoutStopSec= to finish; only then SIGKILL. (KillMode=mixed
+    # would SIGKILL the agents the moment the launcher exits.)
+    unit.add("Service", "KillMode", "control-group")
     unit.add("Service", "SyslogIdentifier", "agor-sidecar")
     for section, key, value in hardening_directives(config, systemd_version, hardening, system):
         unit.add(section, key, value)

@@ -19,6 +19,15 @@ start's number; the last line repeats), else BEHAVIOUR:
     stop-self:S   after S seconds stop itself with SIGSTOP (hung: T state)
     spin:S        print a heartbeat every 0.1 s; after S seconds spin in a busy loop, silent
     log           print lines with and without <N> priority prefixes on stdout and stderr, hang
+    log-edges     on stderr: a 70000-byte line marked <3>, a 60000-byte plain line, a line
+                  starting <8>, a line with a NUL byte inside; then hang
+    flood-exit:S  start `yes` (a descendant writing to the inherited stdout without pause),
+                  exit with status 3 after S seconds
+    agents:F      start two agents: one keeps the inherited stdout, one has its own (/dev/null);
+                  on SIGTERM each takes 0.3 s to flush, the first prints a line, then each
+                  adds "N TERM" to file F; once both work, print "agents: working" and hang
+    agents-crash:F  the same agents; exit with status 3 once both work
+    count-term:F  add a line to file F for every SIGTERM; exit 0.5 s after the first
 """
 
 import json
@@ -61,6 +70,36 @@ def main(argv):
     if behaviour.partition(":")[0] not in ("never-ready", "late-ready", "socket"):
         print('{"type":"ready"}', flush=True)
     act(behaviour)
+
+
+def start_agents(flag_file):
+    """Two children that trap SIGTERM and need time to flush; returns once both are working."""
+    ready_r, ready_w = os.pipe()
+    for number in (1, 2):
+        if os.fork() == 0:
+            os.close(ready_r)
+            if number == 2:  # an agent with its own output, as a runner's spawned CLI has
+                devnull = os.open("/dev/null", os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+
+            def flush_and_exit(*_, number=number):
+                time.sleep(0.3)
+                if number == 1:
+                    print("agent 1: flushed after SIGTERM", flush=True)  # EPIPE if nobody reads any more
+                with open(flag_file, "a") as f:
+                    f.write(f"{number} TERM\n")
+                os._exit(0)
+
+            signal.signal(signal.SIGTERM, flush_and_exit)
+            os.write(ready_w, b"x")
+            os.close(ready_w)
+            while True:
+                time.sleep(3600)
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        assert ready.read(2) == b"xx"
+    print("agents: working", flush=True)
 
 
 def act(behaviour):
@@ -107,12 +146,37 @@ def act(behaviour):
             time.sleep(0.1)
         while True:
             pass
+    if kind == "log-edges":
+        sys.stderr.buffer.write(b"<3>" + b"x" * 70000 + b"\n" + b"y" * 60000 + b"\n"
+                                + b"<8>eight\n" + b"before NUL\0after NUL\n")
+        sys.stderr.flush()
+    if kind == "flood-exit":
+        os.posix_spawn("/usr/bin/yes", ["yes", "agent output"], dict(os.environ))
+        time.sleep(float(arg))
+        os._exit(3)
+    if kind in ("agents", "agents-crash"):
+        start_agents(arg)
+    if kind == "count-term":
+        received = []
+
+        def count(*_):
+            with open(arg, "a") as f:
+                f.write("TERM\n")
+            received.append(time.monotonic())
+
+        signal.signal(signal.SIGTERM, count)
+        while not received or time.monotonic() - received[0] < 0.5:
+            time.sleep(0.05)
+        os._exit(0)
+    if kind == "agents-crash":
+        os._exit(3)
     if kind == "log":
         print("plain stdout line", flush=True)
         print("<3>stdout line marked as an error", flush=True)
         sys.stderr.write("plain stderr line\n<7>stderr line marked as debug\n")
         sys.stderr.flush()
-    if kind in ("hang", "term-exit", "never-ready", "late-ready", "socket", "stop-self", "log"):
+    if kind in ("hang", "term-exit", "never-ready", "late-ready", "socket", "stop-self", "log", "log-edges",
+                "agents"):
         while True:
             time.sleep(3600)
     sys.stderr.write(f"fake_sidecar: unknown behaviour {behaviour!r}\n")

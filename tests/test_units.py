@@ -115,8 +115,9 @@ def test_native_defaults():
         "RestartMaxDelaySec": ["16s"],
         "TimeoutStartSec": ["40s"],
         "WatchdogSec": ["30s"],
+        "WatchdogSignal": ["SIGTERM"],
         "TimeoutAbortSec": ["5s"],
-        "KillMode": ["mixed"],
+        "KillMode": ["control-group"],
         "SyslogIdentifier": ["agor-sidecar"],
         **HARDENING_254,
     }
@@ -351,4 +352,5 @@ def test_watchdog_settings_reach_unit_and_launcher():
 def test_watchdog_off_and_restart_reset_on_258():
     text = render(Config(watchdog=WatchdogConfig(interval_s=0)), 258)
     assert one(text, "Service", "WatchdogSec") is None
+    assert one(text, "Service", "WatchdogSignal") is None
     assert '"--reset-via" "notify"' in one(text, "Service", "ExecStart")

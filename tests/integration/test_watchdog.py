@@ -83,16 +83,6 @@ def test_socket_readiness(user_manager, fake_sidecar_path):
     assert sock.is_socket()
 
 
-def test_sigterm_is_forwarded_and_the_exit_code_kept(user_manager, fake_sidecar_path):
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["term-exit:7"])
-    wait_health(user_manager, "healthy", timeout=5)
-    user_manager.systemctl("stop", UNIT)
-    assert user_manager.unit_property(UNIT, "ExecMainCode") == "1"  # CLD_EXITED
-    assert user_manager.unit_property(UNIT, "ExecMainStatus") == "7"
-    assert len(sidecar.starts()) == 1  # a stop is not a crash, whatever the exit code
-    assert any("exited with status 7 after a stop request" in line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID))
-
-
 def test_sidecar_output_reaches_the_journal_with_priorities(user_manager, fake_sidecar_path):
     install_sidecar(user_manager, fake_sidecar_path, ["log"])
     wait_health(user_manager, "healthy", timeout=5)
@@ -110,6 +100,33 @@ def test_sidecar_output_reaches_the_journal_with_priorities(user_manager, fake_s
         return found if len(found) == len(expected) else {}
 
     assert wait_for("all records in the journal", records, timeout=5) == expected
+
+
+def test_every_journal_record_keeps_its_priority(user_manager, fake_sidecar_path):
+    """Lines longer than journald's LineMax (which counts the <N> prefix), <8>, a NUL byte."""
+    def entries() -> list[dict]:
+        user_manager.namespace.sync_journal()
+        out = user_manager.journalctl("--user", "-t", LOG_ID, "-o", "json", "--all").stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    seen = len(entries())
+    install_sidecar(user_manager, fake_sidecar_path, ["log-edges"])
+    wait_health(user_manager, "healthy", timeout=5)
+    others = {"<8>eight", "before NUL", "after NUL"}
+
+    def records() -> list[tuple[str, int]]:
+        found = [(entry["MESSAGE"], int(entry["PRIORITY"])) for entry in entries()[seen:]
+                 if isinstance(entry.get("MESSAGE"), str) and entry["MESSAGE"][:1] in ("x", "y")
+                 or entry.get("MESSAGE") in others]
+        complete = sum(len(m) for m, _ in found if m[0] in "xy") >= 130000 and {m for m, _ in found} >= others
+        return found if complete else []
+
+    found = wait_for("all records in the journal", records, timeout=10)
+    assert sorted((m, p) for m, p in found if m in others) == [("<8>eight", 4), ("after NUL", 4), ("before NUL", 4)]
+    for char, length, priority in (("x", 70000, 3), ("y", 60000, 4)):
+        parts = [(m, p) for m, p in found if m[0] == char]
+        assert "".join(m for m, _ in parts) == char * length, [len(m) for m, _ in parts]
+        assert {p for _, p in parts} == {priority}, [(len(m), p) for m, p in parts]
 
 
 def test_watchdog_interval_is_the_units(user_manager, fake_sidecar_path):

@@ -8,6 +8,6 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 
-from agor_systemd.launcher import main  # noqa: E402
+from agor_systemd.sidecar.launcher import main
 
 main()

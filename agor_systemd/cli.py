@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,12 +13,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .backoff import schedule
-from .bus import BusError
-from .config import (
+from agor_systemd import __version__
+from agor_systemd.config import (
     Config,
-    ConfigError,
     load_config,
     resolve_command,
     restart_policy,
@@ -25,14 +23,25 @@ from .config import (
     sidecar_config,
     watchdog_config,
 )
-from .doctor import MINIMUM_VERSION
-from .health import NotInstalled
-from .install import InstallError
-from .protocol import SIDECAR_UNIT
-from .unitfile import UnitValueError
-
-EXPECTED_ERRORS = (ConfigError, InstallError, BusError, NotInstalled, UnitValueError)
-
+from agor_systemd.console import call, run_main
+from agor_systemd.doctor import MINIMUM_VERSION, run_checks
+from agor_systemd.errors import AgorError
+from agor_systemd.install import (
+    current_launcher,
+    installed_docs,
+    manual_restart,
+    start_path_problems,
+)
+from agor_systemd.install import install as do_install
+from agor_systemd.install import uninstall as do_uninstall
+from agor_systemd.manager import BusError, Systemd, installed_systemd_version
+from agor_systemd.sandbox.check import sandbox_report
+from agor_systemd.sidecar.backoff import schedule
+from agor_systemd.sidecar.health import read_health
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.sidecar.units import uses_native_backoff
+from agor_systemd.units import render_units
+from agor_systemd.verify import verify_units
 
 # click ≥ 8.2 shows the help for a group called without a command through this UsageError
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -80,30 +89,25 @@ class OneLineUsageGroup(click.Group):
 
 def config_path_option(func):
     """--config after the command too (`agor-units install --config F`), as before it."""
-    return click.option("--config", "command_config_path", type=click.Path(path_type=Path, dir_okay=False),
-                        help="units.toml to use (may also go before the command).")(func)
+    return click.option(
+        "--config",
+        "command_config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="units.toml to use (may also go before the command).",
+    )(func)
 
 
 def chosen_config_path(ctx: click.Context, command_config_path: Path | None) -> Path | None:
     return command_config_path or ctx.obj["config_path"]
 
 
-def fail(message: str) -> None:
-    click.echo(f"agor-units: error: {message}", err=True)
-    sys.exit(1)
-
-
 def friendly_errors(func):
-    """Expected problems become one line on stderr and exit status 1, never a traceback."""
+    """Expected problems become one line on stderr and their exit status, never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except EXPECTED_ERRORS as e:
-            fail(str(e))
-        except OSError as e:
-            fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        prog = getattr(click.get_current_context().find_root().command, "prog", "agor-units")
+        return call(prog, func, *args, **kwargs)
 
     return wrapper
 
@@ -120,20 +124,46 @@ def config_options(func):
         click.option("--base-s", type=float, help="First restart delay in seconds (default 1)."),
         click.option("--cap-s", type=float, help="Longest restart delay in seconds (default 30)."),
         click.option("--attempts", type=int, help="Restarts before giving up (default 5)."),
-        click.option("--stability-window-s", type=float, help="Seconds of running that refill the budget (default 300)."),
-        click.option("--watchdog-s", type=float, help="WatchdogSec=: a sidecar hung this long is restarted (default 30; 0 off)."),
-        click.option("--ready", metavar="MODE", help="When the sidecar is ready: line (default), immediate, socket:PATH, tcp:PORT."),
-        click.option("--ready-timeout-s", type=float, help="Not ready within this long fails the attempt (default 10)."),
-        click.option("--activity-timeout-s", type=float, help="No output for this long counts as hung (default 0: off)."),
+        click.option(
+            "--stability-window-s", type=float, help="Seconds of running that refill the budget (default 300)."
+        ),
+        click.option(
+            "--watchdog-s", type=float, help="WatchdogSec=: a sidecar hung this long is restarted (default 30; 0 off)."
+        ),
+        click.option(
+            "--ready",
+            metavar="MODE",
+            help="When the sidecar is ready: line (default), immediate, socket:PATH, tcp:PORT.",
+        ),
+        click.option(
+            "--ready-timeout-s", type=float, help="Not ready within this long fails the attempt (default 10)."
+        ),
+        click.option(
+            "--activity-timeout-s", type=float, help="No output for this long counts as hung (default 0: off)."
+        ),
         click.option("--probe", metavar="CHECK", help="Liveness probe: socket:PATH, tcp:PORT or exec:SHELL-COMMAND."),
         click.option("--probe-timeout-s", type=float, help="How long the probe may take (default 5)."),
         click.option("--sandbox/--no-sandbox", default=None, help="Landlock for the sidecar (default: on)."),
-        click.option("--sandbox-required", is_flag=True, default=None,
-                     help="Refuse to start the sidecar when the kernel cannot enforce Landlock."),
-        click.option("--read-write-path", "read_write_paths", multiple=True, metavar="PATH",
-                     help="Also writable in the sandbox (repeatable), e.g. a project directory."),
-        click.option("--read-only-path", "read_only_paths", multiple=True, metavar="PATH",
-                     help="Also readable in the sandbox (repeatable)."),
+        click.option(
+            "--sandbox-required",
+            is_flag=True,
+            default=None,
+            help="Refuse to start the sidecar when the kernel cannot enforce Landlock.",
+        ),
+        click.option(
+            "--read-write-path",
+            "read_write_paths",
+            multiple=True,
+            metavar="PATH",
+            help="Also writable in the sandbox (repeatable), e.g. a project directory.",
+        ),
+        click.option(
+            "--read-only-path",
+            "read_only_paths",
+            multiple=True,
+            metavar="PATH",
+            help="Also readable in the sandbox (repeatable).",
+        ),
         click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG]...]"),
     ]
     for option in reversed(options):
@@ -146,55 +176,99 @@ def systemd_version_option(help_text: str):
     return click.option("--systemd-version", type=click.IntRange(min=MINIMUM_VERSION), metavar="N", help=help_text)
 
 
-def effective_config(ctx: click.Context, command_config_path, command, working_directory, environment_file,
-                     base_s, cap_s, attempts, stability_window_s, watchdog_s, ready, ready_timeout_s,
-                     activity_timeout_s, probe, probe_timeout_s, sandbox, sandbox_required, read_write_paths,
-                     read_only_paths, user_config: bool = True) -> Config:
+def effective_config(
+    ctx: click.Context,
+    command_config_path,
+    command,
+    working_directory,
+    environment_file,
+    base_s,
+    cap_s,
+    attempts,
+    stability_window_s,
+    watchdog_s,
+    ready,
+    ready_timeout_s,
+    activity_timeout_s,
+    probe,
+    probe_timeout_s,
+    sandbox,
+    sandbox_required,
+    read_write_paths,
+    read_only_paths,
+    user_config: bool = True,
+) -> Config:
     """units.toml (or, with user_config=False and no --config, the defaults) with the flags applied."""
     config_path = chosen_config_path(ctx, command_config_path)
     config = load_config(config_path) if user_config or config_path is not None else Config()
-    sidecar_values = {k: v for k, v in (("working_directory", working_directory),
-                                        ("environment_file", environment_file)) if v is not None}
+    sidecar_values = {
+        k: v
+        for k, v in (("working_directory", working_directory), ("environment_file", environment_file))
+        if v is not None
+    }
     sidecar = sidecar_config(sidecar_values, config.sidecar)
     if command:
         sidecar = replace(sidecar, command=resolve_command(list(command)))
-    restart_values = {k: v for k, v in (("base_s", base_s), ("cap_s", cap_s), ("attempts", attempts),
-                                        ("stability_window_s", stability_window_s)) if v is not None}
-    watchdog_values = {k: v for k, v in (("interval_s", watchdog_s), ("ready", ready),
-                                         ("ready_timeout_s", ready_timeout_s),
-                                         ("activity_timeout_s", activity_timeout_s), ("probe", probe),
-                                         ("probe_timeout_s", probe_timeout_s)) if v is not None}
+    restart_values = {
+        k: v
+        for k, v in (
+            ("base_s", base_s),
+            ("cap_s", cap_s),
+            ("attempts", attempts),
+            ("stability_window_s", stability_window_s),
+        )
+        if v is not None
+    }
+    watchdog_values = {
+        k: v
+        for k, v in (
+            ("interval_s", watchdog_s),
+            ("ready", ready),
+            ("ready_timeout_s", ready_timeout_s),
+            ("activity_timeout_s", activity_timeout_s),
+            ("probe", probe),
+            ("probe_timeout_s", probe_timeout_s),
+        )
+        if v is not None
+    }
     sandbox_values = {k: v for k, v in (("enabled", sandbox), ("required", sandbox_required)) if v is not None}
     sandbox_settings = sandbox_config(sandbox_values, config.sandbox)
     sandbox_settings = replace(
         sandbox_settings,
-        read_write_paths=sandbox_settings.read_write_paths + sandbox_config(
-            {"read_write_paths": list(read_write_paths)}).read_write_paths,
-        read_only_paths=sandbox_settings.read_only_paths + sandbox_config(
-            {"read_only_paths": list(read_only_paths)}).read_only_paths)
-    return replace(config, sidecar=sidecar, restart=restart_policy(restart_values, config.restart),
-                   watchdog=watchdog_config(watchdog_values, config.watchdog), sandbox=sandbox_settings)
+        read_write_paths=sandbox_settings.read_write_paths
+        + sandbox_config({"read_write_paths": list(read_write_paths)}).read_write_paths,
+        read_only_paths=sandbox_settings.read_only_paths
+        + sandbox_config({"read_only_paths": list(read_only_paths)}).read_only_paths,
+    )
+    return replace(
+        config,
+        sidecar=sidecar,
+        restart=restart_policy(restart_values, config.restart),
+        watchdog=watchdog_config(watchdog_values, config.watchdog),
+        sandbox=sandbox_settings,
+    )
 
 
 def target_version(system: bool) -> int:
     """The running manager's version, else the installed systemd's."""
-    from .bus import Systemd, installed_systemd_version
-
     try:
         with Systemd(system) as manager:
             return manager.version()
     except BusError:
         version = installed_systemd_version()
     if version is None:
-        fail("cannot tell the systemd version; pass --systemd-version")
+        raise AgorError("cannot tell the systemd version; pass --systemd-version")
     return version
 
 
 @click.group(cls=OneLineUsageGroup, prog="agor-units", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agor-units")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="units.toml to use (default: $XDG_CONFIG_HOME/agor/units.toml); "
-                   "may also go after the command.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="units.toml to use (default: $XDG_CONFIG_HOME/agor/units.toml); may also go after the command.",
+)
 @click.option("--system", is_flag=True, help="Use the system manager and /etc/systemd/system instead of the user's.")
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
@@ -218,12 +292,15 @@ def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
 @friendly_errors
 def render(ctx, systemd_version, as_json, **overrides):
     """Print the unit files install would write."""
-    from .install import current_launcher, installed_docs
-    from .units import render_units
 
     config = effective_config(ctx, **overrides)
-    units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
-                         ctx.obj["system"], docs=installed_docs())
+    units = render_units(
+        config,
+        systemd_version or target_version(ctx.obj["system"]),
+        current_launcher(),
+        ctx.obj["system"],
+        docs=installed_docs(),
+    )
     emit(units, as_json, "\n".join(f"# {name}\n{text}" for name, text in units.items()).rstrip("\n"))
 
 
@@ -232,32 +309,42 @@ def render(ctx, systemd_version, as_json, **overrides):
 @click.option("--now", is_flag=True, help="Also (re)start the sidecar with a fresh restart budget.")
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite units edited by hand since the last install.")
-@click.option("--output", type=click.Path(path_type=Path, file_okay=False),
-              help="Write the units into DIR (for packagers): the default configuration unless --config, "
-                   "no manager, no probing.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write the units into DIR (for packagers): the default configuration unless --config, no manager, no probing.",
+)
 @systemd_version_option("With --output: render for this systemd version.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.pass_context
 @friendly_errors
 def install(ctx, now, dry_run, force, output, systemd_version, as_json, **overrides):
     """Write the units, reload systemd, enable them (and start with --now). Idempotent."""
-    from .install import install as do_install
-
     if output is not None and now:
         raise click.UsageError("--now cannot be used with --output, which only writes files", ctx)
     # a package gets the default configuration, not the units.toml of whoever builds it
     config = effective_config(ctx, **overrides, user_config=output is None)
-    report = do_install(config, system=ctx.obj["system"], output=output, now=now, dry_run=dry_run,
-                        systemd_version=systemd_version, force=force)
-    from .units import uses_native_backoff
+    report = do_install(
+        config,
+        system=ctx.obj["system"],
+        output=output,
+        now=now,
+        dry_run=dry_run,
+        systemd_version=systemd_version,
+        force=force,
+    )
 
     mode = "native" if uses_native_backoff(config, report.systemd_version) else "launcher fallback"
     lines = [f"{'would write' if dry_run else 'wrote'} {report.directory / n}" for n in report.written]
     lines += [f"unchanged {report.directory / n}" for n in report.unchanged]
-    lines += [f"systemd {report.systemd_version}: restart backoff {mode}, delays "
-              + ", ".join(f"{d:g}s" for d in schedule(config.restart))]
-    lines += [f"systemd hardening: {', '.join(report.hardening) or 'none'}"
-              + (" (not probed: --output renders every group)" if output else " (what took effect in a probe)")]
+    lines += [
+        f"systemd {report.systemd_version}: restart backoff {mode}, delays "
+        + ", ".join(f"{d:g}s" for d in schedule(config.restart))
+    ]
+    lines += [
+        f"systemd hardening: {', '.join(report.hardening) or 'none'}"
+        + (" (not probed: --output renders every group)" if output else " (what took effect in a probe)")
+    ]
     lines += [f"hardening left out: {group}: {why}" for group, why in report.left_out.items()]
     lines += [f"done: {a}" for a in report.actions]
     lines += [f"note: {n}" for n in report.notes]
@@ -271,8 +358,6 @@ def install(ctx, now, dry_run, force, output, systemd_version, as_json, **overri
 @friendly_errors
 def uninstall(ctx, dry_run, as_json):
     """Stop, disable and remove exactly the units install wrote."""
-    from .install import uninstall as do_uninstall
-
     report = do_uninstall(system=ctx.obj["system"], dry_run=dry_run)
     lines = [f"{'would remove' if dry_run else 'removed'} {report.directory / n}" for n in report.removed]
     lines += [f"kept {report.directory / n} (edited since install)" for n in report.kept]
@@ -298,8 +383,6 @@ def health(ctx, as_json):
     {"status": "stopped"}
     Exit status: 0 healthy, 3 starting/restarting, 4 failed, 5 stopped, 1 error.
     """
-    from .health import read_health
-
     state = read_health(SIDECAR_UNIT, ctx.obj["system"])
     details = ", ".join(f"{k} {v}" for k, v in state.items() if k != "status")
     emit(state, as_json, state["status"] + (f" ({details})" if details else ""))
@@ -311,8 +394,6 @@ def health(ctx, as_json):
 @friendly_errors
 def restart(ctx):
     """Manual restart: clear the failed state and the restart budget, start the sidecar."""
-    from .install import manual_restart
-
     manual_restart(ctx.obj["system"])
     click.echo(f"restarted {SIDECAR_UNIT} with a full restart budget")
 
@@ -324,14 +405,15 @@ def restart(ctx):
 @friendly_errors
 def verify(ctx, systemd_version, **overrides):
     """Run `systemd-analyze verify` on the units rendered from the configuration."""
-    from .install import current_launcher, installed_docs
-    from .units import render_units
-    from .verify import verify_units
 
     config = effective_config(ctx, **overrides)
-    units = render_units(config, systemd_version or target_version(ctx.obj["system"]), current_launcher(),
-                         ctx.obj["system"], docs=installed_docs())
-    from .install import start_path_problems
+    units = render_units(
+        config,
+        systemd_version or target_version(ctx.obj["system"]),
+        current_launcher(),
+        ctx.obj["system"],
+        docs=installed_docs(),
+    )
 
     problems = start_path_problems(config) + verify_units(units, user=not ctx.obj["system"])
     for line in problems:
@@ -348,8 +430,6 @@ def verify(ctx, systemd_version, **overrides):
 @friendly_errors
 def doctor(ctx, command_config_path, as_json):
     """Check systemd version and features, the user manager, lingering and the install."""
-    from .doctor import run_checks
-
     config = load_config(chosen_config_path(ctx, command_config_path))
     checks = run_checks(config, ctx.obj["system"])
     marks = {"ok": "ok  ", "warn": "warn", "error": "FAIL"}
@@ -360,8 +440,12 @@ def doctor(ctx, command_config_path, as_json):
 
 @main.command()
 @click.option("--fast", is_flag=True, help="Use a 0.2 s base delay instead of 1 s (the whole show takes ~10 s).")
-@click.option("--systemd", "systemd_build", metavar="VERSION",
-              help="Which systemd build to run the manager with (default: the installed one).")
+@click.option(
+    "--systemd",
+    "systemd_build",
+    metavar="VERSION",
+    help="Which systemd build to run the manager with (default: the installed one).",
+)
 @friendly_errors
 def demo(fast, systemd_build):
     """Show supervision live on an ephemeral user manager (needs root; nothing is left behind).
@@ -370,10 +454,79 @@ def demo(fast, systemd_build):
     that keeps crashing, prints the timeline (crash, countdown, restart, ..., give-up), then
     presses the manual-restart button with the sidecar fixed, and cleans up.
     """
-    from .demo import run_demo
+    # the test bed is fenced off from the product: the demo runs as a program of its own
+    argv = [
+        sys.executable,
+        "-m",
+        "agor_systemd.lab.demo",
+        *(["--fast"] if fast else []),
+        *(["--systemd", systemd_build] if systemd_build else []),
+    ]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
-    sys.exit(run_demo(fast=fast, systemd_build=systemd_build, echo=click.echo))
+
+# -- agor-sandbox ---------------------------------------------------------------------------------
+
+
+def port_list(ports: list[int] | str) -> str:
+    """`any`, `none` or `80, 443` (an empty list means no port at all)."""
+    return ports if isinstance(ports, str) else ", ".join(map(str, ports)) or "none"
+
+
+@click.group(cls=OneLineUsageGroup, prog="agor-sandbox", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="units.toml to use (default: $XDG_CONFIG_HOME/agor/units.toml); may also go after the command.",
+)
+@click.pass_context
+def sandbox_main(ctx: click.Context, config_path: Path | None) -> None:
+    """Inspect the Landlock sandbox agor-systemd puts around the sidecar."""
+    ctx.obj = {"config_path": config_path}
+
+
+@sandbox_main.command()
+@config_path_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def check(ctx: click.Context, command_config_path: Path | None, as_json: bool) -> None:
+    """Validate [sandbox] and report what this kernel enforces.
+
+    Exit status: 0 when the sidecar would start (even with a partial or no sandbox, unless
+    `required = true`), 1 when it would be refused or the configuration is invalid.
+    """
+    report = call("agor-sandbox", sandbox_report, chosen_config_path(ctx, command_config_path))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"sandbox: {report['level']} (kernel Landlock ABI {report['landlock_abi']})")
+        for item in report["not_enforced"]:
+            click.echo(f"  not enforced: {item}")
+        click.echo(f"  read-write: {', '.join(report['read_write'])}")
+        click.echo(f"  read-only: {', '.join(report['read_only'])}")
+        if report["command_readable"]:
+            click.echo(f"  read-only for the command: {', '.join(report['command_readable'])}")
+        click.echo(f"  TCP connect: {port_list(report['tcp_connect'])}; TCP bind: {port_list(report['tcp_bind'])}")
+        for path in report["missing_paths"]:
+            click.echo(f"  missing (skipped at start): {path}")
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
+        if not report["would_start"]:
+            click.echo("refused: [sandbox] required = true, but this kernel has no Landlock", err=True)
+    sys.exit(0 if report["would_start"] else 1)
+
+
+def run_units() -> None:
+    """The agor-units program."""
+    run_main("agor-units", main)
+
+
+def run_sandbox() -> None:
+    """The agor-sandbox program."""
+    run_main("agor-sandbox", sandbox_main)
 
 
 if __name__ == "__main__":
-    main()
+    run_units()

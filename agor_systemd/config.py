@@ -30,11 +30,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .backoff import RestartPolicy
-from .unitfile import HomePath, Text, UnitValueError, check_text, path_value
+from agor_systemd.errors import AgorError
+from agor_systemd.unitfile import HomePath, Text, UnitValueError, check_text, path_value
 
 
-class ConfigError(ValueError):
+class ConfigError(AgorError, ValueError):
     """A configuration problem, worded as one line for the user."""
 
 
@@ -45,6 +45,16 @@ DEFAULT_COMMAND: tuple[Text, ...] = (
     "/usr/bin/node",
     HomePath(f"{AGOR_DATA}/dist/claude-runner.mjs"),
 )
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """agor's supervisor defaults: 1 s doubling, cap 30 s, 5 restarts, 300 s stability window."""
+
+    base_s: float = 1.0
+    cap_s: float = 30.0
+    attempts: int = 5
+    stability_window_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -149,8 +159,9 @@ def _number(table: str, key: str, value: Any, limits: dict[str, tuple[float, flo
     return value
 
 
-def _numbers(table: str, values: dict[str, Any], base, limits: dict[str, tuple[float, float]],
-             other_keys: tuple[str, ...] = ()):
+def _numbers(
+    table: str, values: dict[str, Any], base, limits: dict[str, tuple[float, float]], other_keys: tuple[str, ...] = ()
+):
     """Apply the numeric settings of one table to the dataclass `base`; other keys are skipped."""
     for key, value in values.items():
         if key in other_keys:
@@ -188,16 +199,19 @@ def check_endpoint(key: str, value: Any, plain: tuple[str, ...], modes: tuple[st
         if kind == "socket" and arg.startswith("/"):
             _checked(key, lambda a: check_text(a, f"[watchdog] {key} socket path"), arg)
             if len(arg.encode()) > SUN_PATH_MAX:
-                raise ConfigError(f"[watchdog] {key} socket path is {len(arg.encode())} bytes long; a unix socket "
-                                  f"path can have at most {SUN_PATH_MAX}: {arg!r}")
+                raise ConfigError(
+                    f"[watchdog] {key} socket path is {len(arg.encode())} bytes long; a unix socket "
+                    f"path can have at most {SUN_PATH_MAX}: {arg!r}"
+                )
             return value
         if kind == "tcp" and arg.isdigit() and 1 <= int(arg) <= 65535:
             return value
         if kind == "exec" and "exec:COMMAND" in modes and arg.strip():
             _checked(key, lambda a: check_text(a, f"[watchdog] {key} command"), arg)
             return value
-    raise ConfigError(f"[watchdog] {key} must be one of {', '.join(modes)} "
-                      f"(absolute socket path, port 1-65535), got {value!r}")
+    raise ConfigError(
+        f"[watchdog] {key} must be one of {', '.join(modes)} (absolute socket path, port 1-65535), got {value!r}"
+    )
 
 
 def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) -> WatchdogConfig:
@@ -205,8 +219,7 @@ def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) 
     agor's runners print; a unix socket or TCP port that accepts; or at once) and alive."""
     watchdog = _numbers("watchdog", values, base or WatchdogConfig(), _WATCHDOG_LIMITS, ("ready", "probe"))
     if "ready" in values:
-        watchdog = replace(watchdog, ready=check_endpoint("ready", values["ready"], ("line", "immediate"),
-                                                          READY_MODES))
+        watchdog = replace(watchdog, ready=check_endpoint("ready", values["ready"], ("line", "immediate"), READY_MODES))
     if "probe" in values:
         watchdog = replace(watchdog, probe=check_endpoint("probe", values["probe"], (), PROBE_MODES))
     check_watchdog_works(watchdog)
@@ -216,17 +229,22 @@ def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) 
 def check_watchdog_works(watchdog: WatchdogConfig) -> None:
     """Refuse watchdog settings that would be silently ignored or kill every attempt."""
     if 0 < watchdog.interval_s < WATCHDOG_MIN_S:
-        raise ConfigError(f"[watchdog] interval_s must be 0 (off) or at least {WATCHDOG_MIN_S:g} s, "
-                          f"got {watchdog.interval_s!r}")
+        raise ConfigError(
+            f"[watchdog] interval_s must be 0 (off) or at least {WATCHDOG_MIN_S:g} s, got {watchdog.interval_s!r}"
+        )
     if watchdog.interval_s == 0:
         # the launcher checks liveness only to decide on watchdog pings
-        unused = [f"{key} = {value!r}" for key, value in (("probe", watchdog.probe),
-                                                         ("activity_timeout_s", watchdog.activity_timeout_s))
-                  if value]
+        unused = [
+            f"{key} = {value!r}"
+            for key, value in (("probe", watchdog.probe), ("activity_timeout_s", watchdog.activity_timeout_s))
+            if value
+        ]
         if unused:
             verb = "needs" if len(unused) == 1 else "need"
-            raise ConfigError(f"[watchdog] {' and '.join(unused)} {verb} the watchdog, which interval_s = 0 "
-                              "turns off; set interval_s or remove it")
+            raise ConfigError(
+                f"[watchdog] {' and '.join(unused)} {verb} the watchdog, which interval_s = 0 "
+                "turns off; set interval_s or remove it"
+            )
 
 
 def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) -> WalcheckConfig:
@@ -236,8 +254,9 @@ def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) 
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ConfigError("[walcheck] databases must be a list of paths")
         if not paths:  # agor-walcheck without paths would checkpoint agor's default databases
-            raise ConfigError("[walcheck] databases is empty: list at least one database, "
-                              "or leave the setting out for agor's two")
+            raise ConfigError(
+                "[walcheck] databases is empty: list at least one database, or leave the setting out for agor's two"
+            )
         words = tuple(home_text(p) for p in paths)
         for word in words:
             _checked("database", lambda w: path_value(w, "[walcheck] databases entry"), word)
@@ -259,7 +278,7 @@ def resolve_command(argv: list[str]) -> tuple[Text, ...]:
         raise ConfigError("[sidecar] command is empty: give the program and its arguments")
     words = [home_text(a) for a in argv]
     for i, word in enumerate(words):
-        _checked(f"argument {i}", lambda w: check_text(str(w), f"[sidecar] command argument {i}"), word)
+        _checked(f"argument {i}", lambda w: check_text(str(w), f"[sidecar] command argument {i}"), word)  # noqa: B023 - called at once
     program = words[0]
     if isinstance(program, str) and not program.startswith("/"):
         if "/" in program:
@@ -276,13 +295,13 @@ def sidecar_config(values: dict[str, Any], base: SidecarConfig | None = None) ->
     for key, value in values.items():
         if key == "command":
             if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                raise ConfigError("[sidecar] command must be a list of strings, e.g. [\"/usr/bin/node\", \"runner.mjs\"]")
+                raise ConfigError('[sidecar] command must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]')
             sidecar = replace(sidecar, command=resolve_command(value))
         elif key in ("working_directory", "environment_file"):
             if not isinstance(value, str):
                 raise ConfigError(f"[sidecar] {key} must be a string path, got {value!r}")
             path = home_text(value)
-            _checked(key, lambda p: path_value(p, f"[sidecar] {key}"), path)
+            _checked(key, lambda p: path_value(p, f"[sidecar] {key}"), path)  # noqa: B023 - called at once
             if key == "environment_file" and any(c in str(path) for c in "*?[\\"):
                 # systemd globs EnvironmentFile= paths, so these characters would change meaning
                 raise ConfigError(f"[sidecar] environment_file contains a glob character (* ? [ \\): {value!r}")
@@ -302,8 +321,9 @@ def _paths(key: str, value: Any) -> tuple[Text, ...]:
 
 
 def _ports(key: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
-                                              for p in value):
+    if not isinstance(value, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value
+    ):
         raise ConfigError(f"[sandbox] {key} must be a list of TCP ports (1-65535), got {value!r}")
     return tuple(value)
 
@@ -320,8 +340,10 @@ def sandbox_config(values: dict[str, Any], base: SandboxConfig | None = None) ->
         elif key in ("tcp_connect", "tcp_bind"):
             sandbox = replace(sandbox, **{key: _ports(key, value)})
         else:
-            raise ConfigError(f"[sandbox] has no setting {key!r} (known: enabled, required, read_write_paths, "
-                              "read_only_paths, tcp_connect, tcp_bind)")
+            raise ConfigError(
+                f"[sandbox] has no setting {key!r} (known: enabled, required, read_write_paths, "
+                "read_only_paths, tcp_connect, tcp_bind)"
+            )
     return sandbox
 
 
@@ -341,9 +363,11 @@ def working_directory_problem(config: Config, home: str) -> str | None:
     if path != home and not (home + "/").startswith(path.rstrip("/") + "/"):
         return None
     what = "the home directory" if path == home else f"{path}, which contains the home directory"
-    return (f"[sidecar] working_directory is {what}: the sandbox makes the working directory writable, "
-            "which would open up every file in it (~/.ssh too); set it to a project directory "
-            "(e.g. working_directory = \"~/agor\"), or turn the sandbox off with [sandbox] enabled = false")
+    return (
+        f"[sidecar] working_directory is {what}: the sandbox makes the working directory writable, "
+        "which would open up every file in it (~/.ssh too); set it to a project directory "
+        '(e.g. working_directory = "~/agor"), or turn the sandbox off with [sandbox] enabled = false'
+    )
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -362,7 +386,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         elif table == "sandbox":
             config = replace(config, sandbox=sandbox_config(values))
         else:
-            raise ConfigError(f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])")
+            raise ConfigError(
+                f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])"
+            )
     return config
 
 
@@ -397,8 +423,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def dropped_environment_lines(text: str) -> list[tuple[int, str, str]]:
     """Assignments of an EnvironmentFile= that systemd ignores without failing the unit:
     (line number, line, why). Follows systemd's parser (env-file.c): blank lines and `#`/`;`
-    comments are skipped, a line ends at \\n or \\r, the name runs to the first `=` (trailing blanks dropped) and must be a
-    shell variable name; quoted values and backslash-newline continue onto further lines."""
+    comments are skipped, a line ends at \\n or \\r, the name runs to the first `=` (trailing blanks
+    dropped) and must be a shell variable name; quoted values and backslash-newline continue onto further lines."""
     lines = text.split("\n")
     dropped: list[tuple[int, str, str]] = []
     state, key, start, line_no = "pre_key", "", 0, 1

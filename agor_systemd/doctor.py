@@ -6,8 +6,8 @@ import getpass
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_COMMAND, Config
-from .install import (
+from agor_systemd.config import DEFAULT_COMMAND, Config
+from agor_systemd.install import (
     InstallError,
     check_environment_file,
     current_launcher,
@@ -18,12 +18,21 @@ from .install import (
     start_path_problems,
     unit_directory,
 )
-from .units import NATIVE_BACKOFF_VERSION, render_units, uses_native_backoff
+from agor_systemd.manager import BusError, Systemd, installed_systemd_version
+from agor_systemd.sandbox.check import broad_write_warnings, expand
+from agor_systemd.sandbox.enforce import enforcement
+from agor_systemd.sandbox.hardening import probe
+from agor_systemd.sandbox.landlock import abi_version
+from agor_systemd.sidecar.units import NATIVE_BACKOFF_VERSION, uses_native_backoff
+from agor_systemd.units import render_units
 
 # version → what it gates for agor-systemd
 FEATURES = [
     (243, "ExecStart ':' prefix (argv passed verbatim, no $VAR expansion) — required"),
-    (NATIVE_BACKOFF_VERSION, "RestartSteps=/RestartMaxDelaySec=/RestartUSecNext (native backoff; older: launcher fallback)"),
+    (
+        NATIVE_BACKOFF_VERSION,
+        "RestartSteps=/RestartMaxDelaySec=/RestartUSecNext (native backoff; older: launcher fallback)",
+    ),
     (255, "start rate limiter survives daemon-reload"),
     (258, "RESTART_RESET=1 notify message"),
 ]
@@ -43,8 +52,6 @@ class Check:
 
 def _probe_hardening(manager, config: Config, version: int, system: bool):
     """The install probe: which systemd hardening groups take effect on this manager."""
-    from .bus import BusError
-    from .hardening import probe
 
     try:
         probed = probe(manager, config, version, system)
@@ -53,19 +60,27 @@ def _probe_hardening(manager, config: Config, version: int, system: bool):
     detail = f"in effect here: {', '.join(probed.applied) or 'none'}"
     if probed.left_out:
         detail += "; left out: " + "; ".join(f"{g}: {why}" for g, why in probed.left_out.items())
-    return probed, Check("systemd hardening", "warn" if probed.left_out else "ok", detail,
-                         "nothing to do if Landlock is on (it confines the sidecar's files alone); see docs/sandbox.md"
-                         if probed.left_out else "")
+    return probed, Check(
+        "systemd hardening",
+        "warn" if probed.left_out else "ok",
+        detail,
+        "nothing to do if Landlock is on (it confines the sidecar's files alone); see docs/sandbox.md"
+        if probed.left_out
+        else "",
+    )
 
 
 def run_checks(config: Config, system: bool = False) -> list[Check]:
-    from .bus import BusError, Systemd, installed_systemd_version
-
     checks: list[Check] = []
     installed = installed_systemd_version()
-    checks.append(Check("systemd installed", "ok" if installed else "error",
-                        f"systemd {installed}" if installed else "systemctl not found",
-                        "" if installed else "apt-get install systemd"))
+    checks.append(
+        Check(
+            "systemd installed",
+            "ok" if installed else "error",
+            f"systemd {installed}" if installed else "systemctl not found",
+            "" if installed else "apt-get install systemd",
+        )
+    )
     version = None
     probed = None
     user = getpass.getuser()
@@ -78,14 +93,18 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
     except BusError as e:
         fix = "log in graphically or run `sudo loginctl enable-linger " + user + "`, then check $XDG_RUNTIME_DIR"
         # the message's pointer to this very command helps nobody here
-        checks.append(Check("manager reachable", "error", str(e).removesuffix("; see `agor-units doctor`"),
-                            "" if system else fix))
+        checks.append(
+            Check("manager reachable", "error", str(e).removesuffix("; see `agor-units doctor`"), "" if system else fix)
+        )
 
     running = version or installed
     if running:
         if running < MINIMUM_VERSION:
-            checks.append(Check("systemd version", "error", f"systemd {running} is older than {MINIMUM_VERSION}",
-                                "upgrade systemd"))
+            checks.append(
+                Check(
+                    "systemd version", "error", f"systemd {running} is older than {MINIMUM_VERSION}", "upgrade systemd"
+                )
+            )
         for gate, feature in FEATURES:
             checks.append(Check(f"systemd ≥ {gate}", "ok" if running >= gate else "warn", feature))
         mode = "native" if uses_native_backoff(config, running) else "launcher fallback"
@@ -93,30 +112,46 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
 
     if not system:
         linger = Path("/var/lib/systemd/linger") / user
-        checks.append(Check("lingering", "ok" if linger.exists() else "warn",
-                            "user manager runs without a login session" if linger.exists()
-                            else "the sidecar stops when you log out",
-                            "" if linger.exists() else f"sudo loginctl enable-linger {user}"))
+        checks.append(
+            Check(
+                "lingering",
+                "ok" if linger.exists() else "warn",
+                "user manager runs without a login session"
+                if linger.exists()
+                else "the sidecar stops when you log out",
+                "" if linger.exists() else f"sudo loginctl enable-linger {user}",
+            )
+        )
 
     if config.sandbox.enabled:
-        from .landlock import abi_version
-        from .sandbox import enforcement
-
         abi = abi_version()
         level, missing = enforcement(abi)
         refused = level == "none" and config.sandbox.required
-        checks.append(Check("sandbox", "ok" if level == "full" else "error" if refused else "warn",
-                            f"Landlock ABI {abi}: {level}" + (f"; not enforced: {', '.join(missing)}" if missing else ""),
-                            "" if level == "full" else "a kernel ≥ 6.7 with landlock in the lsm= list enforces everything"))
+        checks.append(
+            Check(
+                "sandbox",
+                "ok" if level == "full" else "error" if refused else "warn",
+                f"Landlock ABI {abi}: {level}" + (f"; not enforced: {', '.join(missing)}" if missing else ""),
+                "" if level == "full" else "a kernel ≥ 6.7 with landlock in the lsm= list enforces everything",
+            )
+        )
         checks += _broad_write_paths(config)
     else:
-        checks.append(Check("sandbox", "warn", "off ([sandbox] enabled = false)", "remove `enabled = false` from [sandbox]"))
+        checks.append(
+            Check("sandbox", "warn", "off ([sandbox] enabled = false)", "remove `enabled = false` from [sandbox]")
+        )
 
-    import ctypes.util  # here: agor-units imports this module for every command
+    import ctypes.util  # import cost: ~12 ms, and agor-units imports this module for every command
 
     lib = ctypes.util.find_library("systemd")
-    checks.append(Check("libsystemd", "ok" if lib else "error", lib or "libsystemd.so.0 not found (the launcher needs it)",
-                        "" if lib else "apt-get install libsystemd0"))
+    checks.append(
+        Check(
+            "libsystemd",
+            "ok" if lib else "error",
+            lib or "libsystemd.so.0 not found (the launcher needs it)",
+            "" if lib else "apt-get install libsystemd0",
+        )
+    )
 
     checks.append(_sidecar_program(config))
     if config.sidecar.environment_file is not None:
@@ -127,9 +162,14 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
             checks.append(Check("environment file", "error", str(e), "fix that line (NAME=value)"))
 
     missing = start_path_problems(config)
-    checks.append(Check("sidecar paths", "error" if missing else "ok",
-                        "; ".join(missing) or "working directory and environment file exist",
-                        "create it or change [sidecar] in ~/.config/agor/units.toml" if missing else ""))
+    checks.append(
+        Check(
+            "sidecar paths",
+            "error" if missing else "ok",
+            "; ".join(missing) or "working directory and environment file exist",
+            "create it or change [sidecar] in ~/.config/agor/units.toml" if missing else "",
+        )
+    )
 
     directory = unit_directory(system)
     try:
@@ -140,32 +180,51 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
     if version is None:
         # what install would write depends on the manager's probe: without it, only what is there
         installed = ", ".join(sorted(manifest)) or "none"
-        checks.append(Check("units installed", "warn", f"{installed}; not compared with the configuration "
-                            "(the manager is unreachable)", "reach the manager, then run this again"))
+        checks.append(
+            Check(
+                "units installed",
+                "warn",
+                f"{installed}; not compared with the configuration (the manager is unreachable)",
+                "reach the manager, then run this again",
+            )
+        )
     else:
-        wanted = render_units(config, version, current_launcher(), system,
-                              set(probed.applied) if probed is not None else None, installed_docs())
+        wanted = render_units(
+            config,
+            version,
+            current_launcher(),
+            system,
+            set(probed.applied) if probed is not None else None,
+            installed_docs(),
+        )
         stale = [name for name, text in wanted.items() if manifest.get(name) != digest(text)]
-        checks.append(Check("units installed", "warn" if stale else "ok",
-                            f"not installed or out of date: {', '.join(stale)}" if stale else f"up to date in {directory}",
-                            "agor-units install --now" if stale else ""))
+        checks.append(
+            Check(
+                "units installed",
+                "warn" if stale else "ok",
+                f"not installed or out of date: {', '.join(stale)}" if stale else f"up to date in {directory}",
+                "agor-units install --now" if stale else "",
+            )
+        )
     return checks
 
 
 def _sidecar_program(config: Config) -> Check:
-    from .sandbox_check import expand
-
     command, home = config.sidecar.command, str(Path.home())
     missing = missing_sidecar_files(command, home)
     if missing:
         placeholder = " (of the placeholder default command)" if tuple(command) == DEFAULT_COMMAND else ""
-        return Check("sidecar program", "error", f"missing{placeholder}: {', '.join(missing)}",
-                     "set [sidecar] command in ~/.config/agor/units.toml")
+        return Check(
+            "sidecar program",
+            "error",
+            f"missing{placeholder}: {', '.join(missing)}",
+            "set [sidecar] command in ~/.config/agor/units.toml",
+        )
     return Check("sidecar program", "ok", expand(command[0], home))
 
 
 def _broad_write_paths(config: Config) -> list[Check]:
-    from .sandbox_check import broad_write_warnings
-
-    return [Check("sandbox paths", "warn", warning, "list only the project directories in read_write_paths")
-            for warning in broad_write_warnings(config, str(Path.home()))]
+    return [
+        Check("sandbox paths", "warn", warning, "list only the project directories in read_write_paths")
+        for warning in broad_write_warnings(config, str(Path.home()))
+    ]

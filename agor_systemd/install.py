@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import (
+from agor_systemd.config import (
     AGOR_DATA,
     DEFAULT_COMMAND,
     Config,
@@ -20,9 +18,16 @@ from .config import (
     expand_home,
     working_directory_problem,
 )
-from .protocol import SIDECAR_UNIT
-from .unitfile import HomePath, Text
-from .units import HEADER, render_units, sandbox_paths
+from agor_systemd.errors import AgorError
+from agor_systemd.files import atomic_write, digest
+from agor_systemd.manager import BusError, Systemd, installed_systemd_version
+from agor_systemd.sandbox.enforce import probe_start
+from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
+from agor_systemd.sandbox.policy import sandbox_paths
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.unitfile import HEADER, HomePath, Text
+from agor_systemd.units import render_units
+from agor_systemd.walcheck.units import WALCHECK_TIMER
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
 # what the manifest may name: unit files in the unit directory, never a path elsewhere
@@ -33,7 +38,7 @@ STOP_GRACE_S = 5.0
 MAX_STOP_WAIT_S = 300.0
 
 
-class InstallError(RuntimeError):
+class InstallError(AgorError, RuntimeError):
     """A one-line reason why installing or uninstalling cannot go on."""
 
 
@@ -52,10 +57,19 @@ class InstallReport:
     notes: list[str] = field(default_factory=list)  # what the user should know or do next
 
     def as_dict(self) -> dict:
-        return {"directory": str(self.directory), "systemd_version": self.systemd_version,
-                "written": self.written, "unchanged": self.unchanged, "removed": self.removed, "kept": self.kept,
-                "actions": self.actions, "dry_run": self.dry_run, "hardening": self.hardening,
-                "left_out": self.left_out, "notes": self.notes}
+        return {
+            "directory": str(self.directory),
+            "systemd_version": self.systemd_version,
+            "written": self.written,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "kept": self.kept,
+            "actions": self.actions,
+            "dry_run": self.dry_run,
+            "hardening": self.hardening,
+            "left_out": self.left_out,
+            "notes": self.notes,
+        }
 
 
 def unit_directory(system: bool = False) -> Path:
@@ -73,7 +87,7 @@ def current_launcher() -> list[str]:
 def installed_docs() -> str | None:
     """The directory pip or the Debian package put README.md and docs/*.md in (data-files in
     pyproject.toml), for Documentation=; None when this copy runs from a source tree."""
-    from importlib import metadata
+    from importlib import metadata  # import cost: ~30 ms, for install and doctor only
 
     try:
         files = metadata.distribution("agor-systemd").files or []
@@ -84,31 +98,6 @@ def installed_docs() -> str | None:
             path = Path(str(file.locate())).resolve()
             return str(path.parent) if path.is_file() else None
     return None
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write via a temp file in the same directory and rename: never a half-written unit.
-    A failure names `path`, never the temp file."""
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise InstallError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
 
 
 def read_manifest(directory: Path) -> dict[str, str]:
@@ -122,10 +111,15 @@ def read_manifest(directory: Path) -> dict[str, str]:
         raise InstallError(f"{path}: unreadable ({e}); remove it to start over") from None
     units = data.get("units") if isinstance(data, dict) else None
     if not isinstance(units, dict) or not all(
-            isinstance(name, str) and _MANIFEST_UNIT_NAME.fullmatch(name)
-            and isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) for name, sha in units.items()):
-        raise InstallError(f'{path}: not an agor-units manifest ({{"units": {{unit name: sha256}}}} expected); '
-                           "remove it to start over")
+        isinstance(name, str)
+        and _MANIFEST_UNIT_NAME.fullmatch(name)
+        and isinstance(sha, str)
+        and re.fullmatch(r"[0-9a-f]{64}", sha)
+        for name, sha in units.items()
+    ):
+        raise InstallError(
+            f'{path}: not an agor-units manifest ({{"units": {{unit name: sha256}}}} expected); remove it to start over'
+        )
     return dict(units)
 
 
@@ -152,11 +146,15 @@ def check_sidecar(config: Config) -> None:
     command = config.sidecar.command
     missing = missing_sidecar_files(command, home)
     if missing and tuple(command) == DEFAULT_COMMAND:
-        raise InstallError(f"no sidecar configured (the default command is a placeholder; missing: "
-                           f"{', '.join(missing)}); set [sidecar] command in units.toml or pass it after `--`")
+        raise InstallError(
+            f"no sidecar configured (the default command is a placeholder; missing: "
+            f"{', '.join(missing)}); set [sidecar] command in units.toml or pass it after `--`"
+        )
     if missing:
-        raise InstallError(f"sidecar program {missing[0]!r} does not exist or is not executable; "
-                           "set [sidecar] command in units.toml or pass it after `--`")
+        raise InstallError(
+            f"sidecar program {missing[0]!r} does not exist or is not executable; "
+            "set [sidecar] command in units.toml or pass it after `--`"
+        )
     check_start_paths(config)
     if (problem := working_directory_problem(config, home)) is not None:
         raise InstallError(problem)
@@ -167,16 +165,17 @@ def check_sidecar(config: Config) -> None:
 def check_sandbox_start(config: Config, home: str) -> None:
     """Enter the Landlock domain the launcher will build, in a child, and try what the sidecar
     needs to start: read its program and scripts, write in its working directory."""
-    from .sandbox import probe_start
-
     read_write, read_only = ([expand_home(p, home) for p in paths] for paths in sandbox_paths(config))
     command = [expand_home(word, home) for word in config.sidecar.command]
     cwd = expand_home(config.sidecar.working_directory, home)
     made_later = made_by_install(cwd, home) and not os.path.exists(cwd)
     problems = probe_start(read_write, read_only, command, cwd, home, check_cwd=not made_later)
     if problems:
-        raise InstallError("the sidecar could not start in its sandbox: " + "; ".join(problems)
-                           + " (docs/sandbox.md: what the sidecar may touch)")
+        raise InstallError(
+            "the sidecar could not start in its sandbox: "
+            + "; ".join(problems)
+            + " (docs/sandbox.md: what the sidecar may touch)"
+        )
 
 
 def made_by_install(path: str, home: str) -> bool:
@@ -196,8 +195,9 @@ def start_path_problems(config: Config) -> list[str]:
     if sidecar.environment_file is not None:
         env_path = expand_home(sidecar.environment_file, home)
         if not os.path.isfile(env_path) or not os.access(env_path, os.R_OK):
-            problems.append(f"environment file {env_path!r} ([sidecar] environment_file) does not exist "
-                            "or is not readable")
+            problems.append(
+                f"environment file {env_path!r} ([sidecar] environment_file) does not exist or is not readable"
+            )
     return problems
 
 
@@ -228,8 +228,9 @@ def is_generated(text: str) -> bool:
     return text.startswith(f"# {HEADER.splitlines()[0]}\n")
 
 
-def write_units(directory: Path, units: dict[str, str], report: InstallReport,
-                manifest: dict[str, str] | None, force: bool = False) -> None:
+def write_units(
+    directory: Path, units: dict[str, str], report: InstallReport, manifest: dict[str, str] | None, force: bool = False
+) -> None:
     """Write what changed. With a manifest (an install), a unit edited since it was written is
     overwritten only with `force`; without one (--output, a package directory), a file is ours
     when it carries the generated header. Anything else is never overwritten."""
@@ -246,8 +247,9 @@ def write_units(directory: Path, units: dict[str, str], report: InstallReport,
             if not ours:
                 raise InstallError(f"{path} exists and was not written by agor-units; move it away first")
             if manifest is not None and digest(current) != manifest[name] and not force:
-                raise InstallError(f"{path} was edited since agor-units wrote it; "
-                                   "pass --force to overwrite it (or move it away)")
+                raise InstallError(
+                    f"{path} was edited since agor-units wrote it; pass --force to overwrite it (or move it away)"
+                )
         if current == text:
             report.unchanged.append(name)
         else:
@@ -263,27 +265,41 @@ def write_units(directory: Path, units: dict[str, str], report: InstallReport,
 def note_running_old_settings(manager, report: InstallReport) -> None:
     """A rewritten unit takes effect at the sidecar's next start, not in the running one."""
     if SIDECAR_UNIT in report.written and manager.unit_properties(SIDECAR_UNIT).get("ActiveState") in (
-            "active", "activating", "reloading"):
-        report.notes.append(f"{SIDECAR_UNIT} is still running with its old settings; "
-                            "`agor-units restart` (or `install --now`) applies the new ones")
+        "active",
+        "activating",
+        "reloading",
+    ):
+        report.notes.append(
+            f"{SIDECAR_UNIT} is still running with its old settings; "
+            "`agor-units restart` (or `install --now`) applies the new ones"
+        )
 
 
-def install(config: Config, *, system: bool = False, output: Path | None = None, now: bool = False,
-            dry_run: bool = False, systemd_version: int | None = None, force: bool = False) -> InstallReport:
+def install(
+    config: Config,
+    *,
+    system: bool = False,
+    output: Path | None = None,
+    now: bool = False,
+    dry_run: bool = False,
+    systemd_version: int | None = None,
+    force: bool = False,
+) -> InstallReport:
     """Render the units for the running manager (or `systemd_version` for --output) and install them."""
-    from .bus import Systemd, installed_systemd_version
-
     if output is not None:
         version = systemd_version or installed_systemd_version()
         if version is None:
             raise InstallError("cannot tell the systemd version; pass --systemd-version")
         report = InstallReport(output, version, dry_run=dry_run)
         # packagers: every group the version supports, unprobed; the launcher checks at run time
-        from .hardening import version_gaps, wanted_groups
 
         report.hardening, report.left_out = list(wanted_groups(version, None, system)), version_gaps(version, system)
-        write_units(output, render_units(config, version, current_launcher(), system, docs=installed_docs()), report,
-                    manifest=None)
+        write_units(
+            output,
+            render_units(config, version, current_launcher(), system, docs=installed_docs()),
+            report,
+            manifest=None,
+        )
         return report
 
     check_sidecar(config)
@@ -294,7 +310,6 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
         version = systemd_version or manager.version()
         report = InstallReport(directory, version, dry_run=dry_run)
         # only the systemd hardening that takes effect on this manager: never a unit that cannot start
-        from .hardening import probe
 
         probed = probe(manager, config, version, system)
         report.hardening, report.left_out = list(probed.applied), probed.left_out
@@ -312,7 +327,6 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
             manager.reset_failed(SIDECAR_UNIT)
             manager.restart(SIDECAR_UNIT)
             report.actions.append(f"restart {SIDECAR_UNIT}")
-            from .walcheck_units import WALCHECK_TIMER
             manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
             report.actions.append(f"restart {WALCHECK_TIMER}")
         else:
@@ -323,8 +337,6 @@ def install(config: Config, *, system: bool = False, output: Path | None = None,
 def wait_stopped(manager, names: list[str]) -> list[str]:
     """Wait until no unit of `names` is stopping; the ones still stopping after their own stop
     timeout (when systemd has sent SIGKILL) plus STOP_GRACE_S."""
-    from .bus import BusError
-
     deadlines: dict[str, float] = {}
     pending, stuck = list(names), []
     while pending:
@@ -357,8 +369,6 @@ def remove_dangling_links(directory: Path, name: str) -> None:
 def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
     """Stop (and wait for it), disable and delete the units install wrote; a unit edited since is
     kept and reported, one deleted since is forgotten."""
-    from .bus import BusError, Systemd
-
     directory = unit_directory(system)
     manifest = read_manifest(directory)
     with Systemd(system) as manager:
@@ -384,8 +394,10 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
         stuck = wait_stopped(manager, names)
         if stuck:
             status = "systemctl status" if system else "systemctl --user status"
-            raise InstallError(f"{', '.join(stuck)} did not stop; nothing was removed — "
-                               f"see `{status}`, then run `agor-units uninstall` again")
+            raise InstallError(
+                f"{', '.join(stuck)} did not stop; nothing was removed — "
+                f"see `{status}`, then run `agor-units uninstall` again"
+            )
         present = report.removed + report.kept
         if present:
             manager.disable(present)
@@ -405,8 +417,6 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
 
 def manual_restart(system: bool = False) -> None:
     """The 'manual restart' button: clear failed state and budget, start afresh."""
-    from .bus import Systemd
-
     with Systemd(system) as manager:
         manager.reset_failed(SIDECAR_UNIT)
         manager.restart(SIDECAR_UNIT)

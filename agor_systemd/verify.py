@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 
-def verify_units(units: dict[str, str], analyze: str = "systemd-analyze", user: bool = True,
-                 env: dict[str, str] | None = None) -> list[str]:
+def verify_units(
+    units: dict[str, str], analyze: str = "systemd-analyze", user: bool = True, env: dict[str, str] | None = None
+) -> list[str]:
     """Problems systemd-analyze reports for these units; an empty list means clean.
 
     `verify` exits 0 on unknown keys ("Unknown key 'RestartSteps' ... ignoring"), so every
@@ -24,8 +25,9 @@ def verify_units(units: dict[str, str], analyze: str = "systemd-analyze", user: 
         run_env = dict(os.environ if env is None else env)
         mode = ["--user"] if user and run_env.get("XDG_RUNTIME_DIR") else []
         try:
-            done = subprocess.run([analyze, *mode, "verify", *paths], capture_output=True, text=True,
-                                  env=run_env, timeout=60)
+            done = subprocess.run(
+                [analyze, *mode, "verify", *paths], capture_output=True, text=True, env=run_env, timeout=60
+            )
         except FileNotFoundError:
             return [f"{analyze} not found (apt-get install systemd)"]
         except subprocess.TimeoutExpired:

@@ -5,7 +5,7 @@ Run as root (it starts real, unprivileged ``systemd --user`` managers in a lab n
 
     /opt/agor-systemd/venv/bin/python bench/restart_schedule.py [--base-s 1] [--rounds N] [--json]
 
-What it measures, for every build of :func:`agor_systemd.lab.available_builds` and every backoff
+What it measures, for every build of :func:`agor_systemd.lab.testbed.available_builds` and every backoff
 mode that build offers (252: launcher fallback; >= 254: native and, rendered with
 ``--systemd-version 252``, fallback), each on its own user manager, all managers in parallel:
 
@@ -49,22 +49,23 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the working tree's agor_systemd, not the venv's copy
 
-from agor_systemd.backoff import RestartPolicy, schedule  # noqa: E402
-from agor_systemd.lab import (  # noqa: E402
-    LabError,
-    LabNamespace,
+from agor_systemd.config import RestartPolicy  # noqa: E402
+from agor_systemd.lab.testbed import (  # noqa: E402
     OPT_ROOT,
     USER_LOCKS,
+    VENV,
+    LabError,
+    LabNamespace,
     SystemdBuild,
     UserManager,
-    VENV,
     available_builds,
     claim_name,
     deploy_package,
     package_deployed,
     venv_site,
 )
-from agor_systemd.units import NATIVE_BACKOFF_VERSION  # noqa: E402
+from agor_systemd.sidecar.backoff import schedule  # noqa: E402
+from agor_systemd.sidecar.units import NATIVE_BACKOFF_VERSION  # noqa: E402
 
 AGOR_UNITS = VENV / "bin" / "agor-units"
 LOCK_DIR = OPT_ROOT / "locks"
@@ -200,9 +201,16 @@ class Bench:
     def install(self, log: Path, behaviour: str) -> dict[str, Any]:
         assert self.mgr is not None
         p = self.policy
-        args = ["install", "--now", "--json", f"--base-s={p.base_s:g}", f"--cap-s={p.cap_s:g}",
-                f"--attempts={p.attempts}", f"--stability-window-s={p.stability_window_s:g}",
-                f"--read-write-path={self.mgr.home / BENCH_DIR}"]  # the sidecar logs its starts there
+        args = [
+            "install",
+            "--now",
+            "--json",
+            f"--base-s={p.base_s:g}",
+            f"--cap-s={p.cap_s:g}",
+            f"--attempts={p.attempts}",
+            f"--stability-window-s={p.stability_window_s:g}",
+            f"--read-write-path={self.mgr.home / BENCH_DIR}",
+        ]  # the sidecar logs its starts there
         if self.mode == "fallback" and self.build.version >= NATIVE_BACKOFF_VERSION:
             args.append("--systemd-version=252")
         cp = self.mgr.run([str(AGOR_UNITS), *args, "--", *self.sidecar_command(log, behaviour)], timeout=60)
@@ -211,8 +219,9 @@ class Bench:
         report = json.loads(cp.stdout)
         wanted = "native" if self.mode == "native" else "launcher fallback"
         if report.get("backoff") != wanted:
-            raise LabError(f"install chose backoff {report.get('backoff')!r}, expected {wanted!r} "
-                           f"(base {p.base_s:g} s)")
+            raise LabError(
+                f"install chose backoff {report.get('backoff')!r}, expected {wanted!r} (base {p.base_s:g} s)"
+            )
         return report
 
     def health(self) -> dict[str, Any]:
@@ -246,8 +255,9 @@ class Bench:
             if stop.wait(0.2):
                 raise Interrupted()
             if time.monotonic() > deadline:
-                raise LabError(f"{self.key}: only {len(self.starts(log))} of {expected_starts} starts "
-                               f"within {sum(delays) + 30:g}s")
+                raise LabError(
+                    f"{self.key}: only {len(self.starts(log))} of {expected_starts} starts within {sum(delays) + 30:g}s"
+                )
         failed_deadline = time.monotonic() + 15
         while (state := self.health())["status"] != "failed":
             if time.monotonic() > failed_deadline:
@@ -259,8 +269,9 @@ class Bench:
             raise LabError(f"{self.key}: {len(times)} starts, expected {expected_starts}")
         gaps_ms = [(b - a) / 1e6 for a, b in zip(times, times[1:])]
         errors_ms = [g - d * 1000 for g, d in zip(gaps_ms, delays)]
-        self.schedules.append({"round": round_no, "delays_s": delays, "gaps_ms": gaps_ms,
-                               "errors_ms": errors_ms, "health": state})
+        self.schedules.append(
+            {"round": round_no, "delays_s": delays, "gaps_ms": gaps_ms, "errors_ms": errors_ms, "health": state}
+        )
 
     # -- 2. launcher start-up overhead ------------------------------------------------------------
 
@@ -268,8 +279,10 @@ class Bench:
         assert self.mgr is not None
         mgr = self.mgr
         tag = f"{round_no}-{uuid.uuid4().hex[:6]}"
-        logs = {UNIT: mgr.home / BENCH_DIR / f"launcher-{tag}.log",
-                DIRECT_UNIT: mgr.home / BENCH_DIR / f"direct-{tag}.log"}
+        logs = {
+            UNIT: mgr.home / BENCH_DIR / f"launcher-{tag}.log",
+            DIRECT_UNIT: mgr.home / BENCH_DIR / f"direct-{tag}.log",
+        }
         self.install(logs[UNIT], "run")
         # `install --now` returns at READY=1, which the launcher sends right after spawning the
         # sidecar: wait for that first start, or it would be counted for the first restart
@@ -278,11 +291,18 @@ class Bench:
             if time.monotonic() > deadline:
                 raise LabError(f"{self.key}: the sidecar did not start within 10 s of install --now")
             time.sleep(0.01)
-        direct = "\n".join([
-            "[Unit]", "Description=agor bench: the sidecar started directly, no launcher",
-            "StartLimitIntervalSec=0", "",
-            "[Service]", "Type=simple", "ExecStart=" + " ".join(self.sidecar_command(logs[DIRECT_UNIT], "run")),
-            ""])
+        direct = "\n".join(
+            [
+                "[Unit]",
+                "Description=agor bench: the sidecar started directly, no launcher",
+                "StartLimitIntervalSec=0",
+                "",
+                "[Service]",
+                "Type=simple",
+                "ExecStart=" + " ".join(self.sidecar_command(logs[DIRECT_UNIT], "run")),
+                "",
+            ]
+        )
         mgr.write_file(f".config/systemd/user/{DIRECT_UNIT}", direct)
         mgr.systemctl("daemon-reload", check=True, timeout=30)
         samples: dict[str, list[float]] = {UNIT: [], DIRECT_UNIT: []}
@@ -311,8 +331,9 @@ class Bench:
         if len(found) != before + 1:
             raise LabError(f"{self.key}: {unit}: {len(found) - before} sidecar starts for one restart")
         sidecar_ns, sidecar_pid = found[-1]
-        cp = self.mgr.systemctl("show", "-p", "ExecMainStartTimestampMonotonic", "-p", "MainPID",
-                                "-p", "ActiveState", unit, timeout=15)
+        cp = self.mgr.systemctl(
+            "show", "-p", "ExecMainStartTimestampMonotonic", "-p", "MainPID", "-p", "ActiveState", unit, timeout=15
+        )
         props = dict(line.split("=", 1) for line in cp.stdout.splitlines() if "=" in line)
         if props.get("ActiveState") != "active":
             raise LabError(f"{self.key}: {unit} is {props.get('ActiveState')!r} after the restart")
@@ -344,8 +365,9 @@ def stats(values: list[float]) -> dict[str, float | None]:
     return {"median_ms": statistics.median(values), "max_ms": max(values), "min_ms": min(values)}
 
 
-def summarize(benches: list[Bench], args: argparse.Namespace, machine: dict[str, Any],
-              loads: list[dict[str, Any]], venv_ok: bool) -> dict[str, Any]:
+def summarize(
+    benches: list[Bench], args: argparse.Namespace, machine: dict[str, Any], loads: list[dict[str, Any]], venv_ok: bool
+) -> dict[str, Any]:
     targets: list[dict[str, Any]] = []
     results = []
     for b in benches:
@@ -353,24 +375,36 @@ def summarize(benches: list[Bench], args: argparse.Namespace, machine: dict[str,
         launcher = [x for o in b.overhead for x in o["launcher_ms"]]
         direct = [x for o in b.overhead for x in o["direct_ms"]]
         entry: dict[str, Any] = {
-            "systemd": b.build.version, "systemd_full_version": b.build.full_version, "mode": b.mode,
-            "user": b.user, "delays_s": b.delays, "rounds": b.schedules,
+            "systemd": b.build.version,
+            "systemd_full_version": b.build.full_version,
+            "mode": b.mode,
+            "user": b.user,
+            "delays_s": b.delays,
+            "rounds": b.schedules,
             "error": stats(errors),
             "overhead": {
                 "rounds": b.overhead,
-                "launcher": stats(launcher), "direct": stats(direct),
+                "launcher": stats(launcher),
+                "direct": stats(direct),
                 "added_median_ms": (statistics.median(launcher) - statistics.median(direct))
-                if launcher and direct else None,
+                if launcher and direct
+                else None,
                 "ratio_median": (statistics.median(launcher) / statistics.median(direct))
-                if launcher and direct and statistics.median(direct) > 0 else None,
+                if launcher and direct and statistics.median(direct) > 0
+                else None,
             },
             "problems": b.errors,
         }
         results.append(entry)
         if errors:
             ok = all(-EARLY_TOLERANCE_MS <= e <= LATE_MAX_MS for e in errors)
-            targets.append({"target": f"systemd {b.build.version} {b.mode}: every gap late by 0..{LATE_MAX_MS:g} ms",
-                            "met": ok, "detail": f"errors {min(errors):+.0f} .. {max(errors):+.0f} ms"})
+            targets.append(
+                {
+                    "target": f"systemd {b.build.version} {b.mode}: every gap late by 0..{LATE_MAX_MS:g} ms",
+                    "met": ok,
+                    "detail": f"errors {min(errors):+.0f} .. {max(errors):+.0f} ms",
+                }
+            )
     by_key = {(r["systemd"], r["mode"]): r for r in results}
     for (version, mode), r in by_key.items():
         native = by_key.get((version, "native"))
@@ -379,17 +413,28 @@ def summarize(benches: list[Bench], args: argparse.Namespace, machine: dict[str,
         f_max, n_max = r["error"]["max_ms"], native["error"]["max_ms"]
         if f_max is None or n_max is None:
             continue
-        targets.append({"target": f"systemd {version}: fallback no later than native (max error)",
-                        "met": f_max <= n_max, "detail": f"fallback {f_max:.0f} ms, native {n_max:.0f} ms"})
+        targets.append(
+            {
+                "target": f"systemd {version}: fallback no later than native (max error)",
+                "met": f_max <= n_max,
+                "detail": f"fallback {f_max:.0f} ms, native {n_max:.0f} ms",
+            }
+        )
     problems = [f"{b.key}: {e}" for b in benches for e in b.errors]
     return {
         "benchmark": "restart_schedule",
         "command": " ".join([sys.executable, *sys.argv]),
-        "base_s": args.base_s, "rounds": args.rounds, "overhead_restarts": args.restarts,
-        "target_late_max_ms": LATE_MAX_MS, "early_tolerance_ms": EARLY_TOLERANCE_MS,
-        "machine": machine, "load": loads,
+        "base_s": args.base_s,
+        "rounds": args.rounds,
+        "overhead_restarts": args.restarts,
+        "target_late_max_ms": LATE_MAX_MS,
+        "early_tolerance_ms": EARLY_TOLERANCE_MS,
+        "machine": machine,
+        "load": loads,
         "venv_package_unchanged_during_run": venv_ok,
-        "results": results, "targets": targets, "problems": problems,
+        "results": results,
+        "targets": targets,
+        "problems": problems,
         "all_targets_met": bool(targets) and all(t["met"] for t in targets) and not problems,
     }
 
@@ -400,39 +445,57 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
 
 def render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    lines = [f"Restart schedule benchmark: {m['os']}, kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu']})",
-             f"base {doc['base_s']:g} s, {doc['rounds']} round(s); load average before/after rounds: "
-             + "; ".join(f"{x['before'][0]:.2f}/{x['after'][0]:.2f}" for x in doc["load"]), ""]
+    lines = [
+        f"Restart schedule benchmark: {m['os']}, kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu']})",
+        f"base {doc['base_s']:g} s, {doc['rounds']} round(s); load average before/after rounds: "
+        + "; ".join(f"{x['before'][0]:.2f}/{x['after'][0]:.2f}" for x in doc["load"]),
+        "",
+    ]
     delays = doc["results"][0]["delays_s"] if doc["results"] else []
-    lines.append("Error = gap between sidecar starts - scheduled delay (ms); target: 0 <= error <= "
-                 f"{doc['target_late_max_ms']:g} ms")
-    head = f"{'systemd':<9}{'mode':<10}{'median':>8}{'max':>8}   per-gap errors (delays " + \
-        ", ".join(f"{d:g}" for d in delays) + " s)"
+    lines.append(
+        "Error = gap between sidecar starts - scheduled delay (ms); target: 0 <= error <= "
+        f"{doc['target_late_max_ms']:g} ms"
+    )
+    head = (
+        f"{'systemd':<9}{'mode':<10}{'median':>8}{'max':>8}   per-gap errors (delays "
+        + ", ".join(f"{d:g}" for d in delays)
+        + " s)"
+    )
     lines += [head, "-" * len(head)]
     for r in doc["results"]:
         rounds = r["rounds"] or [{"errors_ms": []}]
         for i, s in enumerate(rounds):
-            prefix = (f"{r['systemd']:<9}{r['mode']:<10}{fmt(r['error']['median_ms']):>8}{fmt(r['error']['max_ms']):>8}"
-                      if i == 0 else " " * 35)
+            prefix = (
+                f"{r['systemd']:<9}{r['mode']:<10}{fmt(r['error']['median_ms']):>8}{fmt(r['error']['max_ms']):>8}"
+                if i == 0
+                else " " * 35
+            )
             gaps = ", ".join(f"{e:+.0f}" for e in s["errors_ms"]) or "(no data)"
             lines.append(f"{prefix}   {gaps}" + (f"   (round {s['round']})" if len(rounds) > 1 else ""))
-    lines += ["", "Launcher start-up overhead: systemd forks ExecStart -> sidecar's first instruction (ms), "
-              f"{doc['overhead_restarts']} restarts per round",
-              f"{'systemd':<9}{'mode':<10}{'launcher med/max':>18}{'direct med/max':>17}{'added':>8}{'ratio':>7}"]
+    lines += [
+        "",
+        "Launcher start-up overhead: systemd forks ExecStart -> sidecar's first instruction (ms), "
+        f"{doc['overhead_restarts']} restarts per round",
+        f"{'systemd':<9}{'mode':<10}{'launcher med/max':>18}{'direct med/max':>17}{'added':>8}{'ratio':>7}",
+    ]
     lines.append("-" * len(lines[-1]))
     for r in doc["results"]:
         o = r["overhead"]
-        lines.append(f"{r['systemd']:<9}{r['mode']:<10}"
-                     f"{fmt(o['launcher']['median_ms'], '.1f') + ' / ' + fmt(o['launcher']['max_ms'], '.1f'):>18}"
-                     f"{fmt(o['direct']['median_ms'], '.1f') + ' / ' + fmt(o['direct']['max_ms'], '.1f'):>17}"
-                     f"{fmt(o['added_median_ms'], '+.1f'):>8}{fmt(o['ratio_median'], '.1f') + 'x':>7}")
+        lines.append(
+            f"{r['systemd']:<9}{r['mode']:<10}"
+            f"{fmt(o['launcher']['median_ms'], '.1f') + ' / ' + fmt(o['launcher']['max_ms'], '.1f'):>18}"
+            f"{fmt(o['direct']['median_ms'], '.1f') + ' / ' + fmt(o['direct']['max_ms'], '.1f'):>17}"
+            f"{fmt(o['added_median_ms'], '+.1f'):>8}{fmt(o['ratio_median'], '.1f') + 'x':>7}"
+        )
     lines += ["", "Targets:"]
     lines += [f"  [{'ok  ' if t['met'] else 'MISS'}] {t['target']}: {t['detail']}" for t in doc["targets"]]
     for p in doc["problems"]:
         lines.append(f"  [FAIL] {p}")
     if not doc["venv_package_unchanged_during_run"]:
-        lines.append("  warning: the venv's agor_systemd changed during the run (a test session synced "
-                     "another tree?): figures may not be this tree's")
+        lines.append(
+            "  warning: the venv's agor_systemd changed during the run (a test session synced "
+            "another tree?): figures may not be this tree's"
+        )
     return "\n".join(lines)
 
 
@@ -450,9 +513,14 @@ def machine_info(builds: list[SystemdBuild]) -> dict[str, Any]:
                 osname = line.split("=", 1)[1].strip('"')
     with contextlib.suppress(OSError):
         osname += f" ({Path('/etc/debian_version').read_text().strip()})"
-    return {"os": osname, "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version(),
-            "systemd": {str(b.version): b.full_version + ("" if b.is_host else f" ({b.prefix})") for b in builds}}
+    return {
+        "os": osname,
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "systemd": {str(b.version): b.full_version + ("" if b.is_host else f" ({b.prefix})") for b in builds},
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,8 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-s", type=float, default=1.0, help="first restart delay (default 1 s)")
     parser.add_argument("--rounds", type=int, default=1, help="how often to repeat everything (default 1)")
-    parser.add_argument("--restarts", type=int, default=OVERHEAD_RESTARTS,
-                        help=f"restarts per unit for the overhead measurement (default {OVERHEAD_RESTARTS})")
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=OVERHEAD_RESTARTS,
+        help=f"restarts per unit for the overhead measurement (default {OVERHEAD_RESTARTS})",
+    )
     parser.add_argument("--json", action="store_true", help="JSON document on stdout (the table goes to stderr)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -516,19 +588,23 @@ def main(argv: list[str] | None = None) -> int:
         if not builds:
             raise LabError("no systemd build found")
         benches = [Bench(b, mode, args.base_s) for b in builds for mode in modes_for(b)]
-        note("systemd builds: " + ", ".join(f"{b.version} ({b.full_version})" for b in builds)
-             + "; runs: " + ", ".join(b.key for b in benches))
+        note(
+            "systemd builds: "
+            + ", ".join(f"{b.version} ({b.full_version})" for b in builds)
+            + "; runs: "
+            + ", ".join(b.key for b in benches)
+        )
         ns = LabNamespace().start()
         for b in benches:
             b.start(ns)
         for r in range(1, args.rounds + 1):
             load = {"round": r, "before": os.getloadavg()}
             note(f"round {r}: schedule runs in parallel (~{sum(benches[0].delays) + 4:.0f} s)")
-            run_parallel([b for b in benches if not b.errors], lambda b: b.run_schedule(r, stop), "schedule")
+            run_parallel([b for b in benches if not b.errors], lambda b: b.run_schedule(r, stop), "schedule")  # noqa: B023 - run_parallel waits
             note(f"round {r}: launcher overhead, {args.restarts} restarts per unit, one manager at a time")
             for b in benches:
                 if not b.errors:
-                    run_parallel([b], lambda b: b.run_overhead(r, args.restarts, stop), "overhead")
+                    run_parallel([b], lambda b: b.run_overhead(r, args.restarts, stop), "overhead")  # noqa: B023 - run_parallel waits
             load["after"] = os.getloadavg()
             loads.append(load)
         venv_ok = package_in_sync(site)

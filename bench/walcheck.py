@@ -127,11 +127,18 @@ def stall_round(tmp: Path, checkpointer: list[str], reader: bool) -> dict:
     subprocess.run([sys.executable, "-c", CREATE, str(db)], check=True)
     procs = []
     if reader:
-        procs.append(subprocess.Popen([sys.executable, "-c", PINNING_READER, str(db)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", PINNING_READER, str(db)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
         assert procs[-1].stdout.readline() == "reading\n"
-    writer = subprocess.Popen([sys.executable, "-c", NO_WAIT_WRITER, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", NO_WAIT_WRITER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     procs.append(writer)
     try:
         assert writer.stdout.readline() == "writing\n"
@@ -144,9 +151,14 @@ def stall_round(tmp: Path, checkpointer: list[str], reader: bool) -> dict:
     finally:
         outputs = [p.communicate("", timeout=60)[0] for p in reversed(procs)]
     stats = json.loads(outputs[0])
-    row = {"run_s": run_s, "exit": cp.returncode, "stall_s": sum(stats["stalls"]),
-           "longest_s": max(stats["stalls"], default=0.0), "stalls": len(stats["stalls"]),
-           "failed_inserts": stats["failed"]}
+    row = {
+        "run_s": run_s,
+        "exit": cp.returncode,
+        "stall_s": sum(stats["stalls"]),
+        "longest_s": max(stats["stalls"], default=0.0),
+        "stalls": len(stats["stalls"]),
+        "failed_inserts": stats["failed"],
+    }
     if "--json" in argv:  # walcheck's own account: time in TRUNCATE, the most it held the writer
         row["truncate_s"] = json.loads(cp.stdout)["databases"][0]["truncate_s"]
     return row
@@ -159,8 +171,10 @@ def stall_main(args) -> int:
     sys.path.insert(0, str(REPO))
     from agor_systemd.walcheck import MAX_BUSY_TIMEOUT_S
 
-    checkpointers = {"walcheck": [args.python, "-m", "agor_systemd.walcheck", "--json", "DB"],
-                     "agor": [sqlite3_cli, "DB", ".timeout 5000", "PRAGMA wal_checkpoint(TRUNCATE)"]}
+    checkpointers = {
+        "walcheck": [args.python, "-m", "agor_systemd.walcheck", "--json", "DB"],
+        "agor": [sqlite3_cli, "DB", ".timeout 5000", "PRAGMA wal_checkpoint(TRUNCATE)"],
+    }
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="agor-walstall-", dir=args.dir or "/var/tmp") as tmp:
         for _ in range(args.rounds):
@@ -168,22 +182,28 @@ def stall_main(args) -> int:
                 for reader in (True, False):
                     case = f"{name} {'reader pinning the WAL' if reader else 'no reader'}"
                     rows.setdefault(case, []).append(stall_round(Path(tmp), argv, reader))
-    worst = {k: {f: max(r.get(f, 0) for r in v) for f in ("stall_s", "longest_s", "truncate_s", "run_s",
-                                                         "failed_inserts")}
-             | {"exits": sorted({r["exit"] for r in v})} for k, v in rows.items()}
+    worst = {
+        k: {f: max(r.get(f, 0) for r in v) for f in ("stall_s", "longest_s", "truncate_s", "run_s", "failed_inserts")}
+        | {"exits": sorted({r["exit"] for r in v})}
+        for k, v in rows.items()
+    }
     ok = all(w["stall_s"] <= MAX_BUSY_TIMEOUT_S for k, w in worst.items() if k.startswith("walcheck"))
     if args.json:
         print(json.dumps({"rounds": args.rounds, "worst": worst, "runs": rows, "met": ok}, indent=2))
     else:
         print(f"writer without busy timeout, one insert per ms; {args.rounds} rounds; worst round of each")
-        print("| checkpointer | case | writer held up, s | longest stall, s | failed inserts | in TRUNCATE, s "
-              "| run s | exit |")
+        print(
+            "| checkpointer | case | writer held up, s | longest stall, s | failed inserts | in TRUNCATE, s "
+            "| run s | exit |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for k, w in worst.items():
             name, case = k.split(" ", 1)
             truncate = f"{w['truncate_s']:.2f}" if name == "walcheck" else "–"
-            print(f"| {name} | {case} | {w['stall_s']:.2f} | {w['longest_s']:.2f} | {w['failed_inserts']} "
-                  f"| {truncate} | {w['run_s']:.2f} | {','.join(map(str, w['exits']))} |")
+            print(
+                f"| {name} | {case} | {w['stall_s']:.2f} | {w['longest_s']:.2f} | {w['failed_inserts']} "
+                f"| {truncate} | {w['run_s']:.2f} | {','.join(map(str, w['exits']))} |"
+            )
         print(f"walcheck within {MAX_BUSY_TIMEOUT_S:g} s: {'met' if ok else 'MISSED'}")
     return 0 if ok else 1
 
@@ -229,8 +249,16 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["walcheck"] / med["sqlite3"]
     ok = ratio <= TARGET and truncated
-    doc = {"wal_bytes": wal_sizes, "rounds": args.rounds, "seconds": results,
-           "median_s": med, "ratio": round(ratio, 3), "target": TARGET, "met": ok, "truncated": truncated}
+    doc = {
+        "wal_bytes": wal_sizes,
+        "rounds": args.rounds,
+        "seconds": results,
+        "median_s": med,
+        "ratio": round(ratio, 3),
+        "target": TARGET,
+        "met": ok,
+        "truncated": truncated,
+    }
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 Integration tests (``tests/integration``) run units under a real, unprivileged ``systemd --user``
-started by :mod:`agor_systemd.lab`.  They need root (to create the lab namespace, cgroups and test
+started by :mod:`agor_systemd.lab.testbed`.  They need root (to create the lab namespace, cgroups and test
 users) and ``scripts/setup.sh`` having been run (the units execute the virtualenv's python).
 
 Fixtures for integration tests:
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.lab import (
+from agor_systemd.lab.testbed import (
     OPT_ROOT,
     USER_LOCKS,
     VENV,

@@ -57,7 +57,9 @@ def main(argv):
         "pid": os.getpid(),
         "argv": [os.fsencode(a).hex() for a in sys.argv],
         "cwd": os.getcwd(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("FAKE_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")},
+        "env": {
+            k: v for k, v in os.environ.items() if k.startswith("FAKE_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+        },
     }
     if log_path:
         with open(log_path, "a") as f:
@@ -147,8 +149,9 @@ def act(behaviour):
         while True:
             pass
     if kind == "log-edges":
-        sys.stderr.buffer.write(b"<3>" + b"x" * 70000 + b"\n" + b"y" * 60000 + b"\n"
-                                + b"<8>eight\n" + b"before NUL\0after NUL\n")
+        sys.stderr.buffer.write(
+            b"<3>" + b"x" * 70000 + b"\n" + b"y" * 60000 + b"\n" + b"<8>eight\n" + b"before NUL\0after NUL\n"
+        )
         sys.stderr.flush()
     if kind == "flood-exit":
         os.posix_spawn("/usr/bin/yes", ["yes", "agent output"], dict(os.environ))
@@ -175,8 +178,7 @@ def act(behaviour):
         print("<3>stdout line marked as an error", flush=True)
         sys.stderr.write("plain stderr line\n<7>stderr line marked as debug\n")
         sys.stderr.flush()
-    if kind in ("hang", "term-exit", "never-ready", "late-ready", "socket", "stop-self", "log", "log-edges",
-                "agents"):
+    if kind in ("hang", "term-exit", "never-ready", "late-ready", "socket", "stop-self", "log", "log-edges", "agents"):
         while True:
             time.sleep(3600)
     sys.stderr.write(f"fake_sidecar: unknown behaviour {behaviour!r}\n")

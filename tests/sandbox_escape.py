@@ -80,8 +80,7 @@ def unix_socket_in_home():
 
 
 def child_process_write():
-    done = subprocess.run(["/bin/sh", "-c", f'echo escaped > "{HOME}/escape-child.txt"'],
-                          stderr=subprocess.DEVNULL)
+    done = subprocess.run(["/bin/sh", "-c", f'echo escaped > "{HOME}/escape-child.txt"'], stderr=subprocess.DEVNULL)
     if done.returncode != 0:
         raise PermissionError(errno.EACCES, "the child shell could not write either")
 
@@ -98,10 +97,12 @@ DENIED = {
     "rmdir in the home directory": lambda: os.rmdir(os.path.join(HOME, spec["empty_dir"])),
     "unlink a file in the home directory": lambda: os.unlink(VICTIM),
     "rename within the home directory": lambda: os.rename(VICTIM, VICTIM + ".moved"),
-    "rename a file out of the project into ~/.config (refer)":
-        lambda: os.rename(fresh("to-move"), os.path.join(HOME, ".config", "moved-in")),
-    "hard-link a project file into the home directory (refer)":
-        lambda: os.link(fresh("to-link"), os.path.join(HOME, "linked-in")),
+    "rename a file out of the project into ~/.config (refer)": lambda: os.rename(
+        fresh("to-move"), os.path.join(HOME, ".config", "moved-in")
+    ),
+    "hard-link a project file into the home directory (refer)": lambda: os.link(
+        fresh("to-link"), os.path.join(HOME, "linked-in")
+    ),
     "symlink in the home directory": lambda: os.symlink("/tmp", os.path.join(HOME, "escape-link")),
     "write through a symlink out of the project": symlink_out,
     "write via .. out of the project": lambda: write(os.path.join(PROJECT, "..", "escape-dotdot.txt")),

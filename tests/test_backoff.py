@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.backoff import (
+from agor_systemd.sidecar.backoff import (
     USEC,
     NativeBackoff,
     RestartPolicy,
@@ -75,8 +75,10 @@ def test_sub_second_base():
     assert schedule(policy(base_s=0.2, attempts=5)) == [0.2, 0.4, 0.8, 1.6, 3.2]
 
 
-@pytest.mark.parametrize("seconds, usec", [(1, 1_000_000), (0.2, 200_000), (0.001, 1000), (1.5, 1_500_000),
-                                           (0.1 + 0.2, 300_000), (86400, 86_400_000_000)])
+@pytest.mark.parametrize(
+    "seconds, usec",
+    [(1, 1_000_000), (0.2, 200_000), (0.001, 1000), (1.5, 1_500_000), (0.1 + 0.2, 300_000), (86400, 86_400_000_000)],
+)
 def test_to_usec_rounds_to_whole_microseconds(seconds, usec):
     assert to_usec(seconds) == usec
 
@@ -140,12 +142,15 @@ def test_native_formula_non_power_of_two_ratio_is_not_doubling():
 # --- native_backoff: what systemd can and cannot express ---------------------------------------
 
 
-@pytest.mark.parametrize("base_s, cap_s, attempts", [
-    (1, 10, 5),     # 1, 2, 4, 8, 10: the cap truncates a doubling
-    (1, 30, 6),     # 1, 2, 4, 8, 16, 30: agor's schedule one restart further
-    (1, 30, 7),     # ..., 30, 30
-    (0.5, 3, 4),    # 0.5, 1, 2, 3
-])
+@pytest.mark.parametrize(
+    "base_s, cap_s, attempts",
+    [
+        (1, 10, 5),  # 1, 2, 4, 8, 10: the cap truncates a doubling
+        (1, 30, 6),  # 1, 2, 4, 8, 16, 30: agor's schedule one restart further
+        (1, 30, 7),  # ..., 30, 30
+        (0.5, 3, 4),  # 0.5, 1, 2, 3
+    ],
+)
 def test_schedules_systemd_cannot_express_return_none(base_s, cap_s, attempts):
     assert native_backoff(policy(base_s, cap_s, attempts)) is None
 
@@ -153,7 +158,8 @@ def test_schedules_systemd_cannot_express_return_none(base_s, cap_s, attempts):
 @pytest.mark.parametrize("base_s, attempts", [(1, 5), (2, 3), (7, 1)])
 def test_constant_schedule_has_no_steps(base_s, attempts):
     assert native_backoff(policy(base_s=base_s, cap_s=base_s, attempts=attempts)) == NativeBackoff(
-        restart_usec=to_usec(base_s), steps=0, max_delay_usec=0)
+        restart_usec=to_usec(base_s), steps=0, max_delay_usec=0
+    )
 
 
 def test_sub_second_base_is_exact_in_microseconds():
@@ -174,9 +180,17 @@ def test_two_attempts_is_one_step():
     assert native_backoff(policy(base_s=1, attempts=2)) == NativeBackoff(1_000_000, 1, 2_000_000)
 
 
-@pytest.mark.parametrize("base_s, cap_s, attempts", [
-    (1, 30, 5), (0.2, 30, 5), (1, 1000, 3), (1, 1000, 9), (0.001, 1, 5), (1.5, 86400, 2),
-])
+@pytest.mark.parametrize(
+    "base_s, cap_s, attempts",
+    [
+        (1, 30, 5),
+        (0.2, 30, 5),
+        (1, 1000, 3),
+        (1, 1000, 9),
+        (0.001, 1, 5),
+        (1.5, 86400, 2),
+    ],
+)
 def test_native_backoff_reproduces_the_schedule_exactly(base_s, cap_s, attempts):
     p = policy(base_s, cap_s, attempts)
     native = native_backoff(p)
@@ -186,6 +200,7 @@ def test_native_backoff_reproduces_the_schedule_exactly(base_s, cap_s, attempts)
 
 # Schedules systemd *can* express but native_backoff turns down (they then fall back to the
 # launcher's own waiting, which works, but is not what the docstring promises).
+
 
 def test_cap_landing_on_a_doubling_is_expressible():
     # 1, 2, 4, 8, 16, 16 is systemd-facts' own example: RestartSteps=4, RestartMaxDelaySec=16s.
@@ -234,8 +249,9 @@ def systemd_arithmetic(tmp_path_factory):
     subprocess.run([cc, "-O2", "-o", str(binary), str(directory / "next.c"), "-lm"], check=True, timeout=60)
 
     def delays(native: NativeBackoff, count: int) -> list[int]:
-        lines = "".join(f"{native.restart_usec} {native.steps} {native.max_delay_usec} {k}\n"
-                        for k in range(1, count + 1))
+        lines = "".join(
+            f"{native.restart_usec} {native.steps} {native.max_delay_usec} {k}\n" for k in range(1, count + 1)
+        )
         out = subprocess.run([str(binary)], input=lines, capture_output=True, text=True, check=True).stdout
         return [int(x) for x in out.split()]
 

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from agor_systemd.cli import main
-from agor_systemd.install import MANIFEST, current_launcher, digest
 from agor_systemd.config import Config, SidecarConfig
-from agor_systemd.protocol import SIDECAR_UNIT
-from agor_systemd.units import sandbox_paths
-from agor_systemd.walcheck_units import WALCHECK_SERVICE, WALCHECK_TIMER
+from agor_systemd.install import MANIFEST, current_launcher
+from agor_systemd.sandbox.policy import sandbox_paths
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.walcheck.units import WALCHECK_SERVICE, WALCHECK_TIMER
 
 WALCHECK_UNITS = [WALCHECK_SERVICE, WALCHECK_TIMER]
 
@@ -55,8 +55,9 @@ def assert_one_line_error(result: Result, *fragments: str) -> str:
 
 def sandbox_words(program: str) -> str:
     read_write, read_only = sandbox_paths(Config(sidecar=SidecarConfig(command=(program,))))
-    return "".join(f'"--rw" "{p}" ' for p in map(exec_text, read_write)) + \
-        "".join(f'"--ro" "{p}" ' for p in map(exec_text, read_only))
+    return "".join(f'"--rw" "{p}" ' for p in map(exec_text, read_write)) + "".join(
+        f'"--ro" "{p}" ' for p in map(exec_text, read_only)
+    )
 
 
 def exec_text(path) -> str:
@@ -105,11 +106,14 @@ def test_render_quotes_the_command(env):
     lines = result.stdout.splitlines()
     assert lines[0] == f"# {SIDECAR_UNIT}"
     exec_start = [line for line in lines if line.startswith("ExecStart=")]
-    assert exec_start[:1] == [f"ExecStart={launcher_prefix()}"
-                          '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
-                          '"--ready" "line" "--sandbox" "best" "--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" '
-                          '"--working-directory" "%h/.local/share/agor" ' + sandbox_words("/bin/true") +
-                          '"--" "/bin/true" "a b" "$HOME" "50%%"']
+    assert exec_start[:1] == [
+        f"ExecStart={launcher_prefix()}"
+        '"--unit" "agor-sidecar.service" "--attempts" "5" "--stability-window" "300" '
+        '"--ready" "line" "--sandbox" "best" "--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" '
+        '"--working-directory" "%h/.local/share/agor" '
+        + sandbox_words("/bin/true")
+        + '"--" "/bin/true" "a b" "$HOME" "50%%"'
+    ]
     assert "RestartSteps=4" in lines
 
 
@@ -132,8 +136,20 @@ def test_render_json(env):
 def test_render_flags_override_the_config(env, tmp_path):
     config = tmp_path / "units.toml"
     config.write_text('[sidecar]\ncommand = ["/bin/false"]\n[restart]\nattempts = 3\n')
-    result = run(env, "--config", str(config), "render", "--systemd-version", "254", "--attempts", "7",
-                 "--working-directory", "~/agor", "--environment-file", "/etc/agor.env")
+    result = run(
+        env,
+        "--config",
+        str(config),
+        "render",
+        "--systemd-version",
+        "254",
+        "--attempts",
+        "7",
+        "--working-directory",
+        "~/agor",
+        "--environment-file",
+        "/etc/agor.env",
+    )
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert '"--attempts" "7"' in text and '"--wait-schedule" "1,2,4,8,16,30,30"' in text  # not expressible
@@ -155,7 +171,7 @@ def test_render_without_version_and_manager_asks_systemctl(env):
 
     if shutil.which("systemctl") is None:
         pytest.skip("no systemctl")
-    from agor_systemd.bus import installed_systemd_version
+    from agor_systemd.manager import installed_systemd_version
 
     version = installed_systemd_version()
     result = run(env, "render", "--", "/bin/true")
@@ -184,14 +200,17 @@ def test_missing_config_file(env, tmp_path):
     assert_one_line_error(result, "nope.toml: no such file")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--base-s", "0"], "[restart] base_s must be between 0.001 and 3600"),
-    (["--cap-s", "0.5"], "[restart] cap_s (0.5) is smaller than base_s (1)"),
-    (["--working-directory", "relative"], "working_directory must be an absolute path"),
-    (["--environment-file", "/etc/*.env"], "glob character"),
-    (["--", "no-such-agor-program"], "[sidecar] command 'no-such-agor-program' was not found on PATH"),
-    (["--", "/bin/true", "\udcff"], "[sidecar] command argument 1 is not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--base-s", "0"], "[restart] base_s must be between 0.001 and 3600"),
+        (["--cap-s", "0.5"], "[restart] cap_s (0.5) is smaller than base_s (1)"),
+        (["--working-directory", "relative"], "working_directory must be an absolute path"),
+        (["--environment-file", "/etc/*.env"], "glob character"),
+        (["--", "no-such-agor-program"], "[sidecar] command 'no-such-agor-program' was not found on PATH"),
+        (["--", "/bin/true", "\udcff"], "[sidecar] command argument 1 is not valid UTF-8"),
+    ],
+)
 def test_bad_overrides(env, args, fragment):
     assert_one_line_error(run(env, "render", "--systemd-version", "254", *args), fragment)
 
@@ -211,7 +230,7 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
     # no temp files, and no hidden manifest in a package directory
     assert sorted(p.name for p in out.iterdir()) == sorted([SIDECAR_UNIT, *WALCHECK_UNITS])
     text = (out / SIDECAR_UNIT).read_text()
-    assert f'ExecStart={launcher_prefix()}' in text and '"--" "/bin/true"\n' in text
+    assert f"ExecStart={launcher_prefix()}" in text and '"--" "/bin/true"\n' in text
     assert oct((out / SIDECAR_UNIT).stat().st_mode & 0o777) == oct(0o644)
 
     unit_before = (out / SIDECAR_UNIT).stat().st_mtime_ns
@@ -248,9 +267,20 @@ def test_install_output_json(env, tmp_path):
     out = tmp_path / "out"
     result = run(env, "install", "--output", str(out), "--systemd-version", "254", "--json", "--", "/bin/true")
     report = json.loads(result.stdout)
-    assert report == {"directory": str(out), "systemd_version": 254, "written": [SIDECAR_UNIT, *WALCHECK_UNITS], "unchanged": [],
-                      "removed": [], "kept": [], "actions": [], "dry_run": False, "backoff": "native",
-                      "hardening": ["always", "seccomp", "userns", "mounts"], "left_out": {}, "notes": []}
+    assert report == {
+        "directory": str(out),
+        "systemd_version": 254,
+        "written": [SIDECAR_UNIT, *WALCHECK_UNITS],
+        "unchanged": [],
+        "removed": [],
+        "kept": [],
+        "actions": [],
+        "dry_run": False,
+        "backoff": "native",
+        "hardening": ["always", "seccomp", "userns", "mounts"],
+        "left_out": {},
+        "notes": [],
+    }
 
 
 def test_install_output_refuses_a_foreign_unit(env, tmp_path):
@@ -297,17 +327,29 @@ def assert_one_line_usage_error(result: Result, prog: str, *fragments: str) -> N
         assert fragment in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--bogus"], "No such option '--bogus'"),
-    (["no-such-command"], "No such command 'no-such-command'"),
-    (["install", "--bogus"], "No such option '--bogus' (see `main install --help`)"),
-    (["health", "extra"], "unexpected extra argument (extra)"),
-    (["render", "--attempts", "many"], "'many' is not a valid integer"),
-    (["render", "--systemd-version", "-1"], "--systemd-version"),
-    (["render", "--systemd-version", "242"], "--systemd-version"),
-    (["install", "--output", "OUT", "--now"], "--now cannot be used with --output"),
-], ids=["option", "command", "command-option", "extra-argument", "bad-number", "negative-version",
-        "version-too-old", "now-with-output"])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--bogus"], "No such option '--bogus'"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+        (["install", "--bogus"], "No such option '--bogus' (see `main install --help`)"),
+        (["health", "extra"], "unexpected extra argument (extra)"),
+        (["render", "--attempts", "many"], "'many' is not a valid integer"),
+        (["render", "--systemd-version", "-1"], "--systemd-version"),
+        (["render", "--systemd-version", "242"], "--systemd-version"),
+        (["install", "--output", "OUT", "--now"], "--now cannot be used with --output"),
+    ],
+    ids=[
+        "option",
+        "command",
+        "command-option",
+        "extra-argument",
+        "bad-number",
+        "negative-version",
+        "version-too-old",
+        "now-with-output",
+    ],
+)
 def test_usage_errors_are_one_line_with_exit_status_2(env, tmp_path, args, fragment):
     out = tmp_path / "out"
     assert_one_line_usage_error(run(env, *(str(out) if a == "OUT" else a for a in args)), "agor-units", fragment)
@@ -315,14 +357,14 @@ def test_usage_errors_are_one_line_with_exit_status_2(env, tmp_path, args, fragm
 
 
 def test_agor_sandbox_usage_errors_are_one_line(tmp_path):
-    from agor_systemd.sandbox_check import main as sandbox_cli
+    from agor_systemd.cli import sandbox_main as sandbox_cli
 
     result = CliRunner(env={"HOME": str(tmp_path)}).invoke(sandbox_cli, ["check", "--bogus"])
     assert_one_line_usage_error(result, "agor-sandbox", "No such option '--bogus'")
 
 
 def test_config_goes_before_or_after_the_command_in_both_programs(env, tmp_path):
-    from agor_systemd.sandbox_check import main as sandbox_cli
+    from agor_systemd.cli import sandbox_main as sandbox_cli
 
     config = tmp_path / "units.toml"
     config.write_text('[sidecar]\ncommand = ["/bin/echo", "from --config"]\n[sandbox]\ntcp_bind = [5173]\n')
@@ -345,8 +387,10 @@ def test_install_output_renders_the_default_configuration_unless_config_is_given
     assert result.exit_code == 0, result.output
     text = (out / SIDECAR_UNIT).read_text()
     assert "build user" not in text and '"--attempts" "5"' in text
-    assert text.endswith('"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"\n'
-                         + text.split('claude-runner.mjs"\n', 1)[1])
+    assert text.endswith(
+        '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"\n'
+        + text.split('claude-runner.mjs"\n', 1)[1]
+    )
 
     explicit = run(env, "install", "--output", str(out), "--systemd-version", "254", "--config", str(own))
     assert explicit.exit_code == 0, explicit.output
@@ -364,18 +408,26 @@ def test_install_output_rewrites_a_generated_unit_without_a_manifest(env, tmp_pa
     assert not (out / MANIFEST).exists()
 
 
-@pytest.mark.parametrize("manifest", [
-    "[]", "null", '{"units": []}', '{"units": {"agor-sidecar.service": 1}}',
-    '{"units": {"agor-sidecar.service": "not-a-digest"}}',
-    '{"units": {"../../.bashrc.service": "' + "0" * 64 + '"}}',
-], ids=["list", "null", "units-list", "digest-number", "digest-text", "path-escape"])
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "[]",
+        "null",
+        '{"units": []}',
+        '{"units": {"agor-sidecar.service": 1}}',
+        '{"units": {"agor-sidecar.service": "not-a-digest"}}',
+        '{"units": {"../../.bashrc.service": "' + "0" * 64 + '"}}',
+    ],
+    ids=["list", "null", "units-list", "digest-number", "digest-text", "path-escape"],
+)
 @pytest.mark.parametrize("command", [["uninstall"], ["install", "--", "/bin/true"]])
 def test_a_manifest_of_the_wrong_shape_is_one_line_error(env, manifest, command):
     unit_dir = Path(env["HOME"]) / ".config" / "systemd" / "user"
     unit_dir.mkdir(parents=True)
     (unit_dir / MANIFEST).write_text(manifest)
-    assert_one_line_error(run(env, *command), str(unit_dir / MANIFEST), "not an agor-units manifest",
-                          "remove it to start over")
+    assert_one_line_error(
+        run(env, *command), str(unit_dir / MANIFEST), "not an agor-units manifest", "remove it to start over"
+    )
 
 
 def test_doctor_reports_a_manifest_of_the_wrong_shape(env):
@@ -414,17 +466,22 @@ def test_the_placeholder_command_is_refused_while_its_script_is_missing(env):
     assert str(script) not in missing_sidecar_files(DEFAULT_COMMAND, env["HOME"])
 
 
-@pytest.mark.parametrize(("line", "fragment"), [
-    ("export FAKE_X=1", "systemd does not understand `export`"),
-    ("WITH-DASH=x", "'WITH-DASH' is not a variable name"),
-])
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("export FAKE_X=1", "systemd does not understand `export`"),
+        ("WITH-DASH=x", "'WITH-DASH' is not a variable name"),
+    ],
+)
 def test_install_refuses_environment_file_lines_systemd_would_drop(env, tmp_path, line, fragment):
     env_file = tmp_path / "sidecar.env"
     env_file.write_text(f"GOOD=1\n{line}\n")
     result = run(env, "install", "--environment-file", str(env_file), "--", "/bin/true")
     assert_one_line_error(result, f"{env_file} line 2: systemd would ignore {line!r}", fragment)
-    checks = {c["name"]: c for c in json.loads(run(env, "--config", str(write_env_config(tmp_path, env_file)),
-                                                   "doctor", "--json").stdout)}
+    checks = {
+        c["name"]: c
+        for c in json.loads(run(env, "--config", str(write_env_config(tmp_path, env_file)), "doctor", "--json").stdout)
+    }
     assert checks["environment file"]["status"] == "error" and fragment in checks["environment file"]["detail"]
 
 
@@ -443,7 +500,7 @@ def test_user_units_go_to_the_managers_directory_whatever_xdg_config_home_says(e
 
 
 def sandbox_check(env: dict[str, str], config_text: str, tmp_path: Path, *args: str) -> Result:
-    from agor_systemd.sandbox_check import main as sandbox_cli
+    from agor_systemd.cli import sandbox_main as sandbox_cli
 
     config = tmp_path / "units.toml"
     config.write_text(config_text)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.backoff import RestartPolicy
 from agor_systemd.config import (
     DEFAULT_COMMAND,
     Config,
     ConfigError,
+    RestartPolicy,
     SidecarConfig,
     config_home,
     default_config_path,
@@ -53,7 +53,7 @@ def config_error(tmp_path: Path, text: str | bytes) -> str:
     message = str(info.value)
     assert "\n" not in message, message
     assert message.startswith(f"{path}: "), message
-    return message[len(f"{path}: "):]
+    return message[len(f"{path}: ") :]
 
 
 def make_executable(directory: Path, name: str) -> Path:
@@ -75,7 +75,7 @@ def test_defaults():
         working_directory=HomePath(".local/share/agor"),
         environment_file=None,
     )
-    assert DEFAULT_COMMAND == config.sidecar.command
+    assert config.sidecar.command == DEFAULT_COMMAND
 
 
 def test_empty_file_is_all_defaults(tmp_path):
@@ -135,14 +135,16 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 
 def test_non_utf8_file_names_the_file(tmp_path):
-    assert config_error(tmp_path, b"[sidecar]\ncommand = [\"/bin/\xff\"]\n") == "not UTF-8 text"
+    assert config_error(tmp_path, b'[sidecar]\ncommand = ["/bin/\xff"]\n') == "not UTF-8 text"
 
 
 # --- a full file --------------------------------------------------------------------------------
 
 
 def test_full_file(tmp_path):
-    config = load_text(tmp_path, """
+    config = load_text(
+        tmp_path,
+        """
         [sidecar]
         command = ["/usr/bin/node", "~/agor/dist/claude-runner.mjs", "--flag=~/not-home", "~"]
         working_directory = "~/agor"
@@ -153,7 +155,8 @@ def test_full_file(tmp_path):
         cap_s = 20
         attempts = 7
         stability_window_s = 600.5
-    """)
+    """,
+    )
     assert config.sidecar == SidecarConfig(
         command=("/usr/bin/node", HomePath("agor/dist/claude-runner.mjs"), "--flag=~/not-home", HomePath("")),
         working_directory=HomePath("agor"),
@@ -167,21 +170,25 @@ def test_partial_restart_table_keeps_other_defaults(tmp_path):
 
 
 def test_absolute_paths_stay_verbatim(tmp_path):
-    config = load_text(tmp_path, '[sidecar]\nworking_directory = "/srv/agor data"\n'
-                                 'environment_file = "/etc/agor/sidecar.env"\n')
+    config = load_text(
+        tmp_path, '[sidecar]\nworking_directory = "/srv/agor data"\nenvironment_file = "/etc/agor/sidecar.env"\n'
+    )
     assert config.sidecar.working_directory == "/srv/agor data"
     assert config.sidecar.environment_file == "/etc/agor/sidecar.env"
 
 
-@pytest.mark.parametrize("value, result", [
-    ("~", HomePath("")),
-    ("~/", HomePath("")),
-    ("~/x", HomePath("x")),
-    ("~//x", HomePath("x")),
-    ("~user/x", "~user/x"),
-    ("/abs/~/x", "/abs/~/x"),
-    ("x~", "x~"),
-])
+@pytest.mark.parametrize(
+    "value, result",
+    [
+        ("~", HomePath("")),
+        ("~/", HomePath("")),
+        ("~/x", HomePath("x")),
+        ("~//x", HomePath("x")),
+        ("~user/x", "~user/x"),
+        ("/abs/~/x", "/abs/~/x"),
+        ("x~", "x~"),
+    ],
+)
 def test_home_text(value, result):
     assert home_text(value) == result
 
@@ -189,33 +196,52 @@ def test_home_text(value, result):
 # --- [restart] validation -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[restart]\nbase_s = \"1\"", "[restart] base_s must be a number, got '1'"),
-    ("[restart]\nbase_s = true", "[restart] base_s must be a number, got True"),
-    ("[restart]\nattempts = false", "[restart] attempts must be a number, got False"),
-    ("[restart]\ncap_s = nan", "[restart] cap_s must be a number, got nan"),
-    ("[restart]\ncap_s = inf", "[restart] cap_s must be a number, got inf"),
-    ("[restart]\ncap_s = [1]", "[restart] cap_s must be a number, got [1]"),
-    ("[restart]\nbase_s = 0", "[restart] base_s must be between 0.001 and 3600, got 0"),
-    ("[restart]\nbase_s = -1", "[restart] base_s must be between 0.001 and 3600, got -1"),
-    ("[restart]\nbase_s = 3601", "[restart] base_s must be between 0.001 and 3600, got 3601"),
-    ("[restart]\ncap_s = 86401", "[restart] cap_s must be between 0.001 and 86400, got 86401"),
-    ("[restart]\nattempts = -1", "[restart] attempts must be between 0 and 1000, got -1"),
-    ("[restart]\nattempts = 1001", "[restart] attempts must be between 0 and 1000, got 1001"),
-    ("[restart]\nattempts = 2.5", "[restart] attempts must be a whole number, got 2.5"),
-    ("[restart]\nattempts = 3.0", "[restart] attempts must be a whole number, got 3.0"),
-    ("[restart]\nstability_window_s = 0.5", "[restart] stability_window_s must be between 1 and 2.592e+06, got 0.5"),
-    ("[restart]\nbase_s = 10\ncap_s = 5", "[restart] cap_s (5) is smaller than base_s (10)"),
-    ("[restart]\nbase_s = 60", "[restart] cap_s (30) is smaller than base_s (60)"),
-    ("[restart]\nbackoff = 2", "[restart] has no setting 'backoff' (known: base_s, cap_s, attempts, stability_window_s)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[restart]\nbase_s = "1"', "[restart] base_s must be a number, got '1'"),
+        ("[restart]\nbase_s = true", "[restart] base_s must be a number, got True"),
+        ("[restart]\nattempts = false", "[restart] attempts must be a number, got False"),
+        ("[restart]\ncap_s = nan", "[restart] cap_s must be a number, got nan"),
+        ("[restart]\ncap_s = inf", "[restart] cap_s must be a number, got inf"),
+        ("[restart]\ncap_s = [1]", "[restart] cap_s must be a number, got [1]"),
+        ("[restart]\nbase_s = 0", "[restart] base_s must be between 0.001 and 3600, got 0"),
+        ("[restart]\nbase_s = -1", "[restart] base_s must be between 0.001 and 3600, got -1"),
+        ("[restart]\nbase_s = 3601", "[restart] base_s must be between 0.001 and 3600, got 3601"),
+        ("[restart]\ncap_s = 86401", "[restart] cap_s must be between 0.001 and 86400, got 86401"),
+        ("[restart]\nattempts = -1", "[restart] attempts must be between 0 and 1000, got -1"),
+        ("[restart]\nattempts = 1001", "[restart] attempts must be between 0 and 1000, got 1001"),
+        ("[restart]\nattempts = 2.5", "[restart] attempts must be a whole number, got 2.5"),
+        ("[restart]\nattempts = 3.0", "[restart] attempts must be a whole number, got 3.0"),
+        (
+            "[restart]\nstability_window_s = 0.5",
+            "[restart] stability_window_s must be between 1 and 2.592e+06, got 0.5",
+        ),
+        ("[restart]\nbase_s = 10\ncap_s = 5", "[restart] cap_s (5) is smaller than base_s (10)"),
+        ("[restart]\nbase_s = 60", "[restart] cap_s (30) is smaller than base_s (60)"),
+        (
+            "[restart]\nbackoff = 2",
+            "[restart] has no setting 'backoff' (known: base_s, cap_s, attempts, stability_window_s)",
+        ),
+    ],
+)
 def test_restart_errors(tmp_path, text, message):
     assert config_error(tmp_path, text + "\n") == message
 
 
-@pytest.mark.parametrize("key, value", [("base_s", 0.001), ("base_s", 3600), ("cap_s", 3600), ("cap_s", 86400),
-                                        ("attempts", 0), ("attempts", 1000), ("stability_window_s", 1),
-                                        ("stability_window_s", 30 * 86400)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("base_s", 0.001),
+        ("base_s", 3600),
+        ("cap_s", 3600),
+        ("cap_s", 86400),
+        ("attempts", 0),
+        ("attempts", 1000),
+        ("stability_window_s", 1),
+        ("stability_window_s", 30 * 86400),
+    ],
+)
 def test_restart_limits_are_inclusive(key, value):
     values = {"cap_s": 86400, key: value}  # a large cap so a large base_s is consistent
     assert getattr(restart_policy(values), key) == value
@@ -233,34 +259,63 @@ def test_cap_equal_to_base_is_fine():
 # --- [sidecar] validation -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[sidecar]\ncommand = []', "[sidecar] command is empty: give the program and its arguments"),
-    ('[sidecar]\ncommand = "/usr/bin/node x"',
-     '[sidecar] command must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]'),
-    ('[sidecar]\ncommand = ["/usr/bin/node", 3]',
-     '[sidecar] command must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]'),
-    ('[sidecar]\ncommand = ["bin/node"]', "[sidecar] command 'bin/node' is a relative path; give an absolute path"),
-    ('[sidecar]\ncommand = ["./node"]', "[sidecar] command './node' is a relative path; give an absolute path"),
-    ('[sidecar]\ncommand = ["~user/node"]', "[sidecar] command '~user/node' is a relative path; give an absolute path"),
-    ('[sidecar]\ncommand = ["/bin/x", "a\\u0000b"]', "[sidecar] command argument 1 contains a NUL byte"),
-    ('[sidecar]\nworking_directory = 3', "[sidecar] working_directory must be a string path, got 3"),
-    ('[sidecar]\nworking_directory = "srv/agor"', "[sidecar] working_directory must be an absolute path, got 'srv/agor'"),
-    ('[sidecar]\nworking_directory = "/srv/../agor"', "[sidecar] working_directory is not a normalized path: '/srv/../agor'"),
-    ('[sidecar]\nworking_directory = "/srv/agor\\n"',
-     "[sidecar] working_directory contains a control character (newline?): '/srv/agor\\n'"),
-    ('[sidecar]\nenvironment_file = "/etc/agor/*.env"',
-     "[sidecar] environment_file contains a glob character (* ? [ \\): '/etc/agor/*.env'"),
-    ('[sidecar]\nenvironment_file = "~/agor/env?"',
-     "[sidecar] environment_file contains a glob character (* ? [ \\): '~/agor/env?'"),
-    ('[sidecar]\nenvironment_file = "/etc/agor/[ab].env"',
-     "[sidecar] environment_file contains a glob character (* ? [ \\): '/etc/agor/[ab].env'"),
-    ('[sidecar]\nenvironment_file = false', "[sidecar] environment_file must be a string path, got False"),
-    ('[sidecar]\nrestart = "always"',
-     "[sidecar] has no setting 'restart' (known: command, working_directory, environment_file)"),
-    ('[service]\nType = "simple"', "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])"),
-    ('sidecar = 1', "'sidecar' must be a table like [sidecar]"),
-    ('attempts = 5', "'attempts' must be a table like [attempts]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[sidecar]\ncommand = []", "[sidecar] command is empty: give the program and its arguments"),
+        (
+            '[sidecar]\ncommand = "/usr/bin/node x"',
+            '[sidecar] command must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]',
+        ),
+        (
+            '[sidecar]\ncommand = ["/usr/bin/node", 3]',
+            '[sidecar] command must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]',
+        ),
+        ('[sidecar]\ncommand = ["bin/node"]', "[sidecar] command 'bin/node' is a relative path; give an absolute path"),
+        ('[sidecar]\ncommand = ["./node"]', "[sidecar] command './node' is a relative path; give an absolute path"),
+        (
+            '[sidecar]\ncommand = ["~user/node"]',
+            "[sidecar] command '~user/node' is a relative path; give an absolute path",
+        ),
+        ('[sidecar]\ncommand = ["/bin/x", "a\\u0000b"]', "[sidecar] command argument 1 contains a NUL byte"),
+        ("[sidecar]\nworking_directory = 3", "[sidecar] working_directory must be a string path, got 3"),
+        (
+            '[sidecar]\nworking_directory = "srv/agor"',
+            "[sidecar] working_directory must be an absolute path, got 'srv/agor'",
+        ),
+        (
+            '[sidecar]\nworking_directory = "/srv/../agor"',
+            "[sidecar] working_directory is not a normalized path: '/srv/../agor'",
+        ),
+        (
+            '[sidecar]\nworking_directory = "/srv/agor\\n"',
+            "[sidecar] working_directory contains a control character (newline?): '/srv/agor\\n'",
+        ),
+        (
+            '[sidecar]\nenvironment_file = "/etc/agor/*.env"',
+            "[sidecar] environment_file contains a glob character (* ? [ \\): '/etc/agor/*.env'",
+        ),
+        (
+            '[sidecar]\nenvironment_file = "~/agor/env?"',
+            "[sidecar] environment_file contains a glob character (* ? [ \\): '~/agor/env?'",
+        ),
+        (
+            '[sidecar]\nenvironment_file = "/etc/agor/[ab].env"',
+            "[sidecar] environment_file contains a glob character (* ? [ \\): '/etc/agor/[ab].env'",
+        ),
+        ("[sidecar]\nenvironment_file = false", "[sidecar] environment_file must be a string path, got False"),
+        (
+            '[sidecar]\nrestart = "always"',
+            "[sidecar] has no setting 'restart' (known: command, working_directory, environment_file)",
+        ),
+        (
+            '[service]\nType = "simple"',
+            "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])",
+        ),
+        ("sidecar = 1", "'sidecar' must be a table like [sidecar]"),
+        ("attempts = 5", "'attempts' must be a table like [attempts]"),
+    ],
+)
 def test_sidecar_and_table_errors(tmp_path, text, message):
     assert config_error(tmp_path, text + "\n") == message
 
@@ -291,7 +346,10 @@ def test_bare_program_is_resolved_on_path(tmp_path, monkeypatch):
 def test_bare_program_in_toml_is_resolved(tmp_path, monkeypatch):
     program = make_executable(tmp_path / "bin", "node")
     monkeypatch.setenv("PATH", f"{tmp_path / 'empty'}:{tmp_path / 'bin'}")
-    assert load_text(tmp_path, '[sidecar]\ncommand = ["node", "run.mjs"]\n').sidecar.command == (str(program), "run.mjs")
+    assert load_text(tmp_path, '[sidecar]\ncommand = ["node", "run.mjs"]\n').sidecar.command == (
+        str(program),
+        "run.mjs",
+    )
 
 
 def test_non_executable_on_path_is_not_found(tmp_path, monkeypatch):
@@ -302,13 +360,15 @@ def test_non_executable_on_path_is_not_found(tmp_path, monkeypatch):
     if os.access(tmp_path / "bin" / "node", os.X_OK):
         pytest.skip("root can execute anything here")
     assert config_error(tmp_path, '[sidecar]\ncommand = ["node"]\n') == (
-        "[sidecar] command 'node' was not found on PATH; give an absolute path")
+        "[sidecar] command 'node' was not found on PATH; give an absolute path"
+    )
 
 
 def test_program_not_on_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert config_error(tmp_path, '[sidecar]\ncommand = ["agor-no-such-runner"]\n') == (
-        "[sidecar] command 'agor-no-such-runner' was not found on PATH; give an absolute path")
+        "[sidecar] command 'agor-no-such-runner' was not found on PATH; give an absolute path"
+    )
 
 
 @pytest.mark.parametrize("path_entry", ["bin", ":/nonexistent"])
@@ -335,17 +395,31 @@ def test_only_a_leading_byte_order_mark_is_forgiven(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("export X=1\n", [(1, "export X=1", "systemd does not understand `export`; leave it out")]),
-    ("GOOD=1\nWITH-DASH=x\n", [(2, "WITH-DASH=x", "'WITH-DASH' is not a variable name "
-                                                  "(letters, digits and _, not starting with a digit)")]),
-    ("1ST=x\n", [(1, "1ST=x", "'1ST' is not a variable name (letters, digits and _, not starting with a digit)")]),
-    ("JUST_A_NAME\n", [(1, "JUST_A_NAME", "no `=` in it")]),
-    ("=value\n", [(1, "=value", "no variable name before `=`")]),
-    ("A=1\r\nB\r\n", [(2, "B", "no `=` in it")]),
-    ("BAD NAME=1\n", [(1, "BAD NAME=1", "'BAD NAME' is not a variable name "
-                                        "(letters, digits and _, not starting with a digit)")]),
-], ids=["export", "dash", "digit-first", "no-equals", "no-name", "crlf", "space-in-name"])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("export X=1\n", [(1, "export X=1", "systemd does not understand `export`; leave it out")]),
+        (
+            "GOOD=1\nWITH-DASH=x\n",
+            [
+                (
+                    2,
+                    "WITH-DASH=x",
+                    "'WITH-DASH' is not a variable name (letters, digits and _, not starting with a digit)",
+                )
+            ],
+        ),
+        ("1ST=x\n", [(1, "1ST=x", "'1ST' is not a variable name (letters, digits and _, not starting with a digit)")]),
+        ("JUST_A_NAME\n", [(1, "JUST_A_NAME", "no `=` in it")]),
+        ("=value\n", [(1, "=value", "no variable name before `=`")]),
+        ("A=1\r\nB\r\n", [(2, "B", "no `=` in it")]),
+        (
+            "BAD NAME=1\n",
+            [(1, "BAD NAME=1", "'BAD NAME' is not a variable name (letters, digits and _, not starting with a digit)")],
+        ),
+    ],
+    ids=["export", "dash", "digit-first", "no-equals", "no-name", "crlf", "space-in-name"],
+)
 def test_environment_lines_systemd_drops(text, expected):
     from agor_systemd.config import dropped_environment_lines
 
@@ -356,9 +430,11 @@ def test_environment_lines_systemd_applies():
     """Comments, blank lines, spaces around `=`, quotes and continuations spanning lines: all kept."""
     from agor_systemd.config import dropped_environment_lines
 
-    text = ("# a comment\n; another\n\n  INDENTED=1\nSPACED = 2\nQ='single\nnot-a-line'\n"
-            'D="double \\" quote\nstill value"\nC=continued \\\nnot-a-key-either\n'
-            "_UNDER_9=x\n")
+    text = (
+        "# a comment\n; another\n\n  INDENTED=1\nSPACED = 2\nQ='single\nnot-a-line'\n"
+        'D="double \\" quote\nstill value"\nC=continued \\\nnot-a-key-either\n'
+        "_UNDER_9=x\n"
+    )
     assert dropped_environment_lines(text) == []
 
 
@@ -374,33 +450,51 @@ def test_a_line_after_a_comment_ending_in_a_backslash_is_flagged():
 LONG_SOCKET = "/run/user/1000/" + "s" * 93  # 108 bytes: no room for sun_path's NUL
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[watchdog]\ninterval_s = 0.001", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 0.001"),
-    ("[watchdog]\ninterval_s = 1e-7", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 1e-07"),
-    ("[watchdog]\ninterval_s = 0.999", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 0.999"),
-    (f'[watchdog]\nready = "socket:{LONG_SOCKET}"',
-     f"[watchdog] ready socket path is 108 bytes long; a unix socket path can have at most 107: '{LONG_SOCKET}'"),
-    (f'[watchdog]\nprobe = "socket:{LONG_SOCKET}"',
-     f"[watchdog] probe socket path is 108 bytes long; a unix socket path can have at most 107: '{LONG_SOCKET}'"),
-    ('[watchdog]\ninterval_s = 0\nprobe = "tcp:8080"',
-     "[watchdog] probe = 'tcp:8080' needs the watchdog, which interval_s = 0 turns off; "
-     "set interval_s or remove it"),
-    ("[watchdog]\ninterval_s = 0\nactivity_timeout_s = 60",
-     "[watchdog] activity_timeout_s = 60 needs the watchdog, which interval_s = 0 turns off; "
-     "set interval_s or remove it"),
-    ('[watchdog]\ninterval_s = 0\nactivity_timeout_s = 60\nprobe = "exec:true"',
-     "[watchdog] probe = 'exec:true' and activity_timeout_s = 60 need the watchdog, which interval_s = 0 "
-     "turns off; set interval_s or remove it"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[watchdog]\ninterval_s = 0.001", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 0.001"),
+        ("[watchdog]\ninterval_s = 1e-7", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 1e-07"),
+        ("[watchdog]\ninterval_s = 0.999", "[watchdog] interval_s must be 0 (off) or at least 1 s, got 0.999"),
+        (
+            f'[watchdog]\nready = "socket:{LONG_SOCKET}"',
+            f"[watchdog] ready socket path is 108 bytes long; a unix socket path can have at most 107: '{LONG_SOCKET}'",
+        ),
+        (
+            f'[watchdog]\nprobe = "socket:{LONG_SOCKET}"',
+            f"[watchdog] probe socket path is 108 bytes long; a unix socket path can have at most 107: '{LONG_SOCKET}'",
+        ),
+        (
+            '[watchdog]\ninterval_s = 0\nprobe = "tcp:8080"',
+            "[watchdog] probe = 'tcp:8080' needs the watchdog, which interval_s = 0 turns off; "
+            "set interval_s or remove it",
+        ),
+        (
+            "[watchdog]\ninterval_s = 0\nactivity_timeout_s = 60",
+            "[watchdog] activity_timeout_s = 60 needs the watchdog, which interval_s = 0 turns off; "
+            "set interval_s or remove it",
+        ),
+        (
+            '[watchdog]\ninterval_s = 0\nactivity_timeout_s = 60\nprobe = "exec:true"',
+            "[watchdog] probe = 'exec:true' and activity_timeout_s = 60 need the watchdog, which interval_s = 0 "
+            "turns off; set interval_s or remove it",
+        ),
+    ],
+)
 def test_watchdog_settings_that_cannot_work(tmp_path, text, message):
     assert config_error(tmp_path, text + "\n") == message
 
 
-@pytest.mark.parametrize("values", [
-    {"interval_s": 0}, {"interval_s": 1}, {"interval_s": 1.5, "probe": "tcp:80", "activity_timeout_s": 9},
-    {"ready": "socket:/run/user/1000/" + "s" * 92},  # 107 bytes: the longest that fits
-    {"ready": "socket:/run/user/1000/" + "é" * 46},  # 107 bytes, 61 characters
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"interval_s": 0},
+        {"interval_s": 1},
+        {"interval_s": 1.5, "probe": "tcp:80", "activity_timeout_s": 9},
+        {"ready": "socket:/run/user/1000/" + "s" * 92},  # 107 bytes: the longest that fits
+        {"ready": "socket:/run/user/1000/" + "é" * 46},  # 107 bytes, 61 characters
+    ],
+)
 def test_watchdog_settings_that_work(values):
     watchdog = watchdog_config(values)
     assert all(getattr(watchdog, key) == value for key, value in values.items())

@@ -13,15 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd import landlock
-from agor_systemd.config import Config, SidecarConfig, parse_config, working_directory_problem
-from agor_systemd.hardening import read_write_paths
-from agor_systemd.sandbox import command_files, command_paths, denial_hint, probe_start, readable_root
-from agor_systemd.unitfile import HomePath
-from agor_systemd.units import documentation, render_units, sandbox_paths
+from agor_systemd.config import (
+    Config,
+    SidecarConfig,
+    parse_config,
+    working_directory_problem,
+)
+from agor_systemd.sandbox import landlock
+from agor_systemd.sandbox.enforce import (
+    command_files,
+    command_paths,
+    denial_hint,
+    probe_start,
+    readable_root,
+)
+from agor_systemd.sandbox.hardening import read_write_paths
+from agor_systemd.sandbox.policy import sandbox_paths
+from agor_systemd.unitfile import HomePath, documentation
+from agor_systemd.units import render_units
 
-needs_landlock = pytest.mark.skipif(landlock.abi_version() < 1,
-                                    reason="this kernel has no Landlock (CONFIG_SECURITY_LANDLOCK, lsm=)")
+needs_landlock = pytest.mark.skipif(
+    landlock.abi_version() < 1, reason="this kernel has no Landlock (CONFIG_SECURITY_LANDLOCK, lsm=)"
+)
 SYSTEM_READ = ["/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev"]
 
 
@@ -67,8 +80,7 @@ def test_project_directories_are_accepted(working_directory):
 
 
 def test_home_working_directory_is_fine_without_the_sandbox():
-    config = replace(with_sidecar(working_directory=HomePath("")),
-                     sandbox=replace(Config().sandbox, enabled=False))
+    config = replace(with_sidecar(working_directory=HomePath("")), sandbox=replace(Config().sandbox, enabled=False))
     assert working_directory_problem(config, "/home/u") is None
 
 
@@ -88,8 +100,9 @@ def test_a_node_runner_gets_its_project_root_with_the_packages_beside_it(tmp_pat
     make(home / "agor/package.json", "{}")
     make(home / "agor/node_modules/dep/index.js")
     assert readable_root(str(runner), str(home)) == str(home / "agor")
-    assert command_paths(["/usr/bin/node", str(runner)], str(home / "project"), str(home),
-                         SYSTEM_READ) == [str(home / "agor")]
+    assert command_paths(["/usr/bin/node", str(runner)], str(home / "project"), str(home), SYSTEM_READ) == [
+        str(home / "agor")
+    ]
 
 
 def test_a_script_without_a_project_gets_its_directory(tmp_path):
@@ -119,8 +132,12 @@ def test_shebang_interpreters_and_relative_arguments_are_followed(tmp_path):
     script = make(home / "agor/bin/runner", f"#!{interpreter} -u\nprint()\n", 0o755)
     data = make(home / "agor/conf/settings.json", "{}")
     files = command_files([str(script), "conf/settings.json", "--flag", "not/there"], str(home / "agor"))
-    assert files == [str(script), str(interpreter), "/bin/sh" if not os.path.islink("/bin/sh")
-                     else os.path.realpath("/bin/sh"), str(data)]
+    assert files == [
+        str(script),
+        str(interpreter),
+        "/bin/sh" if not os.path.islink("/bin/sh") else os.path.realpath("/bin/sh"),
+        str(data),
+    ]
 
 
 def test_files_already_covered_add_nothing(tmp_path):
@@ -181,28 +198,42 @@ RW = ["/tmp", "/home/u/agor", "/home/u/.local/share/agor"]
 RO = ["/usr", "/home/u/.config"]
 
 
-@pytest.mark.parametrize(("line", "hint"), [
-    (b"PermissionError: [Errno 13] Permission denied: '/home/u/secrets/x.json'",
-     "permission denied: /home/u/secrets/x.json — outside the sandbox; add it to [sandbox] read_only_paths"),
-    (b"Error: EACCES: permission denied, open '/home/u/.ssh/id_rsa'",
-     "permission denied: /home/u/.ssh/id_rsa — outside the sandbox"),
-    (b"cat: /home/u/notes/todo: Permission denied", "permission denied: /home/u/notes/todo — outside the sandbox"),
-    (b"Error: EACCES: permission denied, mkdir '/home/u/.config/tool'",
-     "permission denied: /home/u/.config/tool — not writable in the sandbox; add it (or its directory) to "
-     "[sandbox] read_write_paths"),
-    (b"OSError: [Errno 30] Read-only file system: '/home/u/note.txt'",
-     "read-only file system: /home/u/note.txt — not writable in the sandbox"),
-])
+@pytest.mark.parametrize(
+    ("line", "hint"),
+    [
+        (
+            b"PermissionError: [Errno 13] Permission denied: '/home/u/secrets/x.json'",
+            "permission denied: /home/u/secrets/x.json — outside the sandbox; add it to [sandbox] read_only_paths",
+        ),
+        (
+            b"Error: EACCES: permission denied, open '/home/u/.ssh/id_rsa'",
+            "permission denied: /home/u/.ssh/id_rsa — outside the sandbox",
+        ),
+        (b"cat: /home/u/notes/todo: Permission denied", "permission denied: /home/u/notes/todo — outside the sandbox"),
+        (
+            b"Error: EACCES: permission denied, mkdir '/home/u/.config/tool'",
+            "permission denied: /home/u/.config/tool — not writable in the sandbox; add it (or its directory) to "
+            "[sandbox] read_write_paths",
+        ),
+        (
+            b"OSError: [Errno 30] Read-only file system: '/home/u/note.txt'",
+            "read-only file system: /home/u/note.txt — not writable in the sandbox",
+        ),
+    ],
+)
 def test_denied_paths_are_explained(line, hint):
     explained = denial_hint(line, RW, RO)
     assert explained is not None and explained.startswith(hint)
 
 
-@pytest.mark.parametrize("line", [
-    b"sh: 1: cannot create /home/u/agor/x: Permission denied",  # inside the project: file modes, not the sandbox
-    b"reading /home/u/secrets/x.json",  # no denial
-    b"permission denied",  # no path
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"sh: 1: cannot create /home/u/agor/x: Permission denied",  # inside the project: file modes, not the sandbox
+        b"reading /home/u/secrets/x.json",  # no denial
+        b"permission denied",  # no path
+    ],
+)
 def test_lines_that_are_not_sandbox_denials_are_left_alone(line):
     assert denial_hint(line, RW, RO) is None
 
@@ -212,10 +243,14 @@ def test_lines_that_are_not_sandbox_denials_are_left_alone(line):
 
 def test_documentation_names_installed_files_with_specifiers_escaped():
     assert documentation(None, "a.md") is None
-    assert documentation("/usr/share/doc/agor-systemd", "a.md", "b.md") == \
-        "file:/usr/share/doc/agor-systemd/a.md file:/usr/share/doc/agor-systemd/b.md"
-    assert documentation("/opt/my venv/100%/share/doc/agor-systemd", "a.md") == \
-        "file:/opt/my%%20venv/100%%25/share/doc/agor-systemd/a.md"
+    assert (
+        documentation("/usr/share/doc/agor-systemd", "a.md", "b.md")
+        == "file:/usr/share/doc/agor-systemd/a.md file:/usr/share/doc/agor-systemd/b.md"
+    )
+    assert (
+        documentation("/opt/my venv/100%/share/doc/agor-systemd", "a.md")
+        == "file:/opt/my%%20venv/100%%25/share/doc/agor-systemd/a.md"
+    )
 
 
 def test_no_unit_names_a_package_index():
@@ -237,13 +272,15 @@ def home_outside_tmp():
 def test_agor_sandbox_check_shows_what_the_command_gets(tmp_path, monkeypatch, home_outside_tmp):
     from click.testing import CliRunner
 
-    from agor_systemd.sandbox_check import main as sandbox_cli
+    from agor_systemd.cli import sandbox_main as sandbox_cli
 
     home = home_outside_tmp
     runner = make(home / "agor/dist/claude-runner.mjs")
     make(home / "agor/package.json", "{}")
-    config = make(tmp_path / "units.toml", f'[sidecar]\ncommand = ["/usr/bin/node", "{runner}"]\n'
-                                           'working_directory = "~/projects/site"\n')
+    config = make(
+        tmp_path / "units.toml",
+        f'[sidecar]\ncommand = ["/usr/bin/node", "{runner}"]\nworking_directory = "~/projects/site"\n',
+    )
     monkeypatch.setenv("HOME", str(home))
     result = CliRunner().invoke(sandbox_cli, ["check", "--json", "--config", str(config)])
     assert json.loads(result.output)["command_readable"] == [str(home / "agor")]

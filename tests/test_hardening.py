@@ -10,19 +10,18 @@ from dataclasses import replace
 
 import pytest
 
-from agor_systemd import hardening
 from agor_systemd.config import Config, SandboxConfig
-from agor_systemd.hardening import (
-    EFFECT_BITS,
-    PROBE_BASE,
+from agor_systemd.lab.testbed import available_builds
+from agor_systemd.sandbox import effects, hardening
+from agor_systemd.sandbox.effects import EFFECT_BITS, PROBE_BASE
+from agor_systemd.sandbox.hardening import (
     bus_properties,
     expected_effects,
     hardening_directives,
     probe,
     wanted_groups,
 )
-from agor_systemd.lab import available_builds
-from agor_systemd.protocol import SIDECAR_UNIT, parse_launcher_arguments
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT, parse_launcher_arguments
 from agor_systemd.unitfile import HomePath, UnitValueError
 from agor_systemd.units import render_units
 
@@ -47,8 +46,9 @@ def with_rw(*paths) -> Config:
 
 def test_252_lists_the_landlock_syscalls_and_254_uses_the_sandbox_group():
     old = keys(hardening_directives(Config(), 252))
-    assert old["SystemCallFilter"] == ("@system-service landlock_create_ruleset landlock_add_rule "
-                                       "landlock_restrict_self")
+    assert old["SystemCallFilter"] == (
+        "@system-service landlock_create_ruleset landlock_add_rule landlock_restrict_self"
+    )
     new = keys(hardening_directives(Config(), 254))
     assert new["SystemCallFilter"] == "@system-service @sandbox"
     for directives in (old, new):
@@ -61,20 +61,36 @@ def test_252_lists_the_landlock_syscalls_and_254_uses_the_sandbox_group():
 
 def test_left_out_on_purpose():
     directives = keys(hardening_directives(Config(), 260))
-    for key in ("MemoryDenyWriteExecute", "PrivateTmp", "PrivateDevices", "PrivateNetwork", "IPAddressDeny",
-                "ProtectProc", "ProcSubset", "DynamicUser", "User"):
+    for key in (
+        "MemoryDenyWriteExecute",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateNetwork",
+        "IPAddressDeny",
+        "ProtectProc",
+        "ProcSubset",
+        "DynamicUser",
+        "User",
+    ):
         assert key not in directives
     assert directives["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6 AF_NETLINK"
 
 
-@pytest.mark.parametrize(("available", "present", "absent"), [
-    (None, ["UMask", "NoNewPrivileges", "PrivateUsers", "ProtectSystem"], []),
-    ({"always"}, ["UMask"], ["NoNewPrivileges", "PrivateUsers", "ProtectSystem"]),
-    ({"always", "seccomp"}, ["UMask", "SystemCallFilter"], ["PrivateUsers", "CapabilityBoundingSet", "ReadWritePaths"]),
-    ({"seccomp", "userns"}, ["PrivateUsers", "CapabilityBoundingSet"], ["UMask", "ProtectHome"]),
-    ({"always", "seccomp", "mounts"}, ["UMask"], ["ProtectSystem", "PrivateUsers"]),  # mounts needs userns
-    (set(), [], ["UMask", "NoNewPrivileges"]),
-])
+@pytest.mark.parametrize(
+    ("available", "present", "absent"),
+    [
+        (None, ["UMask", "NoNewPrivileges", "PrivateUsers", "ProtectSystem"], []),
+        ({"always"}, ["UMask"], ["NoNewPrivileges", "PrivateUsers", "ProtectSystem"]),
+        (
+            {"always", "seccomp"},
+            ["UMask", "SystemCallFilter"],
+            ["PrivateUsers", "CapabilityBoundingSet", "ReadWritePaths"],
+        ),
+        ({"seccomp", "userns"}, ["PrivateUsers", "CapabilityBoundingSet"], ["UMask", "ProtectHome"]),
+        ({"always", "seccomp", "mounts"}, ["UMask"], ["ProtectSystem", "PrivateUsers"]),  # mounts needs userns
+        (set(), [], ["UMask", "NoNewPrivileges"]),
+    ],
+)
 def test_groups(available, present, absent):
     directives = keys(hardening_directives(Config(), 254, available))
     assert all(k in directives for k in present)
@@ -99,7 +115,8 @@ def test_read_write_paths_mirror_the_landlock_table():
 
 def test_read_write_paths_with_odd_characters_are_quoted_words():
     value = keys(hardening_directives(with_rw("/srv/a b", "/srv/100%", '/srv/q"uote', "/srv/back\\slash"), 254))[
-        "ReadWritePaths"]
+        "ReadWritePaths"
+    ]
     assert value.endswith(' "-/srv/a b" "-/srv/100%%" "-/srv/q\\"uote" "-/srv/back\\\\slash"')
 
 
@@ -124,7 +141,7 @@ def test_the_launcher_is_told_what_to_expect():
     assert '"--expect-hardening" "umask,seccomp"' in text
     assert "PrivateUsers" not in text
     words = re.findall(r'"((?:[^"\\]|\\.)*)"', text.split("ExecStart=", 1)[1].splitlines()[0])
-    options = parse_launcher_arguments(words[words.index("--unit"):])
+    options = parse_launcher_arguments(words[words.index("--unit") :])
     assert options.expect_hardening == ("umask", "seccomp")
     none = render_units(Config(), 254, hardening=set())[SIDECAR_UNIT]
     assert "--expect-hardening" not in none and "UMask" not in none
@@ -143,8 +160,9 @@ class FakeManager:
 
     def run_probes(self, property_sets, argv, success_statuses, timeout_s):
         assert argv[1:4] == ["-I", "-S", "-c"]
-        owner = {key: group for group in hardening.GROUPS
-                 for key, _, _ in bus_properties(Config(), 254, (group,), "/h")}
+        owner = {
+            key: group for group in hardening.GROUPS for key, _, _ in bus_properties(Config(), 254, (group,), "/h")
+        }
         results, this_round = [], []
         for props in property_sets:
             groups = {owner[key] for key, _, _ in props}
@@ -155,8 +173,9 @@ class FakeManager:
             elif "namespace" in kinds:
                 results.append({"code": 1, "status": 226, "result": "exit-code"})
             else:
-                bits = sum(EFFECT_BITS[e] for g in groups if self.behaviour.get(g, "ok") == "ok"
-                           for e in hardening.EFFECTS[g])
+                bits = sum(
+                    EFFECT_BITS[e] for g in groups if self.behaviour.get(g, "ok") == "ok" for e in effects.EFFECTS[g]
+                )
                 results.append({"code": 1, "status": PROBE_BASE | bits, "result": "success"})
         self.rounds.append(this_round)
         return results
@@ -206,25 +225,27 @@ def test_observed_effects_of_this_process(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     old = os.umask(0o077)
     try:
-        effects = hardening.observed_effects()
+        observed = effects.observed_effects()
     finally:
         os.umask(old)
-    assert "umask" in effects
-    assert "ro-home" not in effects  # tmp_path is writable
+    assert "umask" in observed
+    assert "ro-home" not in observed  # tmp_path is writable
     if old != 0o077:
-        assert hardening.missing_effects(["umask", "ro-home"]) == ["umask", "ro-home"]
+        assert effects.missing_effects(["umask", "ro-home"]) == ["umask", "ro-home"]
 
 
 def test_launcher_warns_about_hardening_not_in_effect(monkeypatch, capfd):
-    from agor_systemd import launcher
+    from agor_systemd.sidecar import launcher
 
-    monkeypatch.setattr(hardening, "observed_effects", lambda: {"umask", "seccomp"})
+    monkeypatch.setattr(effects, "observed_effects", lambda: {"umask", "seccomp"})
     launcher.check_hardening(("umask", "seccomp"))
     assert capfd.readouterr().err == ""
     launcher.check_hardening(("umask", "seccomp", "userns", "ro-home"))
     err = capfd.readouterr().err
-    assert err == ("<4>agor-launch: hardening asked for but not in effect: userns (PrivateUsers=yes), "
-                   "ro-home (ProtectHome=read-only)\n")
+    assert err == (
+        "<4>agor-launch: hardening asked for but not in effect: userns (PrivateUsers=yes), "
+        "ro-home (ProtectHome=read-only)\n"
+    )
 
 
 def test_probe_program_exit_status(tmp_path):
@@ -238,8 +259,13 @@ def test_probe_program_exit_status(tmp_path):
 
 
 def exposure(build, path) -> float:
-    cp = subprocess.run([str(build.systemd_analyze), "security", "--offline=yes", "--no-pager", str(path)],
-                        capture_output=True, text=True, env={**os.environ, **build.tool_env()}, timeout=60)
+    cp = subprocess.run(
+        [str(build.systemd_analyze), "security", "--offline=yes", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **build.tool_env()},
+        timeout=60,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", cp.stdout + cp.stderr)
     assert match, cp.stdout[-500:] + cp.stderr[-500:]
     return float(match.group(1))

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import pytest
 
-from agor_systemd.backoff import RestartPolicy, schedule
-from agor_systemd.health import RESULT_TEXT, NotInstalled, health_from_properties, last_error, launcher_options
-from agor_systemd.protocol import SIDECAR_UNIT, LauncherOptions, launcher_arguments
+from agor_systemd.config import RestartPolicy
+from agor_systemd.sidecar.backoff import schedule
+from agor_systemd.sidecar.health import (
+    RESULT_TEXT,
+    NotInstalled,
+    health_from_properties,
+    last_error,
+    launcher_options,
+)
+from agor_systemd.sidecar.protocol import (
+    SIDECAR_UNIT,
+    LauncherOptions,
+    launcher_arguments,
+)
 
 SEC = 1_000_000
 NOW = 5_000 * SEC  # CLOCK_MONOTONIC "now" in µs
-LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.launcher"]
+LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.sidecar.launcher"]
 SIDECAR = ("/usr/bin/node", "/home/u/run.mjs")
 
 
@@ -75,9 +86,15 @@ def test_first_start_is_starting(native):
 STOP_JOB = (7, "/org/freedesktop/systemd1/job/7")
 
 
-@pytest.mark.parametrize("active, sub, job", [("inactive", "dead", (0, "/")), ("deactivating", "stop-sigterm", STOP_JOB),
-                                              ("deactivating", "final-sigterm", STOP_JOB),
-                                              ("deactivating", "stop-post", STOP_JOB)])
+@pytest.mark.parametrize(
+    "active, sub, job",
+    [
+        ("inactive", "dead", (0, "/")),
+        ("deactivating", "stop-sigterm", STOP_JOB),
+        ("deactivating", "final-sigterm", STOP_JOB),
+        ("deactivating", "stop-post", STOP_JOB),
+    ],
+)
 def test_not_running_is_stopped(active, sub, job):
     assert health(props(active, sub, n_restarts=2, Job=job)) == {"status": "stopped"}
 
@@ -85,26 +102,49 @@ def test_not_running_is_stopped(active, sub, job):
 # --- deactivating with nobody's job: a crash on its way to a restart ----------------------------
 
 
-@pytest.mark.parametrize("sub, result", [("stop-watchdog", "watchdog"), ("stop-sigterm", "exit-code"),
-                                         ("final-sigkill", "signal"), ("stop-post", "success")])
+@pytest.mark.parametrize(
+    "sub, result",
+    [
+        ("stop-watchdog", "watchdog"),
+        ("stop-sigterm", "exit-code"),
+        ("final-sigkill", "signal"),
+        ("stop-post", "success"),
+    ],
+)
 @pytest.mark.parametrize("job", [(0, "/"), None])
 def test_deactivating_without_a_job_is_a_restart_in_progress(sub, result, job):
-    values = props("deactivating", sub, n_restarts=2, Result=result, ExecMainCode=1, ExecMainStatus=3,
-                   RestartUSecNext=4 * SEC, **({} if job is None else {"Job": job}))
+    values = props(
+        "deactivating",
+        sub,
+        n_restarts=2,
+        Result=result,
+        ExecMainCode=1,
+        ExecMainStatus=3,
+        RestartUSecNext=4 * SEC,
+        **({} if job is None else {"Job": job}),
+    )
     assert health(values) == {"status": "restarting", "attempt": 3, "next_retry_s": 4.0}
 
 
 @pytest.mark.parametrize("k", [0, 1, 4, 7])
 def test_deactivating_towards_a_fallback_restart_names_the_coming_delay(k):
-    values = props("deactivating", "stop-sigterm", n_restarts=k, native=False, Result="signal",
-                   ExecMainCode=2, ExecMainStatus=9)
+    values = props(
+        "deactivating", "stop-sigterm", n_restarts=k, native=False, Result="signal", ExecMainCode=2, ExecMainStatus=9
+    )
     expected = FALLBACK_SCHEDULE[min(k + 1, len(FALLBACK_SCHEDULE)) - 1]
     assert health(values) == {"status": "restarting", "attempt": k + 1, "next_retry_s": expected}
 
 
 def test_deactivating_after_the_launcher_gave_up_is_failed():
-    values = props("deactivating", "stop-sigterm", n_restarts=5, Result="exit-code", ExecMainCode=1,
-                   ExecMainStatus=250, StatusText="gave up after 5 restarts; sidecar crashed: exited with status 3")
+    values = props(
+        "deactivating",
+        "stop-sigterm",
+        n_restarts=5,
+        Result="exit-code",
+        ExecMainCode=1,
+        ExecMainStatus=250,
+        StatusText="gave up after 5 restarts; sidecar crashed: exited with status 3",
+    )
     assert health(values) == {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
 
 
@@ -113,37 +153,51 @@ def test_deactivating_after_the_launcher_gave_up_is_failed():
 
 def test_native_holdoff():
     # crashed twice before: restart 3 is due 4 s after the state change, which was 1.5 s ago
-    values = props("activating", "auto-restart", n_restarts=2,
-                   StateChangeTimestampMonotonic=NOW - 1_500_000, RestartUSecNext=4 * SEC)
+    values = props(
+        "activating",
+        "auto-restart",
+        n_restarts=2,
+        StateChangeTimestampMonotonic=NOW - 1_500_000,
+        RestartUSecNext=4 * SEC,
+    )
     assert health(values) == {"status": "restarting", "attempt": 3, "next_retry_s": 2.5}
 
 
 def test_native_holdoff_next_retry_is_rounded_to_milliseconds():
-    values = props("activating", "auto-restart", n_restarts=0,
-                   StateChangeTimestampMonotonic=NOW - 123_456, RestartUSecNext=1 * SEC)
+    values = props(
+        "activating", "auto-restart", n_restarts=0, StateChangeTimestampMonotonic=NOW - 123_456, RestartUSecNext=1 * SEC
+    )
     assert health(values) == {"status": "restarting", "attempt": 1, "next_retry_s": 0.877}
 
 
 def test_native_holdoff_overdue_is_zero_not_negative():
-    values = props("activating", "auto-restart", n_restarts=4,
-                   StateChangeTimestampMonotonic=NOW - 20 * SEC, RestartUSecNext=16 * SEC)
+    values = props(
+        "activating",
+        "auto-restart",
+        n_restarts=4,
+        StateChangeTimestampMonotonic=NOW - 20 * SEC,
+        RestartUSecNext=16 * SEC,
+    )
     assert health(values) == {"status": "restarting", "attempt": 5, "next_retry_s": 0.0}
 
 
 def test_holdoff_without_restart_usec_next_uses_restart_usec():
     # systemd < 254 has no RestartUSecNext
-    values = props("activating", "auto-restart", n_restarts=1,
-                   StateChangeTimestampMonotonic=NOW - 100_000, RestartUSec=300_000)
+    values = props(
+        "activating", "auto-restart", n_restarts=1, StateChangeTimestampMonotonic=NOW - 100_000, RestartUSec=300_000
+    )
     del values["RestartUSecNext"]
     assert health(values) == {"status": "restarting", "attempt": 2, "next_retry_s": 0.2}
 
 
-@pytest.mark.parametrize("active, sub", [("failed", "failed-before-auto-restart"),
-                                         ("inactive", "dead-before-auto-restart")])
+@pytest.mark.parametrize(
+    "active, sub", [("failed", "failed-before-auto-restart"), ("inactive", "dead-before-auto-restart")]
+)
 def test_transient_state_before_auto_restart_is_restarting(active, sub):
     # systemd ≥ 254 passes through these right before auto-restart; the holdoff has not begun yet
-    values = props(active, sub, n_restarts=1, RestartUSecNext=2 * SEC, Result="exit-code",
-                   ExecMainCode=1, ExecMainStatus=3)
+    values = props(
+        active, sub, n_restarts=1, RestartUSecNext=2 * SEC, Result="exit-code", ExecMainCode=1, ExecMainStatus=3
+    )
     assert health(values) == {"status": "restarting", "attempt": 2, "next_retry_s": 2.0}
 
 
@@ -156,7 +210,10 @@ def test_restart_job_queued():
 def test_native_restart_starting():
     # attempt 2 is being started: no wait left
     assert health(props("activating", "start", n_restarts=2)) == {
-        "status": "restarting", "attempt": 2, "next_retry_s": 0.0}
+        "status": "restarting",
+        "attempt": 2,
+        "next_retry_s": 0.0,
+    }
 
 
 # --- restarting: fallback (the launcher waits inside `activating`) -----------------------------
@@ -181,14 +238,24 @@ def test_fallback_wait_over_is_zero():
 
 
 def test_fallback_reads_a_sub_second_schedule_from_exec_start():
-    values = props("activating", "start", n_restarts=3, native=False,
-                   ExecStart=exec_start((0.2, 0.4, 0.8)), InactiveEnterTimestampMonotonic=NOW - 100_000)
+    values = props(
+        "activating",
+        "start",
+        n_restarts=3,
+        native=False,
+        ExecStart=exec_start((0.2, 0.4, 0.8)),
+        InactiveEnterTimestampMonotonic=NOW - 100_000,
+    )
     assert health(values) == {"status": "restarting", "attempt": 3, "next_retry_s": 0.7}
 
 
 def test_restarting_without_a_readable_launcher_argv_has_no_wait():
-    values = props("activating", "start", n_restarts=2, ExecStart=[("/usr/bin/node", ["/usr/bin/node"], False,
-                                                                     0, 0, 0, 0, 0, 0, 0)])
+    values = props(
+        "activating",
+        "start",
+        n_restarts=2,
+        ExecStart=[("/usr/bin/node", ["/usr/bin/node"], False, 0, 0, 0, 0, 0, 0, 0)],
+    )
     assert health(values) == {"status": "restarting", "attempt": 2, "next_retry_s": 0.0}
 
 
@@ -197,15 +264,19 @@ def test_restarting_without_a_readable_launcher_argv_has_no_wait():
 
 def gave_up(**extra) -> dict:
     """After the 5th restart's crash the launcher exits 250 (RestartPreventExitStatus)."""
-    values = dict(n_restarts=5, Result="exit-code", ExecMainCode=1, ExecMainStatus=250,
-                  StatusText="gave up after 5 restarts; sidecar crashed: killed by SIGSEGV (core dumped)")
+    values = dict(
+        n_restarts=5,
+        Result="exit-code",
+        ExecMainCode=1,
+        ExecMainStatus=250,
+        StatusText="gave up after 5 restarts; sidecar crashed: killed by SIGSEGV (core dumped)",
+    )
     values.update(extra)
     return props("failed", "failed", **values)
 
 
 def test_gave_up_reports_the_sidecars_crash():
-    assert health(gave_up()) == {"status": "failed", "attempts": 5,
-                                 "last_error": "killed by SIGSEGV (core dumped)"}
+    assert health(gave_up()) == {"status": "failed", "attempts": 5, "last_error": "killed by SIGSEGV (core dumped)"}
 
 
 def test_gave_up_in_fallback_mode_is_the_same():
@@ -223,20 +294,35 @@ def test_crash_mark_wins_over_the_start_limit():
     assert health(values)["last_error"] == "exited with status 3"
 
 
-@pytest.mark.parametrize("code, status, text", [
-    (1, 1, "exited with status 1"),
-    (2, 15, "killed by SIGTERM"),
-    (3, 6, "killed by SIGABRT (core dumped)"),
-])
+@pytest.mark.parametrize(
+    "code, status, text",
+    [
+        (1, 1, "exited with status 1"),
+        (2, 15, "killed by SIGTERM"),
+        (3, 6, "killed by SIGABRT (core dumped)"),
+    ],
+)
 def test_failed_without_status_text_uses_exec_main(code, status, text):
-    values = props("failed", "failed", n_restarts=2, Result="exit-code" if code == 1 else "signal",
-                   ExecMainCode=code, ExecMainStatus=status)
+    values = props(
+        "failed",
+        "failed",
+        n_restarts=2,
+        Result="exit-code" if code == 1 else "signal",
+        ExecMainCode=code,
+        ExecMainStatus=status,
+    )
     assert health(values) == {"status": "failed", "attempts": 2, "last_error": text}
 
 
 def test_status_text_without_crash_mark_is_not_an_error():
-    values = props("failed", "failed", Result="exit-code", ExecMainCode=1, ExecMainStatus=2,
-                   StatusText="running; pid 42; attempt 0/5")
+    values = props(
+        "failed",
+        "failed",
+        Result="exit-code",
+        ExecMainCode=1,
+        ExecMainStatus=2,
+        StatusText="running; pid 42; attempt 0/5",
+    )
     assert health(values)["last_error"] == "exited with status 2"
 
 
@@ -247,15 +333,21 @@ def test_failed_results_have_readable_text(result):
 
 
 def test_start_limit_hit_does_not_count_the_refused_start():
-    values = props("failed", "failed", n_restarts=6, Result="start-limit-hit", ExecMainCode=1, ExecMainStatus=1,
-                   StatusText="sidecar crashed: exited with status 1")
+    values = props(
+        "failed",
+        "failed",
+        n_restarts=6,
+        Result="start-limit-hit",
+        ExecMainCode=1,
+        ExecMainStatus=1,
+        StatusText="sidecar crashed: exited with status 1",
+    )
     assert health(values) == {"status": "failed", "attempts": 5, "last_error": "exited with status 1"}
 
 
 def test_start_limit_hit_without_restarts_is_zero_attempts():
     values = props("failed", "failed", n_restarts=0, Result="start-limit-hit")
-    assert health(values) == {"status": "failed", "attempts": 0,
-                              "last_error": "start request repeated too quickly"}
+    assert health(values) == {"status": "failed", "attempts": 0, "last_error": "start request repeated too quickly"}
 
 
 def test_failed_with_nothing_known():
@@ -292,6 +384,18 @@ def test_launcher_options_without_exec_start():
 
 
 def test_launcher_options_with_garbled_arguments():
-    garbled = [("/usr/bin/python3", ["/usr/bin/python3", "-m", "agor_systemd.launcher", "--bogus"], False,
-                0, 0, 0, 0, 0, 0, 0)]
+    garbled = [
+        (
+            "/usr/bin/python3",
+            ["/usr/bin/python3", "-m", "agor_systemd.sidecar.launcher", "--bogus"],
+            False,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+    ]
     assert launcher_options({"ExecStart": garbled}) is None

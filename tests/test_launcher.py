@@ -12,22 +12,31 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.launcher import LINE_MAX, OutputStream, cgroup_procs_file, journal_records, split_priority
+from agor_systemd.sidecar.launcher import (
+    LINE_MAX,
+    OutputStream,
+    cgroup_procs_file,
+    journal_records,
+    split_priority,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    (b"<3>disk full", (b"<3>", b"disk full")),
-    (b"<0>", (b"<0>", b"")),
-    (b"<7>debug", (b"<7>", b"debug")),
-    (b"<8>not a priority", (b"<4>", b"<8>not a priority")),  # journald accepts <0>..<7> only
-    (b"<9>", (b"<4>", b"<9>")),
-    (b"<03>two digits", (b"<4>", b"<03>two digits")),
-    (b"<3", (b"<4>", b"<3")),
-    (b"plain", (b"<4>", b"plain")),
-    (b"", (b"<4>", b"")),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"<3>disk full", (b"<3>", b"disk full")),
+        (b"<0>", (b"<0>", b"")),
+        (b"<7>debug", (b"<7>", b"debug")),
+        (b"<8>not a priority", (b"<4>", b"<8>not a priority")),  # journald accepts <0>..<7> only
+        (b"<9>", (b"<4>", b"<9>")),
+        (b"<03>two digits", (b"<4>", b"<03>two digits")),
+        (b"<3", (b"<4>", b"<3")),
+        (b"plain", (b"<4>", b"plain")),
+        (b"", (b"<4>", b"")),
+    ],
+)
 def test_split_priority(line, expected):
     assert split_priority(line, b"<4>") == expected
 
@@ -58,7 +67,7 @@ def test_every_record_of_a_long_line_keeps_its_priority(capfd):
     own = b"<3>" + b"x" * 70000 + b"\n"
     plain = b"y" * 60000 + b"\n"
     data = own + plain
-    records = forwarded([data[i:i + 4096] for i in range(0, len(data), 4096)], capfd)
+    records = forwarded([data[i : i + 4096] for i in range(0, len(data), 4096)], capfd)
     assert all(len(r) <= LINE_MAX - 1 for r in records)
     xs = [r for r in records if r[3:4] == b"x"]
     ys = [r for r in records if r[3:4] == b"y"]
@@ -69,7 +78,12 @@ def test_every_record_of_a_long_line_keeps_its_priority(capfd):
 
 def test_nul_bytes_and_bad_prefixes(capfd):
     assert forwarded([b"before\0after\n<8>eight\n<5>fine\nno newline"], capfd) == [
-        b"<4>before", b"<4>after", b"<4><8>eight", b"<5>fine", b"<4>no newline"]
+        b"<4>before",
+        b"<4>after",
+        b"<4><8>eight",
+        b"<5>fine",
+        b"<4>no newline",
+    ]
 
 
 def test_drain_takes_what_is_there_and_does_not_wait_for_writers(capfd):
@@ -101,21 +115,37 @@ EXITS = [
 @pytest.mark.parametrize(("death", "returncode"), EXITS, ids=[f"{c}-{s}" for (c, s), _ in EXITS])
 def test_exit_like_reproduces_the_sidecars_death(death, returncode):
     code, status = death
-    done = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-                           f"from agor_systemd.launcher import exit_like; exit_like({code}, {status})"],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+            f"from agor_systemd.sidecar.launcher import exit_like; exit_like({code}, {status})",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == returncode, done.stderr
     assert done.stderr == ""
 
 
-@pytest.mark.parametrize(("proc_self_cgroup", "expected"), [
-    ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/agor-sidecar.service\n",
-     "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/agor-sidecar.service/cgroup.procs"),
-    # hybrid: systemd tracks units in the legacy name=systemd hierarchy
-    ("12:pids:/user.slice\n1:name=systemd:/user.slice/u.service/agor-sidecar.service\n0::/user.slice/u.service/x\n",
-     "/sys/fs/cgroup/systemd/user.slice/u.service/agor-sidecar.service/cgroup.procs"),
-    ("12:pids:/\n", None),
-])
+@pytest.mark.parametrize(
+    ("proc_self_cgroup", "expected"),
+    [
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/agor-sidecar.service\n",
+            "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/agor-sidecar.service/cgroup.procs",
+        ),
+        # hybrid: systemd tracks units in the legacy name=systemd hierarchy
+        (
+            "12:pids:/user.slice\n1:name=systemd:/user.slice/u.service/agor-sidecar.service\n0::/user.slice/u.service/x\n",
+            "/sys/fs/cgroup/systemd/user.slice/u.service/agor-sidecar.service/cgroup.procs",
+        ),
+        ("12:pids:/\n", None),
+    ],
+)
 def test_cgroup_procs_file(proc_self_cgroup, expected):
     assert cgroup_procs_file(proc_self_cgroup) == expected
 
@@ -125,10 +155,16 @@ def test_the_output_forwarder_outlives_sigterm_and_ends_when_the_writers_are_gon
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     journal_r, journal_w = os.pipe()
-    pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", str(REPO / "agor_systemd" / "_launch.py"),
-                                          "--forward-output"], dict(os.environ),
-                         file_actions=[(os.POSIX_SPAWN_DUP2, journal_w, 1), (os.POSIX_SPAWN_DUP2, out_r, 3),
-                                       (os.POSIX_SPAWN_DUP2, err_r, 4)])
+    pid = os.posix_spawn(
+        sys.executable,
+        [sys.executable, "-I", "-S", str(REPO / "agor_systemd" / "_launch.py"), "--forward-output"],
+        dict(os.environ),
+        file_actions=[
+            (os.POSIX_SPAWN_DUP2, journal_w, 1),
+            (os.POSIX_SPAWN_DUP2, out_r, 3),
+            (os.POSIX_SPAWN_DUP2, err_r, 4),
+        ],
+    )
     for fd in (out_r, err_r, journal_w):
         os.close(fd)
     os.write(out_w, b"agent: flushing\n")

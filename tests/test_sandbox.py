@@ -9,23 +9,26 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from agor_systemd import landlock
-from agor_systemd.sandbox import enforcement, prepare
-from agor_systemd.sandbox_check import main as sandbox_cli
+from agor_systemd.cli import sandbox_main as sandbox_cli
+from agor_systemd.sandbox import landlock
+from agor_systemd.sandbox.enforce import enforcement, prepare
 
 ABI = landlock.abi_version()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="this kernel has no Landlock (CONFIG_SECURITY_LANDLOCK, lsm=)")
 
 
-@pytest.mark.parametrize(("abi", "level", "missing"), [
-    (0, "none", ["Landlock"]),
-    (1, "partial", ["moving/linking", "truncate", "ioctl", "TCP", "scoping"]),
-    (3, "partial", ["ioctl", "TCP", "scoping"]),
-    (4, "partial", ["ioctl", "scoping"]),
-    (5, "partial", ["scoping"]),
-    (6, "full", []),
-    (7, "full", []),
-])
+@pytest.mark.parametrize(
+    ("abi", "level", "missing"),
+    [
+        (0, "none", ["Landlock"]),
+        (1, "partial", ["moving/linking", "truncate", "ioctl", "TCP", "scoping"]),
+        (3, "partial", ["ioctl", "TCP", "scoping"]),
+        (4, "partial", ["ioctl", "scoping"]),
+        (5, "partial", ["scoping"]),
+        (6, "full", []),
+        (7, "full", []),
+    ],
+)
 def test_enforcement_names_what_each_abi_lacks(abi, level, missing):
     got_level, got_missing = enforcement(abi)
     assert got_level == level
@@ -82,7 +85,7 @@ def test_a_confined_child_writes_only_where_allowed(tmp_path):
 
 
 def test_played_abi_zero_gives_no_ruleset_or_a_refusal(monkeypatch):
-    from agor_systemd.sandbox import SandboxRefused
+    from agor_systemd.sandbox.enforce import SandboxRefused
 
     monkeypatch.setenv("AGOR_LANDLOCK_ABI", "0")
     prepared = prepare(["/tmp"], [], None, (), required=False)
@@ -125,4 +128,7 @@ def test_check_reports_level_paths_and_refusal(tmp_path):
     config.write_text("[sandbox]\ntcp_bind = [70000]\n")
     bad = run_check(tmp_path, "--config", str(config))
     assert bad.exit_code == 1
-    assert bad.stderr.strip() == f"agor-sandbox: error: {config}: [sandbox] tcp_bind must be a list of TCP ports (1-65535), got [70000]"
+    assert (
+        bad.stderr.strip()
+        == f"agor-sandbox: error: {config}: [sandbox] tcp_bind must be a list of TCP ports (1-65535), got [70000]"
+    )

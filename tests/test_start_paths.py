@@ -11,8 +11,13 @@ from click.testing import CliRunner
 from agor_systemd.cli import main
 from agor_systemd.config import Config, SidecarConfig
 from agor_systemd.install import InstallError, check_start_paths, start_path_problems
-from agor_systemd.launcher import fail_before_spawn, missing_start_path
-from agor_systemd.protocol import GAVE_UP_STATUS, LauncherOptions, launcher_arguments, parse_launcher_arguments
+from agor_systemd.sidecar.launcher import fail_before_spawn, missing_start_path
+from agor_systemd.sidecar.protocol import (
+    GAVE_UP_STATUS,
+    LauncherOptions,
+    launcher_arguments,
+    parse_launcher_arguments,
+)
 from agor_systemd.unitfile import HomePath
 
 
@@ -48,14 +53,16 @@ def test_a_missing_working_directory_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     gone = tmp_path / "proj"
     assert missing_start_path(options(working_directory=str(gone))) == (
-        f"working directory {gone}: No such file or directory")
+        f"working directory {gone}: No such file or directory"
+    )
 
 
 def test_a_missing_environment_file_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     gone = tmp_path / "sidecar.env"
     assert missing_start_path(options(working_directory=str(tmp_path), environment_file=str(gone))) == (
-        f"environment file {gone}: No such file or directory")
+        f"environment file {gone}: No such file or directory"
+    )
 
 
 def test_nothing_configured_checks_nothing():
@@ -70,8 +77,9 @@ class FakeBus:
         return self.restarts
 
 
-@pytest.mark.parametrize("attempt, attempts, status", [(0, 5, 1), (4, 5, 1), (5, 5, GAVE_UP_STATUS),
-                                                       (0, 0, GAVE_UP_STATUS)])
+@pytest.mark.parametrize(
+    "attempt, attempts, status", [(0, 5, 1), (4, 5, 1), (5, 5, GAVE_UP_STATUS), (0, 0, GAVE_UP_STATUS)]
+)
 def test_a_failed_start_counts_like_a_crash(attempt, attempts, status, capfd):
     with pytest.raises(SystemExit) as exit_:
         fail_before_spawn(options(attempts=attempts), FakeBus(attempt), attempt, "working directory /p: gone")
@@ -101,7 +109,8 @@ def test_home_paths_are_checked_in_the_home_directory(tmp_path, monkeypatch):
     (tmp_path / "proj").mkdir()
     assert start_path_problems(sidecar(working_directory=HomePath("proj"))) == []
     assert start_path_problems(sidecar(working_directory=HomePath("gone"))) == [
-        f"working directory '{tmp_path}/gone' ([sidecar] working_directory) does not exist"]
+        f"working directory '{tmp_path}/gone' ([sidecar] working_directory) does not exist"
+    ]
 
 
 def test_agor_data_directory_is_not_missing_install_makes_it(tmp_path, monkeypatch):
@@ -116,29 +125,39 @@ def test_both_problems_in_one_line(tmp_path):
     assert str(info.value) == (
         f"working directory '{tmp_path}/gone' ([sidecar] working_directory) does not exist; "
         f"environment file '{tmp_path}/x.env' ([sidecar] environment_file) does not exist or is not readable; "
-        "create it or change the setting")
+        "create it or change the setting"
+    )
 
 
 @pytest.fixture
 def env(tmp_path) -> dict[str, str]:
     (tmp_path / "home").mkdir()
-    return {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-            "XDG_RUNTIME_DIR": str(tmp_path / "run"),
-            "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/no-such-bus"}
+    return {
+        "HOME": str(tmp_path / "home"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+        "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/no-such-bus",
+    }
 
 
 @pytest.mark.parametrize("flags", [["install"], ["install", "--dry-run"]])
 def test_install_refuses_a_missing_working_directory_before_anything(env, tmp_path, flags):
-    result = CliRunner(env=env).invoke(main, [*flags, "--working-directory", str(tmp_path / "gone"), "--",
-                                              "/bin/true"], catch_exceptions=False)
+    result = CliRunner(env=env).invoke(
+        main, [*flags, "--working-directory", str(tmp_path / "gone"), "--", "/bin/true"], catch_exceptions=False
+    )
     assert result.exit_code == 1
-    assert result.stderr == (f"agor-units: error: working directory '{tmp_path}/gone' ([sidecar] working_directory) "
-                             "does not exist; create it or change the setting\n")
+    assert result.stderr == (
+        f"agor-units: error: working directory '{tmp_path}/gone' ([sidecar] working_directory) "
+        "does not exist; create it or change the setting\n"
+    )
     assert not (tmp_path / "config").exists()
 
 
 def test_verify_reports_a_missing_environment_file(env, tmp_path):
-    result = CliRunner(env=env).invoke(main, ["verify", "--systemd-version", "252", "--environment-file",
-                                              str(tmp_path / "x.env"), "--", "/bin/true"], catch_exceptions=False)
+    result = CliRunner(env=env).invoke(
+        main,
+        ["verify", "--systemd-version", "252", "--environment-file", str(tmp_path / "x.env"), "--", "/bin/true"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 1
     assert f"environment file '{tmp_path}/x.env' ([sidecar] environment_file) does not exist" in result.stderr

@@ -26,8 +26,19 @@ from agor_systemd.verify import verify_units
 
 HOME = "/home/tester"
 WHITESPACE = " \t\n\r"
-SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
-                  "\\": "\\", '"': '"', "'": "'", "s": " "}
+SIMPLE_ESCAPES = {
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    "\\": "\\",
+    '"': '"',
+    "'": "'",
+    "s": " ",
+}
 PREFIXES = "-@:+!"
 
 
@@ -43,7 +54,7 @@ def _unescape(line: str, i: int) -> tuple[str, int]:
     if ch in SIMPLE_ESCAPES:
         return SIMPLE_ESCAPES[ch], i + 2
     if ch == "x":
-        digits = line[i + 2:i + 4]
+        digits = line[i + 2 : i + 4]
         if len(digits) != 2 or any(c not in "0123456789abcdefABCDEF" for c in digits):
             raise ParseError(f"bad \\x escape at {i}")
         value = int(digits, 16)
@@ -87,7 +98,7 @@ def _specifiers(word: str) -> str:
             out.append(word[i])
             i += 1
             continue
-        spec = word[i + 1:i + 2]
+        spec = word[i + 1 : i + 2]
         if spec == "%":
             out.append("%")
         elif spec == "h":
@@ -101,7 +112,7 @@ def _specifiers(word: str) -> str:
 def _is_unquoted_semicolon(line: str, i: int) -> bool:
     while i < len(line) and line[i] in WHITESPACE:
         i += 1
-    return line[i:i + 1] == ";" and (i + 1 == len(line) or line[i + 1] in WHITESPACE)
+    return line[i : i + 1] == ";" and (i + 1 == len(line) or line[i + 1] in WHITESPACE)
 
 
 def parse_exec(line: str) -> tuple[str, list[str]]:
@@ -110,7 +121,7 @@ def parse_exec(line: str) -> tuple[str, list[str]]:
     if first is None or first == ";":
         raise ParseError("no command")
     stripped = first.lstrip(PREFIXES)
-    prefixes = first[:len(first) - len(stripped)]
+    prefixes = first[: len(first) - len(stripped)]
     path = _specifiers(stripped)
     if not path:
         raise ParseError("empty path")
@@ -135,21 +146,26 @@ def expected_argv(argv: list) -> list[str]:
 # --- the reference parser itself ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("line, parsed", [
-    ('/bin/echo a  b', ("", ["/bin/echo", "a", "b"])),
-    ('/bin/echo "a  b" c', ("", ["/bin/echo", "a  b", "c"])),
-    ("/bin/echo 'x y'", ("", ["/bin/echo", "x y"])),
-    ('/bin/echo a"b c"d', ("", ["/bin/echo", "ab cd"])),
-    (r'/bin/echo "\x41\n\\\""', ("", ["/bin/echo", 'A\n\\"'])),
-    ('-:/bin/echo 100%%', ("-:", ["/bin/echo", "100%"])),
-    ('/bin/echo %h', ("", ["/bin/echo", HOME])),
-])
+@pytest.mark.parametrize(
+    "line, parsed",
+    [
+        ("/bin/echo a  b", ("", ["/bin/echo", "a", "b"])),
+        ('/bin/echo "a  b" c', ("", ["/bin/echo", "a  b", "c"])),
+        ("/bin/echo 'x y'", ("", ["/bin/echo", "x y"])),
+        ('/bin/echo a"b c"d', ("", ["/bin/echo", "ab cd"])),
+        (r'/bin/echo "\x41\n\\\""', ("", ["/bin/echo", 'A\n\\"'])),
+        ("-:/bin/echo 100%%", ("-:", ["/bin/echo", "100%"])),
+        ("/bin/echo %h", ("", ["/bin/echo", HOME])),
+    ],
+)
 def test_reference_parser(line, parsed):
     assert parse_exec(line) == parsed
 
 
-@pytest.mark.parametrize("line", ['/bin/echo "open', "/bin/echo a ; /bin/true", "/bin/echo %n",
-                                  r"/bin/echo \q", '"/bin/a\\"b"', r"/bin/echo \x00"])
+@pytest.mark.parametrize(
+    "line",
+    ['/bin/echo "open', "/bin/echo a ; /bin/true", "/bin/echo %n", r"/bin/echo \q", '"/bin/a\\"b"', r"/bin/echo \x00"],
+)
 def test_reference_parser_refuses(line):
     with pytest.raises(ParseError):
         parse_exec(line)
@@ -158,10 +174,43 @@ def test_reference_parser_refuses(line):
 # --- exec_word / exec_line --------------------------------------------------------------------
 
 HOSTILE_WORDS = [
-    "plain", "two words", " leading", "trailing ", "tab\there", "new\nline", "cr\rlf", "",
-    "100%", "%h", "%%", "%n%i", "$HOME", "${HOME}", "$$", '"', "'", "\"'\"", "\\", "\\\\", "\\n",
-    "\\x41", ";", "\\;", "a;b", "--", "-", "@", ":", "+", "!", "ünïcödé ✓ 😀", "\x01\x1b[31m\x1f\x7f",
-    "\u0085 \u2028 nel/ls", "#not a comment", "key=value", "[Section]",
+    "plain",
+    "two words",
+    " leading",
+    "trailing ",
+    "tab\there",
+    "new\nline",
+    "cr\rlf",
+    "",
+    "100%",
+    "%h",
+    "%%",
+    "%n%i",
+    "$HOME",
+    "${HOME}",
+    "$$",
+    '"',
+    "'",
+    '"\'"',
+    "\\",
+    "\\\\",
+    "\\n",
+    "\\x41",
+    ";",
+    "\\;",
+    "a;b",
+    "--",
+    "-",
+    "@",
+    ":",
+    "+",
+    "!",
+    "ünïcödé ✓ 😀",
+    "\x01\x1b[31m\x1f\x7f",
+    "\u0085 \u2028 nel/ls",
+    "#not a comment",
+    "key=value",
+    "[Section]",
 ]
 
 
@@ -201,11 +250,14 @@ def test_exec_word_encodings():
     assert exec_word("$X") == '"$X"'
 
 
-@pytest.mark.parametrize("relative, rendered, expanded", [
-    ("", '"%h"', HOME),
-    (".local/share/agor/run.mjs", '"%h/.local/share/agor/run.mjs"', HOME + "/.local/share/agor/run.mjs"),
-    ('odd "dir"/50%', r'"%h/odd \"dir\"/50%%"', HOME + '/odd "dir"/50%'),
-])
+@pytest.mark.parametrize(
+    "relative, rendered, expanded",
+    [
+        ("", '"%h"', HOME),
+        (".local/share/agor/run.mjs", '"%h/.local/share/agor/run.mjs"', HOME + "/.local/share/agor/run.mjs"),
+        ('odd "dir"/50%', r'"%h/odd \"dir\"/50%%"', HOME + '/odd "dir"/50%'),
+    ],
+)
 def test_home_path_renders_with_the_h_specifier(relative, rendered, expanded):
     assert exec_word(HomePath(relative)) == rendered
     assert parse_exec(exec_line(["/bin/x", HomePath(relative)])) == (":", ["/bin/x", expanded])
@@ -255,16 +307,19 @@ def test_check_text_names_what():
     check_text("fine ✓", "x")
 
 
-@pytest.mark.parametrize("program", [
-    '/opt/a"b/python',      # systemd: "Executable name contains special characters" → unit not loaded
-    "/opt/a\\b/python",
-    "/opt/tab\there/python",
-    "-/bin/true",           # quoting does not protect prefixes: systemd reads ':-' = ignore failures
-    "@/bin/true",           # ... '@' = next word is argv[0]
-    "+/bin/true",           # ... '+' = full privileges
-    "",                     # "Empty path in command line"
-    "/usr/bin/",            # "Executable path specifies a directory"
-])
+@pytest.mark.parametrize(
+    "program",
+    [
+        '/opt/a"b/python',  # systemd: "Executable name contains special characters" → unit not loaded
+        "/opt/a\\b/python",
+        "/opt/tab\there/python",
+        "-/bin/true",  # quoting does not protect prefixes: systemd reads ':-' = ignore failures
+        "@/bin/true",  # ... '@' = next word is argv[0]
+        "+/bin/true",  # ... '+' = full privileges
+        "",  # "Empty path in command line"
+        "/usr/bin/",  # "Executable path specifies a directory"
+    ],
+)
 def test_program_word_systemd_would_refuse_or_reinterpret_is_rejected(program):
     """exec_line promises text 'systemd parses back to exactly the input' or UnitValueError.
 
@@ -286,44 +341,50 @@ def test_program_word_systemd_would_refuse_or_reinterpret_is_rejected(program):
 # --- path_value -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, rendered", [
-    ("/", "/"),
-    ("/srv/agor", "/srv/agor"),
-    ("/srv/my agor", "/srv/my agor"),
-    ('/srv/"quoted"', '/srv/"quoted"'),
-    ("/srv/$HOME", "/srv/$HOME"),
-    ("/srv/100%", "/srv/100%%"),
-    ("/srv/%h", "/srv/%%h"),
-    ("/srv/ünï", "/srv/ünï"),
-    (HomePath(""), "%h"),
-    (HomePath("agor"), "%h/agor"),
-    (HomePath("a b/50%"), "%h/a b/50%%"),
-])
+@pytest.mark.parametrize(
+    "value, rendered",
+    [
+        ("/", "/"),
+        ("/srv/agor", "/srv/agor"),
+        ("/srv/my agor", "/srv/my agor"),
+        ('/srv/"quoted"', '/srv/"quoted"'),
+        ("/srv/$HOME", "/srv/$HOME"),
+        ("/srv/100%", "/srv/100%%"),
+        ("/srv/%h", "/srv/%%h"),
+        ("/srv/ünï", "/srv/ünï"),
+        (HomePath(""), "%h"),
+        (HomePath("agor"), "%h/agor"),
+        (HomePath("a b/50%"), "%h/a b/50%%"),
+    ],
+)
 def test_path_value_accepts(value, rendered):
     assert path_value(value, "working_directory") == rendered
 
 
-@pytest.mark.parametrize("value, message", [
-    ("relative/dir", "must be an absolute path"),
-    ("", "must be an absolute path"),
-    ("~/x", "must be an absolute path"),
-    (" /srv", "must be an absolute path"),
-    ("/srv/a\nb", "control character"),
-    ("/srv/a\rb", "control character"),
-    ("/srv/a\tb", "control character"),
-    ("/srv/\x7f", "control character"),
-    ("/srv/agor ", "leading or trailing whitespace"),
-    (HomePath(" agor"), "leading or trailing whitespace"),
-    ("/srv/../etc", "not a normalized path"),
-    ("/srv/./agor", "not a normalized path"),
-    ("/srv//agor", "not a normalized path"),
-    ("/srv/agor/", "not a normalized path"),
-    (HomePath(".."), "not a normalized path"),
-    (HomePath("a//b"), "not a normalized path"),
-    ("/srv/a\0b", "NUL"),
-    ("/srv/\udcff", "not valid UTF-8"),
-    (HomePath("\udcff"), "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("relative/dir", "must be an absolute path"),
+        ("", "must be an absolute path"),
+        ("~/x", "must be an absolute path"),
+        (" /srv", "must be an absolute path"),
+        ("/srv/a\nb", "control character"),
+        ("/srv/a\rb", "control character"),
+        ("/srv/a\tb", "control character"),
+        ("/srv/\x7f", "control character"),
+        ("/srv/agor ", "leading or trailing whitespace"),
+        (HomePath(" agor"), "leading or trailing whitespace"),
+        ("/srv/../etc", "not a normalized path"),
+        ("/srv/./agor", "not a normalized path"),
+        ("/srv//agor", "not a normalized path"),
+        ("/srv/agor/", "not a normalized path"),
+        (HomePath(".."), "not a normalized path"),
+        (HomePath("a//b"), "not a normalized path"),
+        ("/srv/a\0b", "NUL"),
+        ("/srv/\udcff", "not valid UTF-8"),
+        (HomePath("\udcff"), "not valid UTF-8"),
+    ],
+)
 def test_path_value_rejects(value, message):
     with pytest.raises(UnitValueError, match=message) as info:
         path_value(value, "[sidecar] working_directory")
@@ -381,7 +442,8 @@ def test_value_with_a_carriage_return_is_rejected():
 
 needs_analyze = pytest.mark.skipif(
     verify_units({"probe.service": "[Service]\nExecStart=/bin/true\n"}, user=False) != [],
-    reason="systemd-analyze verify is not usable here")
+    reason="systemd-analyze verify is not usable here",
+)
 
 
 @needs_analyze
@@ -410,6 +472,8 @@ def test_systemd_refuses_a_quote_in_the_program_path():
 
 @needs_analyze
 def test_systemd_accepts_every_hostile_argument():
-    units = {f"agor-hostile{i}.service": f"[Service]\nType=oneshot\nExecStart={exec_line(['/bin/true', w])}\n"
-             for i, w in enumerate(HOSTILE_WORDS)}
+    units = {
+        f"agor-hostile{i}.service": f"[Service]\nType=oneshot\nExecStart={exec_line(['/bin/true', w])}\n"
+        for i, w in enumerate(HOSTILE_WORDS)
+    }
     assert verify_units(units, user=False) == []

@@ -7,40 +7,83 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.backoff import RestartPolicy
-from agor_systemd.config import Config, SidecarConfig, WatchdogConfig
-from agor_systemd.protocol import SIDECAR_UNIT
-from agor_systemd.unitfile import HomePath
-from agor_systemd.units import (
+from agor_systemd.config import Config, RestartPolicy, SidecarConfig, WatchdogConfig
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
     PACKAGED_LAUNCHER,
-    render_units,
     sidecar_unit,
-    usec_text,
     uses_native_backoff,
 )
+from agor_systemd.unitfile import HomePath, usec_text
+from agor_systemd.units import REFERENCE_VERSIONS, render_units
 from agor_systemd.verify import verify_units
 
 REPO = Path(__file__).resolve().parent.parent
-LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.launcher"]
+LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.sidecar.launcher"]
 # the default sandbox: read-write (the working directory, ~/.local/share/agor, is one of them), then
 # read-only paths; the launcher adds the command's files at each start
-SANDBOX_WORDS = "".join(f'"--rw" "{p}" ' for p in (
-    "/tmp", "/var/tmp", "%h/.local/share/agor", "/dev/null", "/dev/zero", "/dev/full", "/dev/random",
-    "/dev/urandom", "/dev/shm")) + "".join(f'"--ro" "{p}" ' for p in (
-    "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/proc", "/sys", "/dev", "/run",
-    "%h/.local", "%h/.config", "%h/.deno", "%h/.nvm", "%h/.gitconfig", "%h/.claude"))
+SANDBOX_WORDS = "".join(
+    f'"--rw" "{p}" '
+    for p in (
+        "/tmp",
+        "/var/tmp",
+        "%h/.local/share/agor",
+        "/dev/null",
+        "/dev/zero",
+        "/dev/full",
+        "/dev/random",
+        "/dev/urandom",
+        "/dev/shm",
+    )
+) + "".join(
+    f'"--ro" "{p}" '
+    for p in (
+        "/usr",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/bin",
+        "/sbin",
+        "/etc",
+        "/opt",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "%h/.local",
+        "%h/.config",
+        "%h/.deno",
+        "%h/.nvm",
+        "%h/.gitconfig",
+        "%h/.claude",
+    )
+)
 # systemd's own hardening, every group (tests/test_hardening.py has the details)
 HARDENING_254 = {
-    "UMask": ["0077"], "KeyringMode": ["private"], "NoNewPrivileges": ["yes"],
-    "SystemCallFilter": ["@system-service @sandbox"], "SystemCallErrorNumber": ["EPERM"],
-    "SystemCallArchitectures": ["native"], "RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"],
-    "RestrictNamespaces": ["yes"], "LockPersonality": ["yes"], "RestrictRealtime": ["yes"],
-    "RestrictSUIDSGID": ["yes"], "PrivateUsers": ["yes"], "CapabilityBoundingSet": [""],
-    "ProtectSystem": ["strict"], "ProtectHome": ["read-only"],
-    "ReadWritePaths": ['"-/tmp" "-/var/tmp" "-%h/.local/share/agor"'], "PrivateMounts": ["yes"],
-    "ProtectKernelTunables": ["yes"], "ProtectKernelModules": ["yes"], "ProtectKernelLogs": ["yes"],
-    "ProtectClock": ["yes"], "ProtectHostname": ["yes"], "ProtectControlGroups": ["yes"],
+    "UMask": ["0077"],
+    "KeyringMode": ["private"],
+    "NoNewPrivileges": ["yes"],
+    "SystemCallFilter": ["@system-service @sandbox"],
+    "SystemCallErrorNumber": ["EPERM"],
+    "SystemCallArchitectures": ["native"],
+    "RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"],
+    "RestrictNamespaces": ["yes"],
+    "LockPersonality": ["yes"],
+    "RestrictRealtime": ["yes"],
+    "RestrictSUIDSGID": ["yes"],
+    "PrivateUsers": ["yes"],
+    "CapabilityBoundingSet": [""],
+    "ProtectSystem": ["strict"],
+    "ProtectHome": ["read-only"],
+    "ReadWritePaths": ['"-/tmp" "-/var/tmp" "-%h/.local/share/agor"'],
+    "PrivateMounts": ["yes"],
+    "ProtectKernelTunables": ["yes"],
+    "ProtectKernelModules": ["yes"],
+    "ProtectKernelLogs": ["yes"],
+    "ProtectClock": ["yes"],
+    "ProtectHostname": ["yes"],
+    "ProtectControlGroups": ["yes"],
 }
 REGENERATE = "regenerate them with `python -m agor_systemd.units` and review the diff"
 
@@ -96,17 +139,24 @@ def test_native_defaults():
     text = render(Config(), 254)
     assert settings(text, "Unit") == {
         "Description": ["agor sidecar (agent runners), supervised by systemd"],
-        "Documentation": ["file:/usr/share/doc/agor-systemd/supervision.md file:/usr/share/doc/agor-systemd/watchdog.md "
-                          "file:/usr/share/doc/agor-systemd/sandbox.md"],
+        "Documentation": [
+            "file:/usr/share/doc/agor-systemd/supervision.md file:/usr/share/doc/agor-systemd/watchdog.md "
+            "file:/usr/share/doc/agor-systemd/sandbox.md"
+        ],
         "StartLimitIntervalSec": ["300s"],
         "StartLimitBurst": ["6"],
     }
     assert settings(text, "Service") == {
         "Type": ["notify"],
         "NotifyAccess": ["main"],
-        "ExecStart": [':"/usr/bin/python3" "-I" "-m" "agor_systemd.launcher" "--unit" "agor-sidecar.service" '
-                      '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--sandbox" "best" '
-                      '"--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" "--working-directory" "%h/.local/share/agor" ' + SANDBOX_WORDS + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'],
+        "ExecStart": [
+            ':"/usr/bin/python3" "-I" "-m" "agor_systemd.sidecar.launcher" "--unit" "agor-sidecar.service" '
+            '"--attempts" "5" "--stability-window" "300" "--ready" "line" "--sandbox" "best" '
+            '"--expect-hardening" "umask,seccomp,userns,ro-system,ro-home" '
+            '"--working-directory" "%h/.local/share/agor" '
+            + SANDBOX_WORDS
+            + '"--" "/usr/bin/node" "%h/.local/share/agor/dist/claude-runner.mjs"'
+        ],
         "WorkingDirectory": ["-%h/.local/share/agor"],
         "Restart": ["always"],
         "RestartPreventExitStatus": ["250"],
@@ -243,7 +293,7 @@ def test_system_mode_reaches_the_launcher():
 
 def test_default_launcher_is_the_packaged_one():
     script = "/usr/lib/python3/dist-packages/agor_systemd/_launch.py"
-    assert PACKAGED_LAUNCHER == ("/usr/bin/python3", "-I", "-S", script)
+    assert ("/usr/bin/python3", "-I", "-S", script) == PACKAGED_LAUNCHER
     text = render_units(Config(), 254)[SIDECAR_UNIT]
     assert one(text, "Service", "ExecStart").startswith(f':"/usr/bin/python3" "-I" "-S" "{script}" ')
 
@@ -259,8 +309,18 @@ def test_every_line_stands_alone():
     assert [line for line in text.splitlines() if line.endswith("\\")] == []
 
 
-@pytest.mark.parametrize("usec, text", [(0, "0s"), (1, "1us"), (1500, "1500us"), (200_000, "200ms"),
-                                        (1_000_000, "1s"), (1_500_000, "1500ms"), (86_400_000_000, "86400s")])
+@pytest.mark.parametrize(
+    "usec, text",
+    [
+        (0, "0s"),
+        (1, "1us"),
+        (1500, "1500us"),
+        (200_000, "200ms"),
+        (1_000_000, "1s"),
+        (1_500_000, "1500ms"),
+        (86_400_000_000, "86400s"),
+    ],
+)
 def test_usec_text(usec, text):
     assert usec_text(usec) == text
 
@@ -276,20 +336,39 @@ def test_sidecar_unit_name():
 # --- units/ in the repository -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode, version", [("native", 254), ("fallback", 252)])
+@pytest.mark.parametrize("mode, version", list(REFERENCE_VERSIONS.items()))
 def test_reference_units_are_up_to_date(mode, version):
     for name, text in render_units(Config(), version, PACKAGED_LAUNCHER).items():
         path = REPO / "units" / mode / name
         assert path.is_file(), f"{path.relative_to(REPO)} is missing; {REGENERATE}"
         assert path.read_text(encoding="utf-8") == text, (
-            f"{path.relative_to(REPO)} differs from render_units(Config(), {version}); {REGENERATE}")
+            f"{path.relative_to(REPO)} differs from render_units(Config(), {version}); {REGENERATE}"
+        )
 
 
 # --- offline check with systemd-analyze verify --------------------------------------------------
 
 HOSTILE_COMMANDS = [
-    ["/usr/bin/node", "a b", "new\nline", "tab\t", "100%", "%h", "$HOME", "${X}", '"', "'", "\\", "", ";", "--",
-     "ünï 😀", "\x01\x7f", "#x", "[Unit]"],
+    [
+        "/usr/bin/node",
+        "a b",
+        "new\nline",
+        "tab\t",
+        "100%",
+        "%h",
+        "$HOME",
+        "${X}",
+        '"',
+        "'",
+        "\\",
+        "",
+        ";",
+        "--",
+        "ünï 😀",
+        "\x01\x7f",
+        "#x",
+        "[Unit]",
+    ],
     [HomePath("bin/agor runner"), "--", "--unit", "x", HomePath("")],
 ]
 
@@ -308,7 +387,8 @@ def render_all(version: int) -> dict[str, str]:
 
 needs_analyze = pytest.mark.skipif(
     verify_units({"probe.service": "[Service]\nExecStart=/bin/true\n"}, user=False) != [],
-    reason="systemd-analyze verify is not usable here")
+    reason="systemd-analyze verify is not usable here",
+)
 
 
 @needs_analyze
@@ -334,17 +414,29 @@ def test_verify_reports_a_broken_unit():
 
 def test_verify_without_systemd_analyze():
     assert verify_units({"x.service": ""}, analyze="/nonexistent/systemd-analyze") == [
-        "/nonexistent/systemd-analyze not found (apt-get install systemd)"]
+        "/nonexistent/systemd-analyze not found (apt-get install systemd)"
+    ]
 
 
 def test_watchdog_settings_reach_unit_and_launcher():
-    cfg = Config(watchdog=WatchdogConfig(interval_s=2.5, ready="socket:/run/user/1000/agor.sock",
-                                         ready_timeout_s=3, activity_timeout_s=4, probe="exec:curl -sf x"))
+    cfg = Config(
+        watchdog=WatchdogConfig(
+            interval_s=2.5,
+            ready="socket:/run/user/1000/agor.sock",
+            ready_timeout_s=3,
+            activity_timeout_s=4,
+            probe="exec:curl -sf x",
+        )
+    )
     text = render(cfg, 257)
     assert one(text, "Service", "WatchdogSec") == "2500ms"
     exec_start = one(text, "Service", "ExecStart")
-    for words in ('"--ready" "socket:/run/user/1000/agor.sock"', '"--ready-timeout" "3"',
-                  '"--activity-timeout" "4"', '"--probe" "exec:curl -sf x"'):
+    for words in (
+        '"--ready" "socket:/run/user/1000/agor.sock"',
+        '"--ready-timeout" "3"',
+        '"--activity-timeout" "4"',
+        '"--probe" "exec:curl -sf x"',
+    ):
         assert words in exec_start
     assert "--reset-via" not in exec_start  # ResetFailedUnit over D-Bus before systemd 258
 
@@ -354,3 +446,8 @@ def test_watchdog_off_and_restart_reset_on_258():
     assert one(text, "Service", "WatchdogSec") is None
     assert one(text, "Service", "WatchdogSignal") is None
     assert '"--reset-via" "notify"' in one(text, "Service", "ExecStart")
+
+
+def test_every_reference_directory_is_generated():
+    """units/ holds exactly the generated directories: a removed variant leaves no stale copy."""
+    assert sorted(p.name for p in (REPO / "units").iterdir() if p.is_dir()) == sorted(REFERENCE_VERSIONS)

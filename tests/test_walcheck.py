@@ -36,7 +36,7 @@ from agor_systemd.walcheck import (
     exit_status,
     size_text,
 )
-from agor_systemd.walcheck_units import WALCHECK_SERVICE, WALCHECK_TIMER, walcheck_units
+from agor_systemd.walcheck.units import WALCHECK_SERVICE, WALCHECK_TIMER, walcheck_units
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = ["/usr/bin/python3", "-I"]
@@ -77,8 +77,15 @@ def sha(path: Path) -> str:
 
 
 def walcheck(*args, env=None, preexec_fn=None, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agor_systemd.walcheck", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=env, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "agor_systemd.walcheck", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+        preexec_fn=preexec_fn,
+    )
 
 
 def integrity(path: Path) -> str:
@@ -86,8 +93,10 @@ def integrity(path: Path) -> str:
 
     Read-write: after a SIGKILL a read-only connection may be unable to rebuild the wal-index.
     """
-    code = ("import sqlite3, sys; c = sqlite3.connect(f'file:{sys.argv[1]}?mode=rw', uri=True); "
-            "print(c.execute('PRAGMA integrity_check').fetchone()[0])")
+    code = (
+        "import sqlite3, sys; c = sqlite3.connect(f'file:{sys.argv[1]}?mode=rw', uri=True); "
+        "print(c.execute('PRAGMA integrity_check').fetchone()[0])"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
 
@@ -202,8 +211,11 @@ def test_a_short_transaction_is_waited_for_within_the_busy_timeout(waldb):
 def count_elsewhere(path: Path) -> int:
     """The row count a fresh process sees (opens, reads, closes: a last close deletes the WAL)."""
     code = "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM t').fetchone()[0])"
-    return int(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                              check=True, timeout=60).stdout)
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )
 
 
 def test_library_call_keeps_the_callers_writer_locks(waldb):
@@ -263,10 +275,12 @@ def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_time
     db.enable_wal()
     db["t"].insert({"b": b"x"})
     db.close()
-    reader = subprocess.Popen([sys.executable, "-c", PINNING_READER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    writer = subprocess.Popen([sys.executable, "-c", NO_WAIT_WRITER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", PINNING_READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", NO_WAIT_WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert reader.stdout.readline() == "reading\n" and writer.stdout.readline() == "writing\n"
         time.sleep(0.3)
@@ -298,15 +312,18 @@ def make_truncated(path: Path, wal: bool) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize(("kind", "outcome", "needle"), [
-    ("directory", "not-a-database", "is a directory"),
-    ("empty", "not-a-database", "empty file (0 bytes)"),
-    ("random", "not-a-database", "no valid SQLite header (65536 bytes)"),
-    ("short", "not-a-database", "no valid SQLite header (19 bytes)"),
-    ("header-then-garbage", "not-a-database", "file is not a database (SQLITE_NOTADB)"),
-    ("truncated-rollback", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
-    ("truncated-wal", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
-])
+@pytest.mark.parametrize(
+    ("kind", "outcome", "needle"),
+    [
+        ("directory", "not-a-database", "is a directory"),
+        ("empty", "not-a-database", "empty file (0 bytes)"),
+        ("random", "not-a-database", "no valid SQLite header (65536 bytes)"),
+        ("short", "not-a-database", "no valid SQLite header (19 bytes)"),
+        ("header-then-garbage", "not-a-database", "file is not a database (SQLITE_NOTADB)"),
+        ("truncated-rollback", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
+        ("truncated-wal", "corrupt", "database disk image is malformed (SQLITE_CORRUPT)"),
+    ],
+)
 def test_bad_input_is_one_line_error_and_left_untouched(tmp_path, kind, outcome, needle):
     path = tmp_path / "bad.db"
     if kind == "directory":
@@ -453,8 +470,9 @@ full = subprocess.run(walcheck, capture_output=True, text=True)
 check = c.execute("PRAGMA integrity_check").fetchone()[0], c.execute("SELECT count(*) FROM t").fetchone()[0]
 os.unlink(os.path.join(d, "filler"))
 again = subprocess.run(walcheck, capture_output=True, text=True)
+after = c.execute("SELECT count(*) FROM t").fetchone()[0]
 print(json.dumps({"full": [full.returncode, full.stdout, full.stderr], "check": check,
-                  "again": [again.returncode, again.stdout], "after": c.execute("SELECT count(*) FROM t").fetchone()[0]}))
+                  "again": [again.returncode, again.stdout], "after": after}))
 """
 
 
@@ -464,10 +482,25 @@ def test_disk_full_during_checkpoint_on_a_tiny_tmpfs(tmp_path):
     mnt.mkdir()
     script = tmp_path / "full.py"
     script.write_text(FULL_DISK)
-    cp = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                         'mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" "$3" "$1"', "sh",
-                         str(mnt), sys.executable, str(script)],
-                        capture_output=True, text=True, timeout=60, cwd=REPO)
+    cp = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" "$3" "$1"',
+            "sh",
+            str(mnt),
+            sys.executable,
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert cp.returncode == 0, cp.stderr
     out = json.loads(cp.stdout)
     status, stdout, stderr = out["full"]
@@ -498,8 +531,12 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
         kills = 0
         for round_ in range(6):
             db.db["t"].insert({"id": 100_000 + round_, "b": b"marker"})
-            proc = subprocess.Popen([sys.executable, "-m", "agor_systemd.walcheck", str(db.path)], cwd=REPO,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agor_systemd.walcheck", str(db.path)],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(rng.uniform(0.2, 0.9) * run_s)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -507,7 +544,7 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
             proc.wait()
             assert integrity(db.path) == "ok"
             # the same writer connection carries on through every kill
-            db.db["t"].insert_all(({"id": 200_000 + round_ * 1000 + i, "b": os.urandom(4000)} for i in range(500)))
+            db.db["t"].insert_all({"id": 200_000 + round_ * 1000 + i, "b": os.urandom(4000)} for i in range(500))
         assert kills >= 2
         assert checkpoint(db.path).outcome == "truncated"
         assert integrity(db.path) == "ok"
@@ -538,9 +575,11 @@ def test_cli_json_mixed_outcomes_and_exit_status(tmp_path, waldb):
     doc = json.loads(cp.stdout)
     assert doc["exit_status"] == EXIT_DATAERR
     assert [d["outcome"] for d in doc["databases"]] == ["truncated", "missing", "not-a-database"]
-    assert cp.stderr.splitlines() == [f"agor-walcheck: {tmp_path / 'junk.db'}: not-a-database: no valid SQLite "
-                                      "header (170 bytes), not an SQLite database: file is not a database "
-                                      "(SQLITE_NOTADB); file left untouched"]
+    assert cp.stderr.splitlines() == [
+        f"agor-walcheck: {tmp_path / 'junk.db'}: not-a-database: no valid SQLite "
+        "header (170 bytes), not an SQLite database: file is not a database "
+        "(SQLITE_NOTADB); file left untouched"
+    ]
 
 
 def test_cli_lines_go_to_stdout_and_defaults_are_agors_databases(tmp_path):
@@ -557,12 +596,23 @@ def test_cli_lines_go_to_stdout_and_defaults_are_agors_databases(tmp_path):
         assert len(cp.stdout.splitlines()) == 2
     finally:
         db.close()
-    assert default_databases("/home/u") == ["/home/u/.local/share/agor/sessions.db",
-                                            "/home/u/.local/share/agor/btmsg.db"]
+    assert default_databases("/home/u") == [
+        "/home/u/.local/share/agor/sessions.db",
+        "/home/u/.local/share/agor/btmsg.db",
+    ]
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["--busy-timeout", "soon"], ["--busy-timeout", "-1"],
-                                  ["--busy-timeout", "5.5"], ["--busy-timeout", "nan"], ["--retries", "9"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["--busy-timeout", "soon"],
+        ["--busy-timeout", "-1"],
+        ["--busy-timeout", "5.5"],
+        ["--busy-timeout", "nan"],
+        ["--retries", "9"],
+    ],
+)
 def test_cli_usage_errors_are_one_line(args):
     cp = walcheck(*args)
     assert cp.returncode == 2 and cp.stdout == ""
@@ -578,8 +628,18 @@ def test_cli_empty_database_argument_is_a_usage_error():
 def test_cli_help_explains_outcomes_and_statuses():
     cp = walcheck("--help")
     assert cp.returncode == 0
-    for needle in ("--json", "--ensure-wal", "--busy-timeout", "65  not-a-database", "74  disk-full",
-                   "75  busy", "77  permission-denied", "0  missing", "0  not-wal", "0  truncated"):
+    for needle in (
+        "--json",
+        "--ensure-wal",
+        "--busy-timeout",
+        "65  not-a-database",
+        "74  disk-full",
+        "75  busy",
+        "77  permission-denied",
+        "0  missing",
+        "0  not-wal",
+        "0  truncated",
+    ):
         assert needle in cp.stdout, needle
 
 
@@ -600,8 +660,10 @@ def test_default_units():
     assert (service.name, timer.name) == (WALCHECK_SERVICE, WALCHECK_TIMER)
     s, t = settings(service.render()), settings(timer.render())
     assert s["Type"] == ["oneshot"]
-    assert s["ExecStart"] == [':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "1" "--" '
-                              '"%h/.local/share/agor/sessions.db" "%h/.local/share/agor/btmsg.db"']
+    assert s["ExecStart"] == [
+        ':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "1" "--" '
+        '"%h/.local/share/agor/sessions.db" "%h/.local/share/agor/btmsg.db"'
+    ]
     assert s["StartLimitIntervalSec"] == ["0"] and s["TimeoutStartSec"] == ["606s"]
     assert "[Install]" not in service.render()  # started by the timer only
     assert t["OnStartupSec"] == ["60s"] and t["OnUnitInactiveSec"] == ["300s"] and t["AccuracySec"] == ["1s"]
@@ -610,12 +672,15 @@ def test_default_units():
 
 
 def test_units_from_a_walcheck_table_with_odd_paths():
-    config = parse_config({"walcheck": {"interval_s": 1, "busy_timeout_s": 0.25,
-                                        "databases": ["~/data %h dir/s.db", "/srv/a b/c%d.db"]}})
+    config = parse_config(
+        {"walcheck": {"interval_s": 1, "busy_timeout_s": 0.25, "databases": ["~/data %h dir/s.db", "/srv/a b/c%d.db"]}}
+    )
     service, timer = walcheck_units(config, ["/usr/bin/python3", "-I"])
     s, t = settings(service.render()), settings(timer.render())
-    assert s["ExecStart"] == [':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "0.25" '
-                              '"--" "%h/data %%h dir/s.db" "/srv/a b/c%%d.db"']
+    assert s["ExecStart"] == [
+        ':"/usr/bin/python3" "-I" "-m" "agor_systemd.walcheck" "--busy-timeout" "0.25" '
+        '"--" "%h/data %%h dir/s.db" "/srv/a b/c%%d.db"'
+    ]
     assert t["OnStartupSec"] == ["1s"] and t["OnUnitInactiveSec"] == ["1s"]
     assert verify_units({service.name: service.render(), timer.name: timer.render()}) == []
 

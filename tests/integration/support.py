@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agor_systemd.lab import OPT_ROOT, UserManager
+from agor_systemd.lab.testbed import OPT_ROOT, UserManager
 
 UNIT = "agor-sidecar.service"
 LOG_ID = "agor-sidecar"  # its SyslogIdentifier=: selects the launcher's lines even when it exited right after
@@ -60,17 +60,44 @@ class Sidecar:
         return [bytes.fromhex(h) for h in self.starts()[start]["argv"]]
 
 
-def install_sidecar(mgr: UserManager, fake: Path, plan: Sequence[str], *, base_s: float = 0.2,
-                    cap_s: float = 30, attempts: int = 5, window_s: float = 300,
-                    extra_words: Sequence[str] = (), install_args: Sequence[str] = ()) -> Sidecar:
+def install_sidecar(
+    mgr: UserManager,
+    fake: Path,
+    plan: Sequence[str],
+    *,
+    base_s: float = 0.2,
+    cap_s: float = 30,
+    attempts: int = 5,
+    window_s: float = 300,
+    extra_words: Sequence[str] = (),
+    install_args: Sequence[str] = (),
+) -> Sidecar:
     """Install agor-sidecar.service running the fake sidecar with `plan` (one behaviour per start)."""
     token = uuid.uuid4().hex[:8]
     plan_file = mgr.write_file(f"sidecar-data/plan-{token}.txt", "\n".join(plan) + "\n")
     log = plan_file.parent / f"sidecar-{token}.jsonl"  # the sandbox lets the sidecar write only here
-    agor_units(mgr, "install", "--now", f"--base-s={base_s}", f"--cap-s={cap_s}", f"--attempts={attempts}",
-               f"--stability-window-s={window_s}", f"--read-write-path={plan_file.parent}", *install_args,
-               "--", "/usr/bin/python3", "-I", "-S", str(fake), "--log", str(log), "--plan", str(plan_file),
-               *extra_words, check=True)
+    agor_units(
+        mgr,
+        "install",
+        "--now",
+        f"--base-s={base_s}",
+        f"--cap-s={cap_s}",
+        f"--attempts={attempts}",
+        f"--stability-window-s={window_s}",
+        f"--read-write-path={plan_file.parent}",
+        *install_args,
+        "--",
+        "/usr/bin/python3",
+        "-I",
+        "-S",
+        str(fake),
+        "--log",
+        str(log),
+        "--plan",
+        str(plan_file),
+        *extra_words,
+        check=True,
+    )
     return Sidecar(mgr, log, plan_file)
 
 

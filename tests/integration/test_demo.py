@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.lab import available_builds, host_build
+from agor_systemd.lab.testbed import available_builds, host_build
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the demo starts a user manager and needs root")
 
@@ -23,8 +23,9 @@ def run_demo(venv: Path, *args: str, user: str | None = None) -> subprocess.Comp
     if user is not None:
         pw = pwd.getpwnam(user)
         argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-                          stdin=subprocess.DEVNULL, cwd="/")
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, stdin=subprocess.DEVNULL, cwd="/"
+    )
 
 
 def assert_full_show(cp: subprocess.CompletedProcess[str], mode: str) -> None:
@@ -38,14 +39,20 @@ def assert_full_show(cp: subprocess.CompletedProcess[str], mode: str) -> None:
     assert give_up in out, out
     after_restart = out.split("$ agor-units restart", 1)
     assert len(after_restart) == 2, out
-    assert re.search(r"^\s+[\d.]+s\s+healthy\s+\{\"status\": \"healthy\", \"sandbox\": \"(full|partial|none)\"\}", after_restart[1], re.M), out
+    assert re.search(
+        r"^\s+[\d.]+s\s+healthy\s+\{\"status\": \"healthy\", \"sandbox\": \"(full|partial|none)\"\}",
+        after_restart[1],
+        re.M,
+    ), out
     # systemd's own view, then the clean-up
     assert "agor-launch: sidecar exited with status 3; giving up after 5 restarts" in out
     assert "Active: active (running)" in out
     assert "removed " in out and "cleaned up:" in out
     # the order of the story
-    positions = [out.index(s) for s in ("restarting: attempt 1/5", give_up, "fixing the sidecar",
-                                        "$ agor-units restart", "cleaned up:")]
+    positions = [
+        out.index(s)
+        for s in ("restarting: attempt 1/5", give_up, "fixing the sidecar", "$ agor-units restart", "cleaned up:")
+    ]
     assert positions == sorted(positions), out
 
 

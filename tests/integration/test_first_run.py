@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from agor_systemd import landlock
+from agor_systemd.sandbox import landlock
 
 from .support import LOG_ID, UNIT, agor_units, health, wait_for, wait_health
 
@@ -56,8 +56,10 @@ def readme_layout(mgr) -> None:
     mgr.write_file("agor/dist/claude-runner.mjs", RUNNER)
     mgr.write_file("agor/dist/prompt.txt", "You are an agent.\n")
     mgr.write_file("agor/package.json", json.dumps({"name": "agor", "type": "module"}))
-    mgr.write_file("agor/node_modules/agor-dep/package.json",
-                   json.dumps({"name": "agor-dep", "type": "module", "main": "index.js"}))
+    mgr.write_file(
+        "agor/node_modules/agor-dep/package.json",
+        json.dumps({"name": "agor-dep", "type": "module", "main": "index.js"}),
+    )
     mgr.write_file("agor/node_modules/agor-dep/index.js", "export default 42;\n")
     mgr.write_file(".ssh/id_ed25519", "PRIVATE KEY\n", mode=0o600)
     mgr.write_file(".config/agor/units.toml", README_CONFIG)
@@ -70,8 +72,9 @@ def assert_nothing_installed(mgr) -> None:
 def runs_and_stays_confined(mgr, project) -> None:
     wait_health(mgr, "healthy", timeout=20)
     report_file = project / "report.json"
-    report = json.loads(wait_for("the runner's report", lambda: report_file.exists() and report_file.read_text(),
-                                 timeout=5))
+    report = json.loads(
+        wait_for("the runner's report", lambda: report_file.exists() and report_file.read_text(), timeout=5)
+    )
     assert report["read_beside_script"] == "ok"
     assert report["import_package"] == "ok"
     assert report["write_project"] == "ok"
@@ -117,8 +120,10 @@ def test_an_unreadable_script_is_reported_at_install(mgr):
     script.chmod(0)
     cp = agor_units(mgr, "install", "--now")
     assert cp.returncode == 1
-    assert cp.stderr == (f"agor-units: error: the sidecar could not start in its sandbox: it cannot read {script} "
-                         "(Permission denied) (docs/sandbox.md: what the sidecar may touch)\n")
+    assert cp.stderr == (
+        f"agor-units: error: the sidecar could not start in its sandbox: it cannot read {script} "
+        "(Permission denied) (docs/sandbox.md: what the sidecar may touch)\n"
+    )
     assert_nothing_installed(mgr)
 
 
@@ -126,8 +131,10 @@ def test_an_unreadable_script_is_reported_at_install(mgr):
 def test_a_denied_path_is_named_in_the_journal_and_in_health(mgr):
     readme_layout(mgr)
     secret = mgr.write_file("secrets/token", "s3cret\n")
-    mgr.write_file("agor/dist/claude-runner.mjs",
-                   f'import {{ readFileSync }} from "node:fs";\nreadFileSync({json.dumps(str(secret))});\n')
+    mgr.write_file(
+        "agor/dist/claude-runner.mjs",
+        f'import {{ readFileSync }} from "node:fs";\nreadFileSync({json.dumps(str(secret))});\n',
+    )
     agor_units(mgr, "install", "--now", "--attempts=1", "--base-s=0.1", check=True)
     failed = wait_health(mgr, "failed", timeout=20).health
     hint = f"permission denied: {secret} — outside the sandbox; add it to [sandbox] read_only_paths"

@@ -11,13 +11,13 @@ import subprocess
 
 import pytest
 
-from agor_systemd.hardening import GROUPS
+from agor_systemd.sandbox.hardening import GROUPS
 
 from .support import LOG_ID, UNIT, agor_units, wait_for, wait_health
 
 # The agent workload, run as the sidecar: git, a python child writing project files, node if it
 # is installed, a shell, a pty, an HTTP request to a loopback server; then it says what it saw.
-WORKLOAD = r'''
+WORKLOAD = r"""
 import http.server, json, os, pty, shutil, subprocess, sys, threading, urllib.request
 project, port = sys.argv[1], int(sys.argv[2])
 report = {}
@@ -77,14 +77,18 @@ with open(os.path.join(project, "report.json"), "w") as f:
     json.dump(report, f)
 print(json.dumps({"type": "ready"}), flush=True)
 threading.Event().wait()
-'''
+"""
 
 
 def installed_exposure(mgr) -> float:
     """systemd-analyze security --offline=yes of the unit install wrote (the build's own analyzer)."""
-    cp = subprocess.run([str(mgr.build.systemd_analyze), "security", "--offline=yes", "--no-pager",
-                         str(mgr.unit_dir / UNIT)], capture_output=True, text=True,
-                        env={**os.environ, **mgr.build.tool_env()}, timeout=60)
+    cp = subprocess.run(
+        [str(mgr.build.systemd_analyze), "security", "--offline=yes", "--no-pager", str(mgr.unit_dir / UNIT)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **mgr.build.tool_env()},
+        timeout=60,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", cp.stdout + cp.stderr)
     assert match, cp.stdout[-400:] + cp.stderr[-400:]
     return float(match.group(1))
@@ -105,8 +109,23 @@ def workload(user_manager):
 
 
 def install_workload(mgr, project, script, port, *extra):
-    cp = agor_units(mgr, "install", "--now", "--json", "--attempts=0", f"--read-write-path={project}", *extra,
-                    "--", "/usr/bin/python3", "-I", "-S", str(script), str(project), str(port), check=True)
+    cp = agor_units(
+        mgr,
+        "install",
+        "--now",
+        "--json",
+        "--attempts=0",
+        f"--read-write-path={project}",
+        *extra,
+        "--",
+        "/usr/bin/python3",
+        "-I",
+        "-S",
+        str(script),
+        str(project),
+        str(port),
+        check=True,
+    )
     return json.loads(cp.stdout)
 
 
@@ -121,8 +140,14 @@ def test_install_probes_and_the_agent_workload_runs_in_the_hardened_unit(user_ma
     report = install_workload(user_manager, project, script, port)
     assert report["hardening"] == list(GROUPS) and report["left_out"] == {}
     text = (user_manager.unit_dir / UNIT).read_text()
-    for line in ("PrivateUsers=yes", "ProtectSystem=strict", "ProtectHome=read-only", "NoNewPrivileges=yes",
-                 "UMask=0077", f'"-{project}"'):
+    for line in (
+        "PrivateUsers=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        "NoNewPrivileges=yes",
+        "UMask=0077",
+        f'"-{project}"',
+    ):
         assert line in text
     assert ("@sandbox" in text) == (user_manager.version >= 254)
 
@@ -139,8 +164,10 @@ def test_install_probes_and_the_agent_workload_runs_in_the_hardened_unit(user_ma
     # the launcher found everything it was told to expect (and reached the notify socket: healthy)
     lines = user_manager.journal_lines(UNIT, identifier=LOG_ID)
     assert not any("not in effect" in line for line in lines), lines[-10:]
-    print(f"\nsystemd {user_manager.version}: probed unit exposure {installed_exposure(user_manager)}, "
-          f"node {'ran' if seen['node'] != 'absent' else 'absent'}")
+    print(
+        f"\nsystemd {user_manager.version}: probed unit exposure {installed_exposure(user_manager)}, "
+        f"node {'ran' if seen['node'] != 'absent' else 'absent'}"
+    )
 
     doctor = {c["name"]: c for c in json.loads(agor_units(user_manager, "doctor", "--json").stdout)}
     assert doctor["systemd hardening"]["status"] == "ok"
@@ -155,8 +182,13 @@ def test_launcher_warns_when_namespacing_is_skipped_silently(user_manager, proje
     unit = user_manager.unit_dir / UNIT
     text = unit.read_text()
     # what dropping capabilities needs a user namespace for (else 218/CAPABILITIES) goes too
-    for line in ("PrivateUsers=yes", "CapabilityBoundingSet=", "ProtectKernelModules=yes", "ProtectKernelLogs=yes",
-                 "ProtectClock=yes"):
+    for line in (
+        "PrivateUsers=yes",
+        "CapabilityBoundingSet=",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectClock=yes",
+    ):
         text = text.replace(line + "\n", "")
     unit.write_text(text)
     user_manager.systemctl("daemon-reload", check=True)
@@ -196,8 +228,19 @@ def test_probe_leaves_out_what_the_host_refuses_and_the_sidecar_still_starts(use
         report = install_workload(user_manager, project, script, port)
         assert report["hardening"] == ["always", "seccomp", "userns"], report
         assert "226/NAMESPACE" in report["left_out"]["mounts"], report
-        text = agor_units(user_manager, "install", f"--read-write-path={project}", "--", "/usr/bin/python3",
-                          "-I", "-S", str(script), str(project), str(port), check=True).stdout
+        text = agor_units(
+            user_manager,
+            "install",
+            f"--read-write-path={project}",
+            "--",
+            "/usr/bin/python3",
+            "-I",
+            "-S",
+            str(script),
+            str(project),
+            str(port),
+            check=True,
+        ).stdout
         assert "hardening left out: mounts: the unit failed with 226/NAMESPACE" in text
         wait_health(user_manager, "healthy", timeout=20)
         seen = read_report(project)
@@ -206,5 +249,7 @@ def test_probe_leaves_out_what_the_host_refuses_and_the_sidecar_still_starts(use
         doctor = {c["name"]: c for c in json.loads(agor_units(user_manager, "doctor", "--json").stdout)}
         assert doctor["systemd hardening"]["status"] == "warn"
         assert "mounts: the unit failed with 226/NAMESPACE" in doctor["systemd hardening"]["detail"]
-        print(f"\nsystemd {user_manager.version} without namespaces: probed unit exposure "
-              f"{installed_exposure(user_manager)}")
+        print(
+            f"\nsystemd {user_manager.version} without namespaces: probed unit exposure "
+            f"{installed_exposure(user_manager)}"
+        )

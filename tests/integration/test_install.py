@@ -7,23 +7,39 @@ import os
 
 import pytest
 
-from agor_systemd.lab import OPT_ROOT
+from agor_systemd.lab.testbed import OPT_ROOT
 
 from .support import UNIT, agor_units, health, install_sidecar, wait_health
 
 ALL_UNITS = [UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
 HOSTILE_WORDS = [
-    "plain", "two words", "new\nline", "tab\there", "percent %h %n %%", "dollar $HOME ${HOME} $$",
-    'double"quote', "single'quote", "back\\slash \\n \\x41", "", ";", "\\;", "ünïcødé ✓", "--",
-    "-x", "~not-home", "\x01\x1f\x7f",
+    "plain",
+    "two words",
+    "new\nline",
+    "tab\there",
+    "percent %h %n %%",
+    "dollar $HOME ${HOME} $$",
+    'double"quote',
+    "single'quote",
+    "back\\slash \\n \\x41",
+    "",
+    ";",
+    "\\;",
+    "ünïcødé ✓",
+    "--",
+    "-x",
+    "~not-home",
+    "\x01\x1f\x7f",
 ]
 
 
 def dbus_exec_start(mgr) -> list[str]:
     """ExecStart argv exactly as systemd reports it over D-Bus (read with the library)."""
-    code = ("import json; from agor_systemd.bus import Systemd\n"
-            "with Systemd() as m: p = m.unit_properties('agor-sidecar.service')\n"
-            "print(json.dumps([list(e[1]) for e in p['ExecStart']]))")
+    code = (
+        "import json; from agor_systemd.manager import Systemd\n"
+        "with Systemd() as m: p = m.unit_properties('agor-sidecar.service')\n"
+        "print(json.dumps([list(e[1]) for e in p['ExecStart']]))"
+    )
     cp = mgr.run([str(OPT_ROOT / "venv" / "bin" / "python"), "-c", code], check=True)
     return json.loads(cp.stdout)[0]
 
@@ -31,11 +47,25 @@ def dbus_exec_start(mgr) -> list[str]:
 def test_hostile_arguments_and_paths_reach_the_sidecar_verbatim(user_manager, fake_sidecar_path):
     workdir = user_manager.write_file('odd dir %h $HOME "q" \\ back/.keep', "").parent
     envfile = user_manager.write_file("env dir %n $X/side car.env", "FAKE_VALUE=from env file\n")
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["hang"], extra_words=HOSTILE_WORDS,
-                              install_args=[f"--working-directory={workdir}", f"--environment-file={envfile}"])
+    sidecar = install_sidecar(
+        user_manager,
+        fake_sidecar_path,
+        ["hang"],
+        extra_words=HOSTILE_WORDS,
+        install_args=[f"--working-directory={workdir}", f"--environment-file={envfile}"],
+    )
     wait_health(user_manager, "healthy", timeout=10)
-    intended = ["/usr/bin/python3", "-I", "-S", str(fake_sidecar_path), "--log", str(sidecar.log),
-                "--plan", str(sidecar.plan), *HOSTILE_WORDS]
+    intended = [
+        "/usr/bin/python3",
+        "-I",
+        "-S",
+        str(fake_sidecar_path),
+        "--log",
+        str(sidecar.log),
+        "--plan",
+        str(sidecar.plan),
+        *HOSTILE_WORDS,
+    ]
 
     start = sidecar.starts()[-1]
     assert [bytes.fromhex(h).decode() for h in start["argv"]] == intended[3:]  # python's argv[0] is the script
@@ -45,24 +75,38 @@ def test_hostile_arguments_and_paths_reach_the_sidecar_verbatim(user_manager, fa
     assert "NOTIFY_SOCKET" not in start["env"]
 
     exec_start = dbus_exec_start(user_manager)
-    assert exec_start[exec_start.index("--") + 1:] == intended
+    assert exec_start[exec_start.index("--") + 1 :] == intended
     # written as WorkingDirectory=-PATH (the launcher checks it); systemd shows that prefix as '!'
     assert user_manager.unit_property(UNIT, "WorkingDirectory") == "!" + str(workdir)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--working-directory=/tmp/new\nline"], "control character"),
-    (["--working-directory=relative/dir"], "absolute path"),
-    (["--working-directory=/tmp/../etc"], "normalized"),
-    (["--environment-file=/tmp/*.env"], "glob character"),
-    (["--base-s=0"], "base_s"),
-    (["--attempts=-1"], "attempts"),
-    (["--", "/nonexistent/sidecar"], "does not exist"),
-    (["--", "no-such-program-anywhere"], "not found on PATH"),
-    (["--", "./relative-program"], "relative path"),
-    (["--", "/bin/true", b"\xff\xfe-not-utf8"], "not valid UTF-8"),
-], ids=["newline-dir", "relative-dir", "dotdot-dir", "glob-envfile", "zero-base", "negative-attempts",
-        "missing-program", "unknown-program", "relative-program", "non-utf8-arg"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--working-directory=/tmp/new\nline"], "control character"),
+        (["--working-directory=relative/dir"], "absolute path"),
+        (["--working-directory=/tmp/../etc"], "normalized"),
+        (["--environment-file=/tmp/*.env"], "glob character"),
+        (["--base-s=0"], "base_s"),
+        (["--attempts=-1"], "attempts"),
+        (["--", "/nonexistent/sidecar"], "does not exist"),
+        (["--", "no-such-program-anywhere"], "not found on PATH"),
+        (["--", "./relative-program"], "relative path"),
+        (["--", "/bin/true", b"\xff\xfe-not-utf8"], "not valid UTF-8"),
+    ],
+    ids=[
+        "newline-dir",
+        "relative-dir",
+        "dotdot-dir",
+        "glob-envfile",
+        "zero-base",
+        "negative-attempts",
+        "missing-program",
+        "unknown-program",
+        "relative-program",
+        "non-utf8-arg",
+    ],
+)
 def test_bad_input_is_one_line_error_and_writes_nothing(user_manager, args, message):
     if "--" not in args:
         args = [*args, "--", "/bin/true"]
@@ -87,12 +131,14 @@ def test_broken_config_file_is_one_line_error(user_manager, config_file):
     cp = agor_units(user_manager, "install", "--", "/bin/true")
     assert cp.returncode == 1
     assert cp.stderr.strip().splitlines() == [
-        f"agor-units: error: {config_file}: [restart] base_s must be a number, got 'soon'"]
+        f"agor-units: error: {config_file}: [restart] base_s must be a number, got 'soon'"
+    ]
     user_manager.write_file(".config/agor/units.toml", "[restart\n")
     cp = agor_units(user_manager, "render")
     assert cp.returncode == 1
     assert cp.stderr.strip().splitlines() == [
-        f"agor-units: error: {config_file}: Expected ']' at the end of a table declaration (at line 1, column 9)"]
+        f"agor-units: error: {config_file}: Expected ']' at the end of a table declaration (at line 1, column 9)"
+    ]
 
 
 def test_install_is_idempotent_and_uninstall_removes_exactly_what_it_wrote(user_manager, fake_sidecar_path):
@@ -134,8 +180,10 @@ def build_tool_env(mgr) -> dict[str, str]:
 
 
 def test_verify_passes_on_the_running_version(user_manager):
-    cp = user_manager.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), "verify", "--", "/bin/true", "a b", "%x"],
-                          env=build_tool_env(user_manager))
+    cp = user_manager.run(
+        [str(OPT_ROOT / "venv" / "bin" / "agor-units"), "verify", "--", "/bin/true", "a b", "%x"],
+        env=build_tool_env(user_manager),
+    )
     assert cp.returncode == 0, cp.stderr
     assert "pass systemd-analyze verify" in cp.stdout
 

@@ -14,9 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.lab import OPT_ROOT
+from agor_systemd.lab.testbed import OPT_ROOT
 
-from .support import UNIT, agor_units, install_sidecar, wait_for, wait_health
+from .support import (
+    UNIT,
+    agor_units,
+    install_sidecar,
+    wait_for,
+    wait_health,
+)
 
 ALL_UNITS = [UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
 MANIFEST = ".agor-units.json"
@@ -50,8 +56,11 @@ def test_uninstall_waits_for_a_graceful_stop_and_leaves_no_ghost(user_manager):
     assert took >= STOP_S * 0.9, f"uninstall returned after {took:.2f}s, before the sidecar stopped"
 
     # whatever uninstall did, let a stop still under way end before looking for its trace
-    wait_for("the sidecar to stop", lambda: user_manager.unit_property(UNIT, "ActiveState") != "deactivating",
-             timeout=STOP_S + 10)
+    wait_for(
+        "the sidecar to stop",
+        lambda: user_manager.unit_property(UNIT, "ActiveState") != "deactivating",
+        timeout=STOP_S + 10,
+    )
     assert "agor-sidecar" not in failed_units(user_manager)
     assert user_manager.unit_property(UNIT, "LoadState") == "not-found"
     cp = agor_units(user_manager, "health")
@@ -94,12 +103,15 @@ def test_install_does_not_overwrite_a_hand_edited_unit_without_force(user_manage
     for command in (["/bin/sleep", "1000"], ["/bin/sleep", "2000"]):  # same text or new: the edit stays
         cp = agor_units(user_manager, "install", "--", *command)
         assert cp.returncode == 1
-        assert cp.stderr.strip() == (f"agor-units: error: {unit_file} was edited since agor-units wrote it; "
-                                     "pass --force to overwrite it (or move it away)")
+        assert cp.stderr.strip() == (
+            f"agor-units: error: {unit_file} was edited since agor-units wrote it; "
+            "pass --force to overwrite it (or move it away)"
+        )
         assert unit_file.read_text() == edited
 
-    forced = json.loads(agor_units(user_manager, "install", "--force", "--json", "--", "/bin/sleep", "2000",
-                                   check=True).stdout)
+    forced = json.loads(
+        agor_units(user_manager, "install", "--force", "--json", "--", "/bin/sleep", "2000", check=True).stdout
+    )
     assert forced["written"] == [UNIT]
     assert '"--" "/bin/sleep" "2000"\n' in unit_file.read_text() and "my own note" not in unit_file.read_text()
     assert json.loads(agor_units(user_manager, "uninstall", "--json", check=True).stdout)["kept"] == []
@@ -108,18 +120,30 @@ def test_install_does_not_overwrite_a_hand_edited_unit_without_force(user_manage
 def test_install_says_the_running_sidecar_keeps_its_old_settings(user_manager, fake_sidecar_path):
     sidecar = install_sidecar(user_manager, fake_sidecar_path, ["hang"])
     wait_health(user_manager, "healthy", timeout=15)
-    command = ["--", "/usr/bin/python3", "-I", "-S", str(fake_sidecar_path), "--log", str(sidecar.log),
-               "--plan", str(sidecar.plan)]
+    command = [
+        "--",
+        "/usr/bin/python3",
+        "-I",
+        "-S",
+        str(fake_sidecar_path),
+        "--log",
+        str(sidecar.log),
+        "--plan",
+        str(sidecar.plan),
+    ]
     base = ["install", "--base-s=0.2", f"--read-write-path={sidecar.plan.parent}"]
 
     changed = agor_units(user_manager, *base, "--attempts=7", *command, check=True)
-    note = (f"note: {UNIT} is still running with its old settings; "
-            "`agor-units restart` (or `install --now`) applies the new ones")
+    note = (
+        f"note: {UNIT} is still running with its old settings; "
+        "`agor-units restart` (or `install --now`) applies the new ones"
+    )
     assert note in changed.stdout.splitlines()
     unchanged = json.loads(agor_units(user_manager, *base, "--attempts=7", "--json", *command, check=True).stdout)
     assert unchanged["written"] == [] and unchanged["notes"] == []  # nothing new to apply
-    restarted = json.loads(agor_units(user_manager, *base, "--attempts=8", "--now", "--json", *command,
-                                      check=True).stdout)
+    restarted = json.loads(
+        agor_units(user_manager, *base, "--attempts=8", "--now", "--json", *command, check=True).stdout
+    )
     assert restarted["written"] == [UNIT] and restarted["notes"] == []
 
 
@@ -142,8 +166,19 @@ def test_a_permission_error_names_the_unit_file_not_a_temporary_file(user_manage
 def test_uninstall_from_another_shell_finds_what_install_wrote_with_xdg_config_home(user_manager):
     elsewhere = user_manager.home / "elsewhere"
     shell_env = {"XDG_CONFIG_HOME": str(elsewhere)}
-    installed = user_manager.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), "install", "--now", "--json",
-                                  "--ready=immediate", "--", "/bin/sleep", "1000"], env=shell_env)
+    installed = user_manager.run(
+        [
+            str(OPT_ROOT / "venv" / "bin" / "agor-units"),
+            "install",
+            "--now",
+            "--json",
+            "--ready=immediate",
+            "--",
+            "/bin/sleep",
+            "1000",
+        ],
+        env=shell_env,
+    )
     assert installed.returncode == 0, installed.stderr
     assert json.loads(installed.stdout)["directory"] == str(user_manager.unit_dir)
     wait_for("the sidecar to run", lambda: user_manager.unit_property(UNIT, "ActiveState") == "active", timeout=15)
@@ -178,9 +213,10 @@ def test_dropped_environment_lines_agree_with_systemd(user_manager):
 
     env_file = user_manager.write_file("agor-env-test/sidecar.env", ENVIRONMENT_FILE)
     out = env_file.parent / "env.out"
-    user_manager.write_file(".config/systemd/user/agor-envtest.service",
-                            f"[Service]\nType=oneshot\nEnvironmentFile={env_file}\n"
-                            f"ExecStart=/bin/sh -c 'env -0 > {out}'\n")  # values may hold newlines
+    user_manager.write_file(
+        ".config/systemd/user/agor-envtest.service",
+        f"[Service]\nType=oneshot\nEnvironmentFile={env_file}\nExecStart=/bin/sh -c 'env -0 > {out}'\n",
+    )  # values may hold newlines
     user_manager.systemctl("daemon-reload", check=True)
     user_manager.systemctl("start", "agor-envtest.service", check=True)
     applied = {entry.split("=", 1)[0] for entry in out.read_text().split("\0") if entry.startswith("AGORT")}

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.lab import LabError, LabNamespace, SystemdBuild, UserManager, available_builds
+from agor_systemd.lab.testbed import (
+    LabError,
+    LabNamespace,
+    SystemdBuild,
+    UserManager,
+    available_builds,
+)
 
 
 def test_manager_reports_its_build(user_manager: UserManager) -> None:
@@ -25,14 +31,17 @@ def test_manager_reports_its_build(user_manager: UserManager) -> None:
 
 
 def test_unit_output_reaches_journal(user_manager: UserManager) -> None:
-    user_manager.write_file(".config/systemd/user/agor-lab-hello.service", """\
+    user_manager.write_file(
+        ".config/systemd/user/agor-lab-hello.service",
+        """\
 [Service]
 Type=oneshot
 # journald attributes a line to its unit by the sender's cgroup; a process that is already gone
 # when journald reads it loses that (systemd-lab-details.md §5), so stay around for a moment
 ExecStart=/bin/sh -c 'echo hello from the lab; sleep 0.5'
 SyslogIdentifier=agor-lab-hello
-""")
+""",
+    )
     user_manager.systemctl("daemon-reload", check=True)
     user_manager.systemctl("start", "agor-lab-hello.service", check=True)
     lines = user_manager.wait_journal("agor-lab-hello.service", "hello from the lab")
@@ -41,7 +50,9 @@ SyslogIdentifier=agor-lab-hello
 
 
 def test_notify_unit_becomes_active(user_manager: UserManager) -> None:
-    user_manager.write_file("lab/notify.py", """\
+    user_manager.write_file(
+        "lab/notify.py",
+        """\
 import os, socket, time
 addr = os.environ["NOTIFY_SOCKET"]
 if addr.startswith("@"):
@@ -53,13 +64,17 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
     s.sendall(b"READY=1\\nSTATUS=ready and waiting")
 while True:
     time.sleep(1)
-""")
-    user_manager.write_file(".config/systemd/user/agor-lab-notify.service", f"""\
+""",
+    )
+    user_manager.write_file(
+        ".config/systemd/user/agor-lab-notify.service",
+        f"""\
 [Service]
 Type=notify
 ExecStart=/usr/bin/python3 {user_manager.home}/lab/notify.py
 SyslogIdentifier=agor-lab-notify
-""")
+""",
+    )
     user_manager.systemctl("daemon-reload", check=True)
     t0 = time.monotonic()
     user_manager.systemctl("start", "agor-lab-notify.service", check=True, timeout=20)  # returns at READY=1
@@ -71,8 +86,9 @@ SyslogIdentifier=agor-lab-notify
 
 
 def test_commands_run_as_the_user(user_manager: UserManager) -> None:
-    cp = user_manager.run(["sh", "-c", 'id -u; echo "$HOME $XDG_RUNTIME_DIR"; pwd; test -O "$XDG_RUNTIME_DIR"'],
-                          check=True)
+    cp = user_manager.run(
+        ["sh", "-c", 'id -u; echo "$HOME $XDG_RUNTIME_DIR"; pwd; test -O "$XDG_RUNTIME_DIR"'], check=True
+    )
     uid, paths, cwd = cp.stdout.splitlines()
     assert int(uid) == user_manager.uid
     assert paths == f"{user_manager.home} {user_manager.runtime_dir}"
@@ -89,8 +105,7 @@ def test_start_stop_leaves_nothing_behind(lab_namespace: LabNamespace, build: Sy
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     mgr = UserManager(f"agort-{worker}-{build.version}x"[:31], build, lab_namespace)
     with mgr:
-        mgr.write_file(".config/systemd/user/agor-lab-sleep.service",
-                       "[Service]\nExecStart=/bin/sleep 600\n")
+        mgr.write_file(".config/systemd/user/agor-lab-sleep.service", "[Service]\nExecStart=/bin/sleep 600\n")
         mgr.systemctl("daemon-reload", check=True)
         mgr.systemctl("start", "agor-lab-sleep.service", check=True)
         pid = int(mgr.unit_property("agor-lab-sleep.service", "MainPID"))
@@ -107,6 +122,7 @@ def test_start_stop_leaves_nothing_behind(lab_namespace: LabNamespace, build: Sy
     assert not lab_namespace.path(mgr.runtime_dir).exists()
     assert mgr.stop_seconds is not None and mgr.stop_seconds < 5
     import shutil
+
     shutil.rmtree(mgr.unit_dir, ignore_errors=True)
 
 
@@ -128,12 +144,14 @@ def test_daemon_reexec_is_refused(user_manager: UserManager) -> None:
 
 
 def test_reset_stops_units_and_removes_files(user_manager: UserManager) -> None:
-    user_manager.write_file(".config/systemd/user/agor-lab-reset.service",
-                            "[Service]\nExecStart=/bin/sleep 600\n")
+    user_manager.write_file(".config/systemd/user/agor-lab-reset.service", "[Service]\nExecStart=/bin/sleep 600\n")
     user_manager.systemctl("daemon-reload", check=True)
     user_manager.systemctl("start", "agor-lab-reset.service", check=True)
-    user_manager.run([str(user_manager.build.systemd_run), "--user", "--unit=agor-lab-transient", "/bin/sleep", "600"],
-                     check=True, build_tools=True)
+    user_manager.run(
+        [str(user_manager.build.systemd_run), "--user", "--unit=agor-lab-transient", "/bin/sleep", "600"],
+        check=True,
+        build_tools=True,
+    )
     assert user_manager.unit_property("agor-lab-transient.service", "ActiveState") == "active"
     stopped = user_manager.reset()
     assert {"agor-lab-reset.service", "agor-lab-transient.service"} <= set(stopped)

@@ -10,13 +10,23 @@ import uuid
 
 import pytest
 
-from agor_systemd import landlock
+from agor_systemd.sandbox import landlock
 
-from .support import LOG_ID, UNIT, agor_units, health, install_sidecar, wait_for, wait_health
+from .support import (
+    LOG_ID,
+    UNIT,
+    agor_units,
+    health,
+    install_sidecar,
+    wait_for,
+    wait_health,
+)
 
 KERNEL_ABI = landlock.abi_version()
-needs_landlock = pytest.mark.skipif(KERNEL_ABI < 6, reason=f"the kernel's Landlock ABI is {KERNEL_ABI}; "
-                                    "the full escape corpus needs 6 (TCP rules, scoping)")
+needs_landlock = pytest.mark.skipif(
+    KERNEL_ABI < 6,
+    reason=f"the kernel's Landlock ABI is {KERNEL_ABI}; the full escape corpus needs 6 (TCP rules, scoping)",
+)
 
 
 @pytest.fixture
@@ -43,18 +53,37 @@ def test_escape_corpus_is_denied_and_the_job_still_works(user_manager, escape_co
     empty_dir = mgr.write_file("empty-dir/.keep", "").parent
     (empty_dir / ".keep").unlink()
     config_file = mgr.write_file(".config/agor/escape-test.toml", "x = 1\n")
-    outside = subprocess.Popen(["setpriv", f"--reuid={mgr.uid}", f"--regid={mgr.gid}", "--init-groups",
-                                "sleep", "60"])
+    outside = subprocess.Popen(["setpriv", f"--reuid={mgr.uid}", f"--regid={mgr.gid}", "--init-groups", "sleep", "60"])
     try:
-        spec = {"home": str(mgr.home), "project": str(project), "report": str(report_dir), "victim": str(victim),
-                "config_file": str(config_file), "empty_dir": empty_dir.name, "runtime_dir": str(mgr.runtime_dir),
-                "outside_pid": outside.pid, **listeners}
+        spec = {
+            "home": str(mgr.home),
+            "project": str(project),
+            "report": str(report_dir),
+            "victim": str(victim),
+            "config_file": str(config_file),
+            "empty_dir": empty_dir.name,
+            "runtime_dir": str(mgr.runtime_dir),
+            "outside_pid": outside.pid,
+            **listeners,
+        }
         spec_file = mgr.write_file("escape-report/spec.json", json.dumps(spec))
-        mgr.write_file(".config/agor/units.toml",
-                       f"[sandbox]\nread_write_paths = [{json.dumps(str(project))}, {json.dumps(str(report_dir))}]\n"
-                       f"tcp_connect = [{listeners['allowed_port']}]\n")
-        agor_units(mgr, "install", "--now", "--", "/usr/bin/python3", "-I", "-S", str(escape_corpus_path),
-                   str(spec_file), check=True)
+        mgr.write_file(
+            ".config/agor/units.toml",
+            f"[sandbox]\nread_write_paths = [{json.dumps(str(project))}, {json.dumps(str(report_dir))}]\n"
+            f"tcp_connect = [{listeners['allowed_port']}]\n",
+        )
+        agor_units(
+            mgr,
+            "install",
+            "--now",
+            "--",
+            "/usr/bin/python3",
+            "-I",
+            "-S",
+            str(escape_corpus_path),
+            str(spec_file),
+            check=True,
+        )
         wait_health(mgr, "healthy", timeout=20)
         report = json.loads((report_dir / "escape-report.json").read_text())
     finally:
@@ -98,8 +127,11 @@ def test_required_sandbox_refuses_to_start_without_landlock(user_manager, fake_s
     played_abi(0)
     sidecar = install_sidecar(user_manager, fake_sidecar_path, ["hang"], install_args=["--sandbox-required"])
     failed = wait_health(user_manager, "failed", timeout=10)
-    assert failed.health == {"status": "failed", "attempts": 0,
-                             "last_error": "sandbox required, but this kernel has no Landlock"}
+    assert failed.health == {
+        "status": "failed",
+        "attempts": 0,
+        "last_error": "sandbox required, but this kernel has no Landlock",
+    }
     assert sidecar.starts() == []  # never started unconfined
     assert user_manager.unit_property(UNIT, "NRestarts") == "0"
 
@@ -111,7 +143,9 @@ def test_older_kernel_is_partial_and_names_what_is_missing(user_manager, fake_si
     install_sidecar(user_manager, fake_sidecar_path, ["hang"])
     wait_health(user_manager, "healthy", timeout=10)
     assert health(user_manager).health == {"status": "healthy", "sandbox": "partial"}
-    line = next(line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID) if "agor-launch: sandbox partial" in line)
+    line = next(
+        line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID) if "agor-launch: sandbox partial" in line
+    )
     assert "ioctl on devices (ABI 5)" in line and "TCP bind/connect rules (ABI 4)" in line
     assert "scoping (ABI 6)" in line and "truncate" not in line
 
@@ -127,8 +161,17 @@ def test_missing_paths_are_reported_not_dropped(user_manager, fake_sidecar_path)
     ghost = user_manager.home / "no-such-project"
     install_sidecar(user_manager, fake_sidecar_path, ["hang"], install_args=[f"--read-write-path={ghost}"])
     wait_health(user_manager, "healthy", timeout=10)
-    line = wait_for("the skipped-paths note", lambda: next(
-        (line for line in user_manager.journal_lines(UNIT, identifier=LOG_ID) if "paths not found, skipped" in line
-         and str(ghost) in line), None), timeout=5)
+    line = wait_for(
+        "the skipped-paths note",
+        lambda: next(
+            (
+                line
+                for line in user_manager.journal_lines(UNIT, identifier=LOG_ID)
+                if "paths not found, skipped" in line and str(ghost) in line
+            ),
+            None,
+        ),
+        timeout=5,
+    )
     assert line.startswith("agor-launch: sandbox full")
     assert os.path.basename(str(ghost)) not in os.listdir(user_manager.home)

@@ -11,7 +11,15 @@ import uuid
 
 import pytest
 
-from .support import LOG_ID, UNIT, agor_units, health, install_sidecar, wait_for, wait_health
+from .support import (
+    LOG_ID,
+    UNIT,
+    agor_units,
+    health,
+    install_sidecar,
+    wait_for,
+    wait_health,
+)
 
 LATE_MAX_S = 1.0  # a failed attempt is logged after the launcher's start-up (python), on a loaded box
 
@@ -72,8 +80,9 @@ def test_start_limit_still_ends_a_loop_the_launcher_never_sees(user_manager, fak
     user_manager.systemctl("daemon-reload", check=True)
     since = time.clock_gettime(time.CLOCK_MONOTONIC)
     user_manager.systemctl("restart", "--no-block", UNIT, check=True)
-    wait_for("the start limit", lambda: manager_lines(user_manager, "Start request repeated too quickly", since),
-             timeout=15)
+    wait_for(
+        "the start limit", lambda: manager_lines(user_manager, "Start request repeated too quickly", since), timeout=15
+    )
     user_manager.wait_property(UNIT, "ActiveState", "failed", timeout=5)
     time.sleep(1.0)
     assert user_manager.unit_property(UNIT, "ActiveState") == "failed"
@@ -93,8 +102,14 @@ def test_missing_path_follows_the_schedule_gives_up_and_is_named(user_manager, f
     since = time.clock_gettime(time.CLOCK_MONOTONIC)
     project = user_manager.write_file("project/.keep", "").parent
     env_file = user_manager.write_file("sidecar.env", "FAKE_FROM_FILE=1\n")
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["run:1.5"], base_s=0.5, attempts=2,
-                              install_args=[f"--working-directory={project}", f"--environment-file={env_file}"])
+    sidecar = install_sidecar(
+        user_manager,
+        fake_sidecar_path,
+        ["run:1.5"],
+        base_s=0.5,
+        attempts=2,
+        install_args=[f"--working-directory={project}", f"--environment-file={env_file}"],
+    )
     wait_for("the first start", lambda: sidecar.starts(), timeout=10)
     first = sidecar.starts()[0]
     assert first["cwd"] == str(project) and first["env"].get("FAKE_FROM_FILE") == "1"
@@ -122,10 +137,13 @@ def test_missing_path_follows_the_schedule_gives_up_and_is_named(user_manager, f
     assert "giving up after 2 restarts" in attempts[1][1]
     status = user_manager.systemctl("status", UNIT).stdout
     assert f"gave up after 2 restarts; sidecar crashed: {cause}" in status
-    settings = user_manager.write_file(f"sidecar-data/units-{uuid.uuid4().hex[:8]}.toml", (
-        f'[sidecar]\ncommand = ["/bin/true"]\nworking_directory = "{project}"\nenvironment_file = "{env_file}"\n'))
-    doctor = {c["name"]: c for c in json.loads(agor_units(user_manager, "--config", str(settings), "doctor",
-                                                          "--json").stdout)}
+    settings = user_manager.write_file(
+        f"sidecar-data/units-{uuid.uuid4().hex[:8]}.toml",
+        (f'[sidecar]\ncommand = ["/bin/true"]\nworking_directory = "{project}"\nenvironment_file = "{env_file}"\n'),
+    )
+    doctor = {
+        c["name"]: c for c in json.loads(agor_units(user_manager, "--config", str(settings), "doctor", "--json").stdout)
+    }
     assert doctor["sidecar paths"]["status"] == "error" and str(gone) in doctor["sidecar paths"]["detail"]
 
 
@@ -159,8 +177,9 @@ def test_plain_start_after_a_stop_during_a_restart_wait_has_a_fresh_budget(user_
     NRestarts, the next plain `systemctl start` begins again at attempt 0 with the whole budget."""
     sidecar = install_sidecar(user_manager, fake_sidecar_path, ["exit:3", "exit:3", "hang"], base_s=1)
     wait_for("the second crash", lambda: len(sidecar.starts()) == 2, timeout=10)
-    waiting = wait_for("the wait before restart 2",
-                       lambda: (s := health(user_manager)).health.get("attempt") == 2 and s, timeout=5)
+    waiting = wait_for(
+        "the wait before restart 2", lambda: (s := health(user_manager)).health.get("attempt") == 2 and s, timeout=5
+    )
     assert waiting.health["status"] == "restarting"
     user_manager.systemctl("stop", UNIT, check=True)
     assert health(user_manager).health == {"status": "stopped"}
@@ -180,9 +199,19 @@ def test_program_removed_after_install_follows_the_schedule_and_gives_up(user_ma
     data = user_manager.write_file("sidecar-data/.keep", "").parent
     log = data / f"starts-{uuid.uuid4().hex[:8]}.jsonl"  # the home directory outlives the test
     program = user_manager.write_file(
-        "bin/sidecar", f"#!/bin/sh\nexec /usr/bin/python3 -I -S {fake_sidecar_path} --log {log} run:1.5\n", mode=0o755)
-    agor_units(user_manager, "install", "--now", "--base-s=0.5", "--attempts=2", f"--read-write-path={data}",
-               "--", str(program), check=True)
+        "bin/sidecar", f"#!/bin/sh\nexec /usr/bin/python3 -I -S {fake_sidecar_path} --log {log} run:1.5\n", mode=0o755
+    )
+    agor_units(
+        user_manager,
+        "install",
+        "--now",
+        "--base-s=0.5",
+        "--attempts=2",
+        f"--read-write-path={data}",
+        "--",
+        str(program),
+        check=True,
+    )
     wait_for("the first start", log.exists, timeout=10)
     program.unlink()
 

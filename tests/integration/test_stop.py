@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import time
 
-from .support import LOG_ID, UNIT, agor_units, health, install_sidecar, wait_for, wait_health
+from .support import (
+    LOG_ID,
+    UNIT,
+    agor_units,
+    health,
+    install_sidecar,
+    wait_for,
+    wait_health,
+)
 
 # the agent's flush takes 0.3 s; a loaded 2-core CI box gets the rest
 STOP_MAX_S = 5.0
@@ -18,14 +26,16 @@ def test_stop_gives_the_agents_sigterm_and_time_to_flush(user_manager, fake_side
     flag.unlink(missing_ok=True)
     seen = len(user_manager.journal_lines(UNIT, identifier=LOG_ID))
     install_sidecar(user_manager, fake_sidecar_path, [f"agents:{flag}"])
-    wait_for("the agents", lambda: "agents: working" in user_manager.journal_lines(UNIT, identifier=LOG_ID)[seen:],
-             timeout=5)
+    wait_for(
+        "the agents", lambda: "agents: working" in user_manager.journal_lines(UNIT, identifier=LOG_ID)[seen:], timeout=5
+    )
     started = time.monotonic()
     user_manager.systemctl("stop", UNIT, check=True, timeout=120)
     stop_s = time.monotonic() - started
     print(f"stop with two SIGTERM-trapping agents took {stop_s:.3f} s")
-    assert flag.exists() and sorted(flag.read_text().splitlines()) == ["1 TERM", "2 TERM"], \
+    assert flag.exists() and sorted(flag.read_text().splitlines()) == ["1 TERM", "2 TERM"], (
         "an agent got no SIGTERM, or no time to flush"
+    )
     assert "agent 1: flushed after SIGTERM" in user_manager.journal_lines(UNIT, identifier=LOG_ID)[seen:]
     assert 0.3 <= stop_s <= STOP_MAX_S, stop_s
     assert user_manager.unit_property(UNIT, "ActiveState") == "inactive"
@@ -98,8 +108,11 @@ def test_stop_during_the_launchers_wait_leaves_no_stale_status(user_manager, fak
     seen = len(user_manager.journal_lines(UNIT))
     install_sidecar(user_manager, fake_sidecar_path, ["exit:3", "hang"], base_s=2, cap_s=5, attempts=3)
     keep_loaded(user_manager)
-    wait_for("the launcher's wait", lambda: "before restart 1/3" in user_manager.unit_property(UNIT, "StatusText"),
-             timeout=10)
+    wait_for(
+        "the launcher's wait",
+        lambda: "before restart 1/3" in user_manager.unit_property(UNIT, "StatusText"),
+        timeout=10,
+    )
     invocation = user_manager.unit_property(UNIT, "InvocationID")
     user_manager.systemctl("stop", UNIT, check=True)
     journal = user_manager.journal_lines(UNIT)[seen:]

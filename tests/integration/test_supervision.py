@@ -12,10 +12,20 @@ import time
 
 import pytest
 
-from agor_systemd import lab
-from agor_systemd.backoff import RestartPolicy, schedule
+from agor_systemd.config import RestartPolicy
+from agor_systemd.lab.testbed import cgroup_layout
+from agor_systemd.sidecar.backoff import schedule
 
-from .support import LOG_ID, UNIT, agor_units, gaps, health, install_sidecar, wait_for, wait_health
+from .support import (
+    LOG_ID,
+    UNIT,
+    agor_units,
+    gaps,
+    health,
+    install_sidecar,
+    wait_for,
+    wait_health,
+)
 
 LATE_MAX_S = 0.4
 
@@ -57,8 +67,13 @@ def test_full_schedule_give_up_and_manual_restart(user_manager, fake_sidecar_pat
 
     # during every wait, health named the attempt and predicted the restart it preceded
     for k in range(1, 6):
-        waits = [s for s in samples if s.health.get("status") == "restarting" and s.health.get("attempt") == k
-                 and s.health["next_retry_s"] > 0.3]
+        waits = [
+            s
+            for s in samples
+            if s.health.get("status") == "restarting"
+            and s.health.get("attempt") == k
+            and s.health["next_retry_s"] > 0.3
+        ]
         assert waits, f"no 'restarting attempt {k}' reading during the {delays[k - 1]}s wait"
         for s in waits:
             predicted_low = s.before + s.health["next_retry_s"]
@@ -66,7 +81,8 @@ def test_full_schedule_give_up_and_manual_restart(user_manager, fake_sidecar_pat
             actual = starts[k]
             assert predicted_low - LATE_MAX_S <= actual <= predicted_high + LATE_MAX_S, (
                 f"attempt {k}: predicted restart in [{predicted_low:.3f}, {predicted_high:.3f}], "
-                f"happened at {actual:.3f}")
+                f"happened at {actual:.3f}"
+            )
 
     time.sleep(1.5)
     assert len(sidecar.starts()) == 6, "systemd restarted the sidecar after giving up"
@@ -98,8 +114,14 @@ def test_every_unrequested_exit_is_a_crash(user_manager, fake_sidecar_path, beha
     seen = len(user_manager.journal_lines(UNIT))
     user_manager.systemctl("log-level", "debug", check=True)  # clean exits are logged at debug only
     try:
-        sidecar = install_sidecar(user_manager, fake_sidecar_path, [behaviour], base_s=0.2, attempts=2,
-                                  install_args=[f"--working-directory={workdir}", f"--read-write-path={workdir}"])
+        sidecar = install_sidecar(
+            user_manager,
+            fake_sidecar_path,
+            [behaviour],
+            base_s=0.2,
+            attempts=2,
+            install_args=[f"--working-directory={workdir}", f"--read-write-path={workdir}"],
+        )
         failed = wait_health(user_manager, "failed", timeout=10)
     finally:
         user_manager.systemctl("log-level", "info", check=True)
@@ -107,8 +129,11 @@ def test_every_unrequested_exit_is_a_crash(user_manager, fake_sidecar_path, beha
     assert_gaps(sidecar.start_times(), [0.2, 0.4])
     # ExecMainCode/ExecMainStatus of each crash as systemd recorded them (a property read would
     # only show the last run's, the give-up status 250)
-    exits = [line.split("Main process exited, ", 1)[1].rstrip(".")
-             for line in user_manager.journal_lines(UNIT)[seen:] if "Main process exited, " in line]
+    exits = [
+        line.split("Main process exited, ", 1)[1].rstrip(".")
+        for line in user_manager.journal_lines(UNIT)[seen:]
+        if "Main process exited, " in line
+    ]
     assert exits == [record, record, "code=exited, status=250/n/a"], exits
     for core in workdir.glob("core*"):
         core.unlink()
@@ -159,9 +184,11 @@ def systemd_in_container() -> bool:
 def test_agents_of_a_crashed_sidecar_get_sigterm_and_their_output_is_kept(user_manager, fake_sidecar_path):
     """The launcher exits at once on the crash; systemd sends the agents SIGTERM and waits for them
     before the restart, and the agent still printing while it flushes does not die of SIGPIPE."""
-    if lab.cgroup_layout().hybrid and systemd_in_container():
-        pytest.skip("systemd waits for what is left of a unit after its main process only on the unified "
-                    "cgroup hierarchy or outside a container (unit_kill_context); here it SIGKILLs them at once")
+    if cgroup_layout().hybrid and systemd_in_container():
+        pytest.skip(
+            "systemd waits for what is left of a unit after its main process only on the unified "
+            "cgroup hierarchy or outside a container (unit_kill_context); here it SIGKILLs them at once"
+        )
     flag = user_manager.write_file("sidecar-data/.keep", "").parent / "agents-flushed"
     flag.unlink(missing_ok=True)
     seen = len(user_manager.journal_lines(UNIT, identifier=LOG_ID))
@@ -175,8 +202,9 @@ def test_agents_of_a_crashed_sidecar_get_sigterm_and_their_output_is_kept(user_m
 
 def test_a_run_counts_as_stable_only_from_ready(user_manager, fake_sidecar_path):
     """ready_timeout_s (2.5 s) longer than the window (1 s): a never-ready sidecar still gives up."""
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["never-ready"], attempts=1, window_s=1,
-                              install_args=["--ready-timeout-s=2.5"])
+    sidecar = install_sidecar(
+        user_manager, fake_sidecar_path, ["never-ready"], attempts=1, window_s=1, install_args=["--ready-timeout-s=2.5"]
+    )
     failed = wait_health(user_manager, "failed", timeout=15)
     assert failed.health == {"status": "failed", "attempts": 1, "last_error": "not ready within 2.5 s"}
     time.sleep(1.0)
@@ -186,8 +214,10 @@ def test_a_run_counts_as_stable_only_from_ready(user_manager, fake_sidecar_path)
 def test_budget_refill_survives_a_manager_reexec(user_manager, fake_sidecar_path):
     """`systemctl --user daemon-reexec` (what upgrades do) inside the window: the budget is still refilled."""
     if not user_manager.build.is_host:
-        pytest.skip("daemon-reexec runs the compiled-in /lib/systemd/systemd, which would replace this "
-                    f"private systemd {user_manager.version} with the host's build")
+        pytest.skip(
+            "daemon-reexec runs the compiled-in /lib/systemd/systemd, which would replace this "
+            f"private systemd {user_manager.version} with the host's build"
+        )
     plan = ["exit:3", "run:3.5", "exit:3", "exit:3", "hang"]
     seen = len(user_manager.journal_lines(UNIT, identifier=LOG_ID))
     sidecar = install_sidecar(user_manager, fake_sidecar_path, plan, base_s=0.2, attempts=2, window_s=2)

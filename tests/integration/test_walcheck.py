@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from agor_systemd.lab import OPT_ROOT
+from agor_systemd.lab.testbed import OPT_ROOT
 
 from .support import agor_units, wait_for
 
@@ -73,8 +73,15 @@ r.execute("COMMIT")
 
 
 def popen_as_user(mgr, argv, **kw) -> subprocess.Popen:
-    cmd = [*mgr.namespace.nsenter(wd=mgr.home), "setpriv", f"--reuid={mgr.uid}", f"--regid={mgr.gid}",
-           "--init-groups", "--", *map(str, argv)]
+    cmd = [
+        *mgr.namespace.nsenter(wd=mgr.home),
+        "setpriv",
+        f"--reuid={mgr.uid}",
+        f"--regid={mgr.gid}",
+        "--init-groups",
+        "--",
+        *map(str, argv),
+    ]
     return subprocess.Popen(cmd, env=mgr.env(), **kw)
 
 
@@ -94,13 +101,19 @@ def fresh(mgr) -> int:
 def tool_lines(mgr, prefixes, mark: int = 0) -> list[str]:
     """agor-walcheck's own lines (by SyslogIdentifier: the process exits right after writing)."""
     lines = mgr.journal_lines(SERVICE, identifier=IDENTIFIER)[mark:]
-    return [ln.removeprefix("agor-walcheck: ") for ln in lines
-            if ln.removeprefix("agor-walcheck: ").startswith(tuple(prefixes))]
+    return [
+        ln.removeprefix("agor-walcheck: ")
+        for ln in lines
+        if ln.removeprefix("agor-walcheck: ").startswith(tuple(prefixes))
+    ]
 
 
 def wait_tool_line(mgr, needle: str, mark: int, timeout: float) -> list[str]:
-    return wait_for(repr(needle), lambda: [ln for ln in tool_lines(mgr, [needle.split(": ")[0]], mark)
-                                           if needle in ln], timeout=timeout)
+    return wait_for(
+        repr(needle),
+        lambda: [ln for ln in tool_lines(mgr, [needle.split(": ")[0]], mark) if needle in ln],
+        timeout=timeout,
+    )
 
 
 def walcheck_json(mgr, *dbs) -> dict:
@@ -128,8 +141,12 @@ def test_timer_checkpoints_under_concurrent_writers_and_sigkills(user_manager):
     bases = iter(range(1_000_000, 10**9, 1_000_000))
 
     def start_writer(i: int) -> subprocess.Popen:
-        return popen_as_user(mgr, [PYTHON, "-c", WRITER, dbs[i % 2], logs[i], next(bases)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return popen_as_user(
+            mgr,
+            [PYTHON, "-c", WRITER, dbs[i % 2], logs[i], next(bases)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     writers = [start_writer(i) for i in range(4)]
     try:
@@ -149,7 +166,7 @@ def test_timer_checkpoints_under_concurrent_writers_and_sigkills(user_manager):
             # wait for a checkpoint run, kill it at a random point
             try:
                 mgr.wait_property(SERVICE, "ActiveState", "activating", timeout=3)
-            except Exception:  # noqa: BLE001 - no run in this window; try again
+            except Exception:
                 continue
             time.sleep(rng.uniform(0, 0.08))
             if mgr.systemctl("kill", "--signal=SIGKILL", SERVICE).returncode == 0:
@@ -227,8 +244,12 @@ def test_bad_inputs_through_the_unit_and_list_timers(user_manager):
     (mgr.home / DATA / "sessions.db").chmod(0o444)
     before = (mgr.home / DATA / "sessions.db").read_bytes()
     missing = str(mgr.home / DATA / "missing.db")
-    install_walcheck(mgr, interval_s=3600, busy_timeout_s=0.2,
-                     databases=["~/odd dir %h 50%/s p a c e %n.db", missing, readonly, str(junk)])
+    install_walcheck(
+        mgr,
+        interval_s=3600,
+        busy_timeout_s=0.2,
+        databases=["~/odd dir %h 50%/s p a c e %n.db", missing, readonly, str(junk)],
+    )
     timers = mgr.systemctl("list-timers", "--all", "--no-legend").stdout
     assert any(TIMER in ln and SERVICE in ln for ln in timers.splitlines()), timers
     # run it now (the timer's next run is an hour away); a oneshot start waits for the run's end

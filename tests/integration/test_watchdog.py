@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import time
 
-from .support import LOG_ID, UNIT, health, install_sidecar, wait_for, wait_health
+from .support import (
+    LOG_ID,
+    UNIT,
+    health,
+    install_sidecar,
+    wait_for,
+    wait_health,
+)
 
 FAST = ["--watchdog-s=2"]
 
@@ -26,8 +33,9 @@ def test_sigstopped_sidecar_is_caught_by_the_watchdog(user_manager, fake_sidecar
 
 
 def test_busy_loop_without_output_is_a_hang(user_manager, fake_sidecar_path):
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["spin:0.5"], attempts=1,
-                              install_args=[*FAST, "--activity-timeout-s=1"])
+    sidecar = install_sidecar(
+        user_manager, fake_sidecar_path, ["spin:0.5"], attempts=1, install_args=[*FAST, "--activity-timeout-s=1"]
+    )
     failed = wait_health(user_manager, "failed", timeout=25)
     assert failed.health["last_error"] == "watchdog timeout"
     assert len(sidecar.starts()) == 2
@@ -36,8 +44,13 @@ def test_busy_loop_without_output_is_a_hang(user_manager, fake_sidecar_path):
 
 def test_failing_probe_is_a_hang(user_manager, fake_sidecar_path):
     flag = user_manager.write_file("alive", "")
-    install_sidecar(user_manager, fake_sidecar_path, ["hang"], attempts=0,
-                    install_args=[*FAST, f"--probe=exec:test -e {flag}", "--probe-timeout-s=1"])
+    install_sidecar(
+        user_manager,
+        fake_sidecar_path,
+        ["hang"],
+        attempts=0,
+        install_args=[*FAST, f"--probe=exec:test -e {flag}", "--probe-timeout-s=1"],
+    )
     wait_health(user_manager, "healthy", timeout=5)
     time.sleep(1.5)
     assert health(user_manager).health["status"] == "healthy"  # the probe passes: pings go on
@@ -48,8 +61,9 @@ def test_failing_probe_is_a_hang(user_manager, fake_sidecar_path):
 
 
 def test_never_ready_fails_the_attempt(user_manager, fake_sidecar_path):
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["never-ready"], attempts=1,
-                              install_args=["--ready-timeout-s=1"])
+    sidecar = install_sidecar(
+        user_manager, fake_sidecar_path, ["never-ready"], attempts=1, install_args=["--ready-timeout-s=1"]
+    )
     wait_for("first start", lambda: sidecar.starts(), timeout=5)
     status = user_manager.systemctl("status", UNIT).stdout
     assert 'Status: "waiting for readiness (line)' in status, status
@@ -75,8 +89,9 @@ def test_ready_line_gates_readiness(user_manager, fake_sidecar_path):
 def test_socket_readiness(user_manager, fake_sidecar_path):
     sock = user_manager.write_file("sidecar-data/.keep", "").parent / "sidecar.sock"  # writable in the sandbox
     sock.unlink(missing_ok=True)
-    sidecar = install_sidecar(user_manager, fake_sidecar_path, [f"socket:{sock}"],
-                              install_args=[f"--ready=socket:{sock}"])
+    sidecar = install_sidecar(
+        user_manager, fake_sidecar_path, [f"socket:{sock}"], install_args=[f"--ready=socket:{sock}"]
+    )
     wait_for("first start", lambda: sidecar.starts(), timeout=5)
     assert user_manager.unit_property(UNIT, "ActiveState") == "activating"
     wait_health(user_manager, "healthy", timeout=5)
@@ -86,8 +101,13 @@ def test_socket_readiness(user_manager, fake_sidecar_path):
 def test_sidecar_output_reaches_the_journal_with_priorities(user_manager, fake_sidecar_path):
     install_sidecar(user_manager, fake_sidecar_path, ["log"])
     wait_health(user_manager, "healthy", timeout=5)
-    expected = {"plain stdout line": 6, "stdout line marked as an error": 3,
-                "plain stderr line": 4, "stderr line marked as debug": 7, '{"type":"ready"}': 6}
+    expected = {
+        "plain stdout line": 6,
+        "stdout line marked as an error": 3,
+        "plain stderr line": 4,
+        "stderr line marked as debug": 7,
+        '{"type":"ready"}': 6,
+    }
 
     def records() -> dict[str, int]:
         user_manager.namespace.sync_journal()
@@ -104,6 +124,7 @@ def test_sidecar_output_reaches_the_journal_with_priorities(user_manager, fake_s
 
 def test_every_journal_record_keeps_its_priority(user_manager, fake_sidecar_path):
     """Lines longer than journald's LineMax (which counts the <N> prefix), <8>, a NUL byte."""
+
     def entries() -> list[dict]:
         user_manager.namespace.sync_journal()
         out = user_manager.journalctl("--user", "-t", LOG_ID, "-o", "json", "--all").stdout
@@ -115,9 +136,12 @@ def test_every_journal_record_keeps_its_priority(user_manager, fake_sidecar_path
     others = {"<8>eight", "before NUL", "after NUL"}
 
     def records() -> list[tuple[str, int]]:
-        found = [(entry["MESSAGE"], int(entry["PRIORITY"])) for entry in entries()[seen:]
-                 if isinstance(entry.get("MESSAGE"), str) and entry["MESSAGE"][:1] in ("x", "y")
-                 or entry.get("MESSAGE") in others]
+        found = [
+            (entry["MESSAGE"], int(entry["PRIORITY"]))
+            for entry in entries()[seen:]
+            if (isinstance(entry.get("MESSAGE"), str) and entry["MESSAGE"][:1] in ("x", "y"))
+            or entry.get("MESSAGE") in others
+        ]
         complete = sum(len(m) for m, _ in found if m[0] in "xy") >= 130000 and {m for m, _ in found} >= others
         return found if complete else []
 

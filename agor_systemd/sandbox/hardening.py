@@ -31,26 +31,24 @@ Import-light: the launcher imports this module (only ``os`` at the top).
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+import time
+
+from agor_systemd.sandbox.effects import (
+    EFFECT_BITS,
+    EFFECT_TEXT,
+    EFFECTS,
+    PROBE_BASE,
+    home_directory,
+)
+from agor_systemd.sandbox.policy import sandbox_paths
+from agor_systemd.unitfile import path_value
 
 GROUPS = ("always", "seccomp", "userns", "mounts")
 # a group that cannot work without another one (a mount namespace needs a user namespace here)
 REQUIRES = {"mounts": ("userns",)}
-
-# what each group does to the process, checked by the probe and by the launcher at run time
-EFFECTS = {
-    "always": ("umask",),
-    "seccomp": ("seccomp",),
-    "userns": ("userns",),
-    "mounts": ("ro-system", "ro-home"),
-}
-EFFECT_TEXT = {
-    "umask": "umask (UMask=0077)",
-    "seccomp": "seccomp (NoNewPrivileges=, SystemCallFilter=)",
-    "userns": "userns (PrivateUsers=yes)",
-    "ro-system": "ro-system (ProtectSystem=strict)",
-    "ro-home": "ro-home (ProtectHome=read-only)",
-}
 
 SANDBOX_GROUP_VERSION = 254  # SystemCallFilter=@sandbox (landlock_*, seccomp)
 LANDLOCK_SYSCALLS = ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
@@ -60,12 +58,17 @@ KEY_VERSION = {"ProtectKernelLogs": 244, "ProtectClock": 245}
 # devices, /proc and /sys stay writable under ProtectSystem=strict (other options cover them)
 API_FILESYSTEMS = ("/dev", "/proc", "/sys")
 
-# exit status of the probe program: PROBE_BASE | effect bits (systemd's own codes are 200-245)
-PROBE_BASE = 64
-EFFECT_BITS = {"umask": 1, "seccomp": 2, "userns": 4, "ro-system": 8, "ro-home": 16}
 EXIT_STEPS = {  # systemd's EXIT_* codes a failed exec step leaves in ExecMainStatus
-    203: "EXEC", 214: "SETSCHEDULER", 217: "USER", 218: "CAPABILITIES", 226: "NAMESPACE",
-    228: "SECCOMP", 231: "SMACK", 233: "PERSONALITY", 237: "KEYRING", 243: "CREDENTIALS",
+    203: "EXEC",
+    214: "SETSCHEDULER",
+    217: "USER",
+    218: "CAPABILITIES",
+    226: "NAMESPACE",
+    228: "SECCOMP",
+    231: "SMACK",
+    233: "PERSONALITY",
+    237: "KEYRING",
+    243: "CREDENTIALS",
 }
 
 
@@ -75,13 +78,16 @@ EXIT_STEPS = {  # systemd's EXIT_* codes a failed exec step leaves in ExecMainSt
 def version_gaps(systemd_version: int, system: bool = False) -> dict[str, str]:
     """Groups this version cannot apply at all, with the reason."""
     if not system and systemd_version < USER_MOUNTS_VERSION:
-        return {"mounts": f"systemd {systemd_version} cannot set up mount namespaces in user managers "
-                          f"(needs ≥ {USER_MOUNTS_VERSION})"}
+        return {
+            "mounts": f"systemd {systemd_version} cannot set up mount namespaces in user managers "
+            f"(needs ≥ {USER_MOUNTS_VERSION})"
+        }
     return {}
 
 
-def wanted_groups(systemd_version: int, available: set[str] | frozenset[str] | None = None,
-                  system: bool = False) -> tuple[str, ...]:
+def wanted_groups(
+    systemd_version: int, available: set[str] | frozenset[str] | None = None, system: bool = False
+) -> tuple[str, ...]:
     """The groups to emit, in GROUPS order: `available` (None: all) minus what the version or a
     missing required group rules out."""
     gaps = version_gaps(systemd_version, system)
@@ -93,8 +99,6 @@ def _quoted_path(value, what: str) -> str:
     """One word of a space-separated path list (ReadWritePaths=): systemd unquotes and
     C-unescapes each word, then expands specifiers, so path_value's %h/%% survive the quotes;
     the '-' prefix (a missing path is not an error) goes inside them."""
-    from .unitfile import path_value
-
     text = path_value(value, what)
     return '"-' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -106,8 +110,6 @@ def _under(path, roots: tuple[str, ...]) -> bool:
 def read_write_paths(config) -> list:
     """The Landlock read-write table without device files and API filesystems (strict keeps
     /dev, /proc and /sys writable; their own options protect them)."""
-    from .units import sandbox_paths
-
     seen, paths = set(), []
     for path in sandbox_paths(config)[0]:
         if not _under(path, API_FILESYSTEMS) and str(path) not in seen:
@@ -119,8 +121,6 @@ def read_write_paths(config) -> list:
 def _table(config, systemd_version: int, system: bool) -> list[tuple[str, str, str, tuple]]:
     """(group, key, unit-file value, D-Bus (signature, value or callable(home))) for every
     directive of every group; the unit file and the probe use the same table."""
-    import errno
-
     filters = ["@system-service"]
     if systemd_version >= SANDBOX_GROUP_VERSION:
         filters.append("@sandbox")
@@ -152,24 +152,41 @@ def _table(config, systemd_version: int, system: bool) -> list[tuple[str, str, s
         ("mounts", "ProtectHome", "read-only", ("s", "read-only")),
     ]
     if rw:
-        rows.append(("mounts", "ReadWritePaths",
-                     " ".join(_quoted_path(p, "[sandbox] read_write_paths entry") for p in rw), ("as", rw_bus)))
-    for key in ("PrivateMounts", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
-                "ProtectClock", "ProtectHostname", "ProtectControlGroups"):
+        rows.append(
+            (
+                "mounts",
+                "ReadWritePaths",
+                " ".join(_quoted_path(p, "[sandbox] read_write_paths entry") for p in rw),
+                ("as", rw_bus),
+            )
+        )
+    for key in (
+        "PrivateMounts",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectClock",
+        "ProtectHostname",
+        "ProtectControlGroups",
+    ):
         if systemd_version >= KEY_VERSION.get(key, 0):
             rows.append(("mounts", key, "yes", ("b", True)))
     return rows
 
 
-def hardening_directives(config, systemd_version: int, available: set[str] | frozenset[str] | None = None,
-                         system: bool = False) -> list[tuple[str, str, str]]:
+def hardening_directives(
+    config, systemd_version: int, available: set[str] | frozenset[str] | None = None, system: bool = False
+) -> list[tuple[str, str, str]]:
     """(section, key, encoded value) for the groups in `available` (None: all groups)."""
     groups = wanted_groups(systemd_version, available, system)
-    return [("Service", key, text) for group, key, text, _ in _table(config, systemd_version, system)
-            if group in groups]
+    return [
+        ("Service", key, text) for group, key, text, _ in _table(config, systemd_version, system) if group in groups
+    ]
 
 
-def bus_properties(config, systemd_version: int, groups, home: str, system: bool = False) -> list[tuple[str, str, object]]:
+def bus_properties(
+    config, systemd_version: int, groups, home: str, system: bool = False
+) -> list[tuple[str, str, object]]:
     """The same directives as transient-unit properties (name, D-Bus signature, value), with
     the home directory expanded (specifiers mean nothing over D-Bus)."""
     props = []
@@ -181,69 +198,6 @@ def bus_properties(config, systemd_version: int, groups, home: str, system: bool
 
 def expected_effects(groups) -> tuple[str, ...]:
     return tuple(effect for group in GROUPS if group in groups for effect in EFFECTS[group])
-
-
-# -- what is in effect (the probe program and the launcher) --------------------------------------
-
-
-def _status_fields() -> dict[str, str]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return fields
-
-
-def _read_only(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def home_directory() -> str:
-    home = os.environ.get("HOME")
-    if home:
-        return home
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_dir
-
-
-def observed_effects() -> set[str]:
-    """Which EFFECT_BITS hold for this process: a few reads of /proc/self and two statvfs."""
-    effects = set()
-    mask = os.umask(0o077)
-    os.umask(mask)
-    if mask == 0o077:
-        effects.add("umask")
-    fields = _status_fields()
-    if fields.get("NoNewPrivs") == "1" and fields.get("Seccomp") == "2":
-        effects.add("seccomp")
-    try:
-        with open("/proc/self/uid_map") as f:
-            if f.read().split() != ["0", "0", "4294967295"]:  # the initial namespace maps everything
-                effects.add("userns")
-    except OSError:
-        pass
-    if _read_only("/"):
-        effects.add("ro-system")
-    if _read_only(home_directory()):
-        effects.add("ro-home")
-    return effects
-
-
-def missing_effects(expected) -> list[str]:
-    """The expected effects that do not hold for this process (the launcher's run-time check)."""
-    observed = observed_effects()
-    return [effect for effect in expected if effect not in observed]
-
-
-def probe_main() -> None:
-    """The probe unit's program: exit PROBE_BASE | bits of what is in effect."""
-    bits = sum(EFFECT_BITS[e] for e in observed_effects())
-    os._exit(PROBE_BASE | bits)
 
 
 # -- the probe -----------------------------------------------------------------------------------
@@ -260,11 +214,10 @@ class ProbeResult:
 
 
 def _probe_command() -> list[str]:
-    import sys
-
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from agor_systemd.hardening import probe_main; probe_main()")
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from agor_systemd.sandbox.effects import probe_main; probe_main()"
+    )
     return [sys.executable, "-I", "-S", "-c", code, package_parent]
 
 
@@ -276,14 +229,19 @@ def _failure_reason(outcome: dict, groups) -> str:
     if outcome.get("code") == 1 and status in EXIT_STEPS:  # CLD_EXITED with systemd's step code
         step = EXIT_STEPS[status]
         if step == "NAMESPACE":
-            return (f"the unit failed with {status}/NAMESPACE: the manager could not set up the namespace "
-                    "(unprivileged user namespaces restricted, e.g. by AppArmor on Ubuntu ≥ 23.10, or "
-                    "/run/systemd/mount-rootfs or unit-root missing, which PID 1 creates)")
+            return (
+                f"the unit failed with {status}/NAMESPACE: the manager could not set up the namespace "
+                "(unprivileged user namespaces restricted, e.g. by AppArmor on Ubuntu ≥ 23.10, or "
+                "/run/systemd/mount-rootfs or unit-root missing, which PID 1 creates)"
+            )
         return f"the unit failed with {status}/{step}"
     if outcome.get("code") == 1 and isinstance(status, int) and (status & ~0x1F) == PROBE_BASE:
         missing = [e for e in expected_effects(groups) if not status & EFFECT_BITS[e]]
-        return ("accepted but not in effect (" + ", ".join(EFFECT_TEXT[e] for e in missing)
-                + "): the manager skipped it silently, no usable user namespace")
+        return (
+            "accepted but not in effect ("
+            + ", ".join(EFFECT_TEXT[e] for e in missing)
+            + "): the manager skipped it silently, no usable user namespace"
+        )
     return f"the probe unit ended unexpectedly ({outcome.get('result') or 'no result'}, status {status})"
 
 
@@ -304,8 +262,6 @@ def probe(manager, config, systemd_version: int, system: bool = False, timeout_s
     (mounts together with what it requires) in parallel, and round 3 checks the surviving
     combination once more.
     """
-    import time
-
     started = time.monotonic()
     left_out = dict(version_gaps(systemd_version, system))
     candidates = wanted_groups(systemd_version, None, system)
@@ -313,9 +269,12 @@ def probe(manager, config, systemd_version: int, system: bool = False, timeout_s
     command = _probe_command()
 
     def run(sets: list[tuple[str, ...]]) -> list[dict]:
-        return manager.run_probes([bus_properties(config, systemd_version, groups, home, system) for groups in sets],
-                                  command, success_statuses=list(range(PROBE_BASE, PROBE_BASE + 32)),
-                                  timeout_s=timeout_s)
+        return manager.run_probes(
+            [bus_properties(config, systemd_version, groups, home, system) for groups in sets],
+            command,
+            success_statuses=list(range(PROBE_BASE, PROBE_BASE + 32)),
+            timeout_s=timeout_s,
+        )
 
     outcome = run([candidates])[0]
     if _passed(outcome, candidates):

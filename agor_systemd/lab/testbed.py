@@ -56,6 +56,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from agor_systemd.errors import AgorError
+
 __all__ = [
     "DEFAULT_PATH",
     "OPT_ROOT",
@@ -85,15 +87,16 @@ _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _HOST_JOURNALD_CANDIDATES = ("/lib/systemd/systemd-journald", "/usr/lib/systemd/systemd-journald")
 
 
-class LabError(RuntimeError):
+class LabError(AgorError, RuntimeError):
     """The lab could not do what was asked; the message is a one-line reason."""
 
 
 class LabCommandError(LabError, subprocess.CalledProcessError):
     """A command run with ``check=True`` failed; the message includes its stderr."""
 
-    def __init__(self, returncode: int, cmd: Sequence[str], output: str | None = None,
-                 stderr: str | None = None) -> None:
+    def __init__(
+        self, returncode: int, cmd: Sequence[str], output: str | None = None, stderr: str | None = None
+    ) -> None:
         subprocess.CalledProcessError.__init__(self, returncode, list(cmd), output, stderr)
 
     def __str__(self) -> str:
@@ -173,8 +176,11 @@ class SystemdBuild:
         """
         if self.prefix is None:
             return None
-        for pattern in ("usr/lib/*/systemd/libsystemd-shared-*.so", "lib/*/systemd/libsystemd-shared-*.so",
-                        "usr/lib/systemd/libsystemd-shared-*.so"):
+        for pattern in (
+            "usr/lib/*/systemd/libsystemd-shared-*.so",
+            "lib/*/systemd/libsystemd-shared-*.so",
+            "usr/lib/systemd/libsystemd-shared-*.so",
+        ):
             for hit in sorted(self.prefix.glob(pattern)):
                 return str(hit.parent)
         return None
@@ -209,15 +215,15 @@ class SystemdBuild:
             raise LabError(f"no systemd manager binary at {binary}")
         env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", **stub.tool_env()}
         try:
-            out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                                 env=env, timeout=10, check=False)
+            out = subprocess.run(
+                [str(binary), "--version"], capture_output=True, text=True, env=env, timeout=10, check=False
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise LabError(f"cannot run {binary} --version: {e}") from e
         m = re.match(r"systemd (\d+) \(([^)]*)\)", out.stdout)
         if out.returncode != 0 or not m:
             detail = (out.stderr or out.stdout).strip().splitlines()
-            raise LabError(f"{binary} --version failed (rc={out.returncode}): "
-                           f"{detail[0] if detail else 'no output'}")
+            raise LabError(f"{binary} --version failed (rc={out.returncode}): {detail[0] if detail else 'no output'}")
         return cls(version=int(m.group(1)), prefix=prefix, full_version=m.group(2))
 
 
@@ -230,23 +236,23 @@ def _elf_interpreter(binary: Path) -> str | None:
                 return None
             is64, order = head[4] == 2, "<" if head[5] == 1 else ">"
             if is64:
-                phoff, = struct.unpack_from(order + "Q", head, 32)
+                (phoff,) = struct.unpack_from(order + "Q", head, 32)
                 phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
             else:
-                phoff, = struct.unpack_from(order + "I", head, 28)
+                (phoff,) = struct.unpack_from(order + "I", head, 28)
                 phentsize, phnum = struct.unpack_from(order + "HH", head, 42)
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             for i in range(phnum):
-                entry = table[i * phentsize:(i + 1) * phentsize]
+                entry = table[i * phentsize : (i + 1) * phentsize]
                 if struct.unpack_from(order + "I", entry, 0)[0] != 3:  # PT_INTERP
                     continue
                 if is64:
-                    off, = struct.unpack_from(order + "Q", entry, 8)
-                    size, = struct.unpack_from(order + "Q", entry, 32)
+                    (off,) = struct.unpack_from(order + "Q", entry, 8)
+                    (size,) = struct.unpack_from(order + "Q", entry, 32)
                 else:
-                    off, = struct.unpack_from(order + "I", entry, 4)
-                    size, = struct.unpack_from(order + "I", entry, 16)
+                    (off,) = struct.unpack_from(order + "I", entry, 4)
+                    (size,) = struct.unpack_from(order + "I", entry, 16)
                 f.seek(off)
                 return f.read(size).rstrip(b"\0").decode()
     except (OSError, struct.error, UnicodeDecodeError):
@@ -285,12 +291,20 @@ def available_builds(opt_root: Path = OPT_ROOT) -> list[SystemdBuild]:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_root(argv: Sequence[str], *, timeout: float = 30, check: bool = True,
-              input: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run_root(
+    argv: Sequence[str], *, timeout: float = 30, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command as root (this process); LabError with its stderr when *check* fails."""
     try:
-        cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                            input=input, check=False, stdin=None if input is not None else subprocess.DEVNULL)
+        cp = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as e:
         raise LabError(f"{' '.join(argv)} timed out after {timeout}s") from e
     except OSError as e:
@@ -316,8 +330,7 @@ def ensure_user(name: str, *, attempts: int = 20) -> pwd.struct_passwd:
             pass
         if os.geteuid() != 0:
             raise LabError(f"user {name} does not exist and creating it needs root")
-        cp = _run_root(["useradd", "-m", "-U", "-s", "/bin/sh", "-c", "agor-systemd lab user", name],
-                       check=False)
+        cp = _run_root(["useradd", "-m", "-U", "-s", "/bin/sh", "-c", "agor-systemd lab user", name], check=False)
         if cp.returncode in (0, 9):  # 9: already exists (created concurrently)
             continue
         last = (cp.stderr or cp.stdout).strip().replace("\n", " | ")
@@ -346,10 +359,11 @@ def cgroup_layout(root: Path = _CGROUP_ROOT) -> CgroupLayout:
         return CgroupLayout(unified=root, legacy=None)
     if (root / "unified" / "cgroup.controllers").exists():
         legacy = root / "systemd"
-        return CgroupLayout(unified=root / "unified",
-                            legacy=legacy if (legacy / "cgroup.procs").exists() else None)
-    raise LabError("no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified "
-                   "(a user manager needs a delegated cgroup2 subtree)")
+        return CgroupLayout(unified=root / "unified", legacy=legacy if (legacy / "cgroup.procs").exists() else None)
+    raise LabError(
+        "no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified "
+        "(a user manager needs a delegated cgroup2 subtree)"
+    )
 
 
 def _cgroup_populated(cg: Path) -> bool:
@@ -500,8 +514,9 @@ class LabNamespace:
     ``state_dir/log/journal`` and can be read from the host with ``journalctl -D``.
     """
 
-    def __init__(self, *, state_root: Path | str | None = None, journald: Path | str | None = None,
-                 ready_timeout: float = 10.0) -> None:
+    def __init__(
+        self, *, state_root: Path | str | None = None, journald: Path | str | None = None, ready_timeout: float = 10.0
+    ) -> None:
         self.token = secrets.token_hex(3)
         self._state_root = Path(state_root) if state_root is not None else None
         self._journald = Path(journald) if journald is not None else None
@@ -516,8 +531,9 @@ class LabNamespace:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is None:
             self.stop()
         else:  # clean up, but do not hide the original error
@@ -538,8 +554,7 @@ class LabNamespace:
         with contextlib.suppress(Exception):
             sweep_stale_labs(self._state_root)
         try:
-            self.state_dir = Path(tempfile.mkdtemp(prefix=f"agor-lab-{self.token}-",
-                                                   dir=self._state_root))
+            self.state_dir = Path(tempfile.mkdtemp(prefix=f"agor-lab-{self.token}-", dir=self._state_root))
             me = f"{os.getpid()} {_proc_start_time(os.getpid())}"
             (self.state_dir / "owner").write_text(me + "\n")
             self.state_dir.chmod(0o755)
@@ -549,16 +564,32 @@ class LabNamespace:
             log.chmod(0o755)
             with contextlib.suppress(KeyError):
                 import grp
+
                 os.chown(jdir, 0, grp.getgrnam("systemd-journal").gr_gid)
             jdir.chmod(0o2755)
             (self.state_dir / "journald.conf").write_text(_JOURNALD_CONF)
             out = open(self.state_dir / "journald.out", "wb")  # noqa: SIM115 - handed to Popen
             try:
                 self._proc = subprocess.Popen(
-                    ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c", _NS_INIT,
-                     "agor-lab-init", str(self.state_dir), str(journald)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+                    [
+                        "unshare",
+                        "-m",
+                        "--propagation",
+                        "private",
+                        "--",
+                        "/bin/sh",
+                        "-c",
+                        _NS_INIT,
+                        "agor-lab-init",
+                        str(self.state_dir),
+                        str(journald),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                )
             finally:
                 out.close()
             jpid = self._proc.pid
@@ -575,14 +606,18 @@ class LabNamespace:
         sock = self.path("/run/systemd/journal/stdout")
         while True:
             if self._proc.poll() is not None:
-                raise LabError(f"lab journald exited with status {self._proc.returncode}: "
-                               + _tail(self.state_dir / "journald.out", 5).replace("\n", " | "))
+                raise LabError(
+                    f"lab journald exited with status {self._proc.returncode}: "
+                    + _tail(self.state_dir / "journald.out", 5).replace("\n", " | ")
+                )
             with contextlib.suppress(OSError):
                 if sock.is_socket() and any(self.journal_dir.glob("*/system.journal")):
                     return
             if time.monotonic() > deadline:
-                raise LabError(f"lab journald not ready after {self.ready_timeout}s: "
-                               + _tail(self.state_dir / "journald.out", 5).replace("\n", " | "))
+                raise LabError(
+                    f"lab journald not ready after {self.ready_timeout}s: "
+                    + _tail(self.state_dir / "journald.out", 5).replace("\n", " | ")
+                )
             time.sleep(0.01)
 
     def stop(self) -> None:
@@ -647,8 +682,9 @@ class LabNamespace:
         """Host path of an absolute path inside the namespace (via ``/proc/PID/root``)."""
         return Path(f"/proc/{self.pid}/root") / str(inside).lstrip("/")
 
-    def run(self, argv: Sequence[str], *, timeout: float = 30, check: bool = True,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 30, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run *argv* as root inside the namespace."""
         return _run_root([*self.nsenter(), *argv], timeout=timeout, check=check, input=input)
 
@@ -682,9 +718,16 @@ class UserManager:
     as the user inside the namespace with :meth:`run`, :meth:`systemctl` and :meth:`journalctl`.
     """
 
-    def __init__(self, user: str, build: SystemdBuild, namespace: LabNamespace, *,
-                 create_user: bool = True, ready_timeout: float = 20.0,
-                 runtime_size: str = "64M") -> None:
+    def __init__(
+        self,
+        user: str,
+        build: SystemdBuild,
+        namespace: LabNamespace,
+        *,
+        create_user: bool = True,
+        ready_timeout: float = 20.0,
+        runtime_size: str = "64M",
+    ) -> None:
         if create_user:
             pw = ensure_user(user)
         else:
@@ -757,8 +800,9 @@ class UserManager:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is None:
             self.stop()
         else:  # clean up, but do not hide the original error
@@ -791,9 +835,17 @@ class UserManager:
         if ns.path(rt).exists():
             raise LabError(f"{rt} already exists in the lab namespace")
         ns.run(["mkdir", "-p", "-m", "0700", rt])
-        ns.run(["mount", "-t", "tmpfs", "-o",
+        ns.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
                 f"mode=0700,uid={self.uid},gid={self.gid},size={self.runtime_size},nosuid,nodev",
-                f"agor-lab-user-{self.uid}", rt])
+                f"agor-lab-user-{self.uid}",
+                rt,
+            ]
+        )
         self._runtime_mounted = True
 
     def _setup_cgroups(self) -> None:
@@ -829,9 +881,19 @@ class UserManager:
         self.log_path = ns.state_dir / f"manager-{self.user}.log"
         env = self.env()
         del env["DBUS_SESSION_BUS_ADDRESS"]  # the manager sets up its own bus environment
-        inner = [*ns.nsenter(), "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                 "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                 *self.build.manager_command(), "--user", "--log-target=journal"]
+        inner = [
+            *ns.nsenter(),
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--init-groups",
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in env.items()),
+            *self.build.manager_command(),
+            "--user",
+            "--log-target=journal",
+        ]
         legacy_procs = str(self.legacy_cgroup / "cgroup.procs") if self.legacy_cgroup else ""
         # The shell moves itself into the delegated cgroup(s) and then execs: nsenter and setpriv
         # exec too, so the PID in the cgroup is the manager's, and we are its parent (reaping).
@@ -839,8 +901,12 @@ class UserManager:
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 ["/bin/sh", "-c", script, "agor-lab-mgr", str(self.cgroup / "cgroup.procs"), legacy_procs, *inner],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            )
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -849,16 +915,20 @@ class UserManager:
         state = ""
         while True:
             if self._proc.poll() is not None:
-                raise LabError(f"systemd {self.version} --user for {self.user} exited with status "
-                               f"{self._proc.returncode}: {self._failure_log()}")
+                raise LabError(
+                    f"systemd {self.version} --user for {self.user} exited with status "
+                    f"{self._proc.returncode}: {self._failure_log()}"
+                )
             if private.is_socket():
                 cp = self.systemctl("is-system-running", timeout=10)
                 state = cp.stdout.strip()
                 if state in ("running", "degraded"):
                     return
             if time.monotonic() > deadline:
-                raise LabError(f"systemd {self.version} --user for {self.user} not ready after "
-                               f"{self.ready_timeout}s (state {state or 'no socket'}): {self._failure_log()}")
+                raise LabError(
+                    f"systemd {self.version} --user for {self.user} not ready after "
+                    f"{self.ready_timeout}s (state {state or 'no socket'}): {self._failure_log()}"
+                )
             time.sleep(0.02)
 
     def _failure_log(self) -> str:
@@ -935,9 +1005,16 @@ class UserManager:
 
     # -- commands as the user -------------------------------------------------------------------
 
-    def run(self, argv: Sequence[str | bytes | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
-            input: str | None = None, timeout: float = 60, check: bool = False,
-            build_tools: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        argv: Sequence[str | bytes | os.PathLike[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        timeout: float = 60,
+        check: bool = False,
+        build_tools: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
         """Run *argv* as the user inside the lab namespace; returns the completed process (text).
 
         The environment is :meth:`env` updated with *env*.  With *check*, a non-zero exit raises
@@ -947,12 +1024,26 @@ class UserManager:
         full_env = self.env(build_tools=build_tools)
         if env:
             full_env.update(env)
-        cmd = [*self.namespace.nsenter(wd=self.home), "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
-               "--init-groups", "--", *(a if isinstance(a, bytes) else str(a) for a in argv)]
+        cmd = [
+            *self.namespace.nsenter(wd=self.home),
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--init-groups",
+            "--",
+            *(a if isinstance(a, bytes) else str(a) for a in argv),
+        ]
         try:
-            cp = subprocess.run(cmd, env=full_env, input=input, capture_output=True, text=True,
-                                timeout=timeout, check=False,
-                                stdin=None if input is not None else subprocess.DEVNULL)
+            cp = subprocess.run(
+                cmd,
+                env=full_env,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as e:
             raise LabError(f"{' '.join(map(str, argv))} (as {self.user}) timed out after {timeout}s") from e
         if check and cp.returncode != 0:
@@ -963,13 +1054,11 @@ class UserManager:
         """``systemctl --user ARGS`` with the build's own systemctl (never use ``daemon-reexec``)."""
         if "daemon-reexec" in args:
             raise LabError("daemon-reexec would replace the manager with the host's systemd binary")
-        return self.run([str(self.build.systemctl), "--user", "--no-pager", *args],
-                        build_tools=True, **kw)  # type: ignore[arg-type]
+        return self.run([str(self.build.systemctl), "--user", "--no-pager", *args], build_tools=True, **kw)  # type: ignore[arg-type]
 
     def journalctl(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         """``journalctl ARGS`` as the user with the build's own journalctl (add ``--user`` yourself)."""
-        return self.run([str(self.build.journalctl), "--no-pager", *args],
-                        build_tools=True, **kw)  # type: ignore[arg-type]
+        return self.run([str(self.build.journalctl), "--no-pager", *args], build_tools=True, **kw)  # type: ignore[arg-type]
 
     def journal_lines(self, unit: str, *, sync: bool = True, identifier: str | None = None) -> list[str]:
         """Messages logged for user unit *unit* (``journalctl --user -u UNIT -o cat`` as the user).
@@ -996,8 +1085,9 @@ class UserManager:
             if any(needle in line for line in lines):
                 return lines
             if time.monotonic() > deadline:
-                raise LabError(f"{needle!r} not in the journal of {unit} after {timeout}s "
-                               f"({len(lines)} lines: {lines[-5:]})")
+                raise LabError(
+                    f"{needle!r} not in the journal of {unit} after {timeout}s ({len(lines)} lines: {lines[-5:]})"
+                )
             time.sleep(0.05)
 
     def manager_log(self, *, lines: int = 200) -> list[str]:
@@ -1005,8 +1095,11 @@ class UserManager:
         ns = self.namespace
         if self._proc is None or not ns.running:
             return []
-        cp = ns.run(["journalctl", "--no-pager", "-o", "short-monotonic", "-n", str(lines),
-                     f"_PID={self._proc.pid}"], check=False, timeout=15)
+        cp = ns.run(
+            ["journalctl", "--no-pager", "-o", "short-monotonic", "-n", str(lines), f"_PID={self._proc.pid}"],
+            check=False,
+            timeout=15,
+        )
         return [ln for ln in cp.stdout.splitlines() if ln != "-- No entries --"]
 
     def unit_property(self, unit: str, prop: str) -> str:
@@ -1016,8 +1109,7 @@ class UserManager:
             raise LabError(f"systemctl --user show {unit} failed: {cp.stderr.strip()}")
         return cp.stdout.strip()
 
-    def wait_property(self, unit: str, prop: str, values: str | Sequence[str], *,
-                      timeout: float = 10.0) -> str:
+    def wait_property(self, unit: str, prop: str, values: str | Sequence[str], *, timeout: float = 10.0) -> str:
         """Poll until ``prop`` of *unit* is one of *values*; returns it, LabError on timeout."""
         wanted = (values,) if isinstance(values, str) else tuple(values)
         deadline = time.monotonic() + timeout
@@ -1114,8 +1206,12 @@ def venv_site(venv: Path = VENV) -> Path:
     """The venv's site-packages holding an installed agor_systemd (LabError if it is unusable)."""
     python = venv / "bin" / "python"
     try:
-        cp = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                            capture_output=True, text=True, check=False)
+        cp = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     except OSError:
         raise LabError(f"{venv} is missing: run scripts/setup.sh first (as root)") from None
     if cp.returncode != 0:
@@ -1127,8 +1223,11 @@ def venv_site(venv: Path = VENV) -> Path:
 
 
 def _package_files(root: Path) -> dict[str, Path]:
-    return {str(p.relative_to(root)): p for p in root.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")}
+    return {
+        str(p.relative_to(root)): p
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+    }
 
 
 def deploy_package(package: Path, site: Path, lock_dir: Path = OPT_ROOT / "locks") -> None:

@@ -30,30 +30,41 @@ docs/supervision.md):
 With --forward-output it is the forwarder that takes a crashed sidecar's pipes over
 (forward_output).
 
-This runs on every restart, so it imports almost nothing up front: D-Bus goes through
-libsystemd with ctypes (pystemd's import alone costs ~45 ms), everything else is imported
-where it is needed.
+This runs on every restart, so it imports only C modules and the toolkit's import-light core up
+front (tests/test_imports.py holds the list): D-Bus goes through libsystemd with ctypes
+(pystemd's import alone costs ~45 ms), and each heavier module is imported where it is needed,
+with its cost in an `import cost:` comment.
 """
 
 from __future__ import annotations
 
 import _signal  # the C module: `signal` would import enum and functools (~3 ms per start)
+import errno
+import fcntl
 import os
+import resource
+import select
 import sys
+import termios
 import time
 
-from .protocol import (
+from agor_systemd import journal
+from agor_systemd.console import run_main
+from agor_systemd.journal import ERR, INFO, NOTICE, WARNING
+from agor_systemd.notify import notify, watchdog_interval_s
+from agor_systemd.sandbox.effects import EFFECT_TEXT, missing_effects
+from agor_systemd.sidecar.protocol import (
     CLD_EXITED,
     CRASH_MARK,
     GAVE_UP_STATUS,
     LauncherOptions,
     describe_exit,
+    monotonic_usec,
     number_text,
     parse_launcher_arguments,
 )
 
 STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-INFO, WARNING, ERR, NOTICE = 6, 4, 3, 5  # syslog priorities
 LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split there anyway
 READY_POLL_S = 0.05
 LIVENESS_CHECK_S = 0.25
@@ -64,29 +75,8 @@ FORWARD_OUTPUT = "--forward-output"  # the launcher's second role, see forward_o
 
 
 def log(message: str, priority: int = NOTICE) -> None:
-    os.write(2, f"<{priority}>agor-launch: {message}\n".encode("utf-8", "surrogateescape"))
-
-
-class Notifier:
-    """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET over one socket."""
-
-    def __init__(self) -> None:
-        self._address = os.environ.get("NOTIFY_SOCKET")
-        self._socket = None
-
-    def __call__(self, *fields: str) -> None:
-        if not self._address:
-            return
-        if self._socket is None:
-            import _socket  # `socket` would import enum (~2 ms)
-
-            address = "\0" + self._address[1:] if self._address.startswith("@") else self._address
-            self._socket = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
-            self._socket.connect(address)
-        self._socket.sendall("\n".join(fields).encode("utf-8", "surrogateescape"))
-
-
-notify = Notifier()
+    """A line of the launcher's own in the journal (its stderr always is: systemd runs it)."""
+    journal.log("agor-launch", message, priority, always_prefix=True)
 
 
 def bus_path(unit: str) -> bytes:
@@ -107,7 +97,7 @@ class ManagerBus:
     RECONNECT_PAUSE_S = 0.1
 
     def __init__(self, system: bool) -> None:
-        import ctypes
+        import ctypes  # import cost: ~2 ms, and only the fallback backoff and the budget reset need D-Bus
 
         self._ctypes = ctypes
         self._lib = ctypes.CDLL("libsystemd.so.0")
@@ -132,8 +122,6 @@ class ManagerBus:
     def _call(self, what: str, call) -> None:
         """Run `call` (an sd-bus call returning a negative errno on failure); on a connection
         the manager dropped, reconnect and retry for up to RECONNECT_S."""
-        import errno
-
         dropped = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
         coming_back = (*dropped, errno.ECONNREFUSED, errno.ENOENT)  # the socket is re-created
         deadline = time.monotonic() + self.RECONNECT_S
@@ -166,8 +154,15 @@ class ManagerBus:
 
         def get() -> int:
             return self._lib.sd_bus_get_property_trivial(
-                self._bus, self.DESTINATION, bus_path(unit), interface, name,
-                ctypes.byref(self._error()), ctypes.c_char(kind), ctypes.byref(value))
+                self._bus,
+                self.DESTINATION,
+                bus_path(unit),
+                interface,
+                name,
+                ctypes.byref(self._error()),
+                ctypes.c_char(kind),
+                ctypes.byref(value),
+            )
 
         self._call(f"read {name.decode()} of {unit}", get)
         return value.value
@@ -178,8 +173,14 @@ class ManagerBus:
 
         def get() -> int:
             return self._lib.sd_bus_get_property_string(
-                self._bus, self.DESTINATION, bus_path(unit), interface, name,
-                ctypes.byref(self._error()), ctypes.byref(value))
+                self._bus,
+                self.DESTINATION,
+                bus_path(unit),
+                interface,
+                name,
+                ctypes.byref(self._error()),
+                ctypes.byref(value),
+            )
 
         self._call(f"read {name.decode()} of {unit}", get)
         try:
@@ -201,8 +202,9 @@ class ManagerBus:
         return self._property(unit, b"org.freedesktop.systemd1.Service", b"NRestarts", b"u", self._ctypes.c_uint32)
 
     def inactive_since_usec(self, unit: str) -> int:
-        return self._property(unit, b"org.freedesktop.systemd1.Unit", b"InactiveEnterTimestampMonotonic",
-                              b"t", self._ctypes.c_uint64)
+        return self._property(
+            unit, b"org.freedesktop.systemd1.Unit", b"InactiveEnterTimestampMonotonic", b"t", self._ctypes.c_uint64
+        )
 
     def reset_failed(self, unit: str) -> None:
         """Manager.ResetFailedUnit: on an active unit it zeroes NRestarts and the start limiter."""
@@ -210,15 +212,18 @@ class ManagerBus:
 
         def reset() -> int:
             return self._lib.sd_bus_call_method(
-                self._bus, self.DESTINATION, b"/org/freedesktop/systemd1", b"org.freedesktop.systemd1.Manager",
-                b"ResetFailedUnit", ctypes.byref(self._error()), None, b"s", unit.encode())
+                self._bus,
+                self.DESTINATION,
+                b"/org/freedesktop/systemd1",
+                b"org.freedesktop.systemd1.Manager",
+                b"ResetFailedUnit",
+                ctypes.byref(self._error()),
+                None,
+                b"s",
+                unit.encode(),
+            )
 
         self._call(f"reset the restart counter of {unit}", reset)
-
-
-def monotonic_usec() -> int:
-    """CLOCK_MONOTONIC in µs: the clock of systemd's *TimestampMonotonic properties."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 def wait_before_restart(options: LauncherOptions, bus: ManagerBus) -> int:
@@ -239,7 +244,6 @@ def exit_like(code: int, status: int) -> None:
     """Exit the way the sidecar did, so systemd's Result/ExecMainStatus follow it."""
     if code == CLD_EXITED:
         sys.exit(1 if status == GAVE_UP_STATUS else status)
-    import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # imitate the signal, not a launcher core dump
     if status != _signal.SIGKILL:  # SIGKILL (the OOM killer, kill -9) can have no handler and no mask
@@ -265,12 +269,12 @@ def process_state(pid: int) -> str:
             stat = f.read()
     except OSError:
         return ""
-    return stat[stat.rfind(b")") + 2:][:1].decode()  # comm may contain spaces and parentheses
+    return stat[stat.rfind(b")") + 2 :][:1].decode()  # comm may contain spaces and parentheses
 
 
 def connects(endpoint: str, timeout_s: float) -> str | None:
     """None if socket:PATH / tcp:PORT (on loopback) accepts a connection, else why not."""
-    import socket
+    import socket  # import cost: ~5 ms (enum); only socket:/tcp: readiness and probes connect
 
     kind, _, arg = endpoint.partition(":")
     family, address = (socket.AF_UNIX, arg) if kind == "socket" else (socket.AF_INET, ("127.0.0.1", int(arg)))
@@ -287,12 +291,17 @@ def probe_once(probe: str, timeout_s: float) -> str | None:
     """Run the liveness probe once; None when it passed, else the reason."""
     if not probe.startswith("exec:"):
         return connects(probe, timeout_s)
-    import subprocess
+    import subprocess  # import cost: ~11 ms; only exec: probes run a command
 
     try:
-        done = subprocess.run(["/bin/sh", "-c", probe[5:]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=timeout_s,
-                              env={k: v for k, v in os.environ.items() if k not in STRIPPED_ENV})
+        done = subprocess.run(
+            ["/bin/sh", "-c", probe[5:]],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout_s,
+            env={k: v for k, v in os.environ.items() if k not in STRIPPED_ENV},
+        )
     except subprocess.TimeoutExpired:
         return f"probe did not answer within {number_text(timeout_s)} s"
     return None if done.returncode == 0 else f"probe exited with status {done.returncode}"
@@ -310,12 +319,12 @@ def journal_records(prefix: bytes, text: bytes) -> list[bytes]:
     """`text` as records that each carry `prefix` and fit journald's LineMax=, which counts the
     prefix: a longer record would be split by journald and its tail logged at info."""
     size = LINE_MAX - 1 - len(prefix)  # journald needs the newline within LineMax bytes
-    return [prefix + text[i:i + size] for i in range(0, max(len(text), 1), size)]
+    return [prefix + text[i : i + size] for i in range(0, max(len(text), 1), size)]
 
 
 def write_all(fd: int, data: bytes) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 class OutputStream:
@@ -380,8 +389,6 @@ class OutputStream:
         """After the sidecar exited: forward what is in the pipe at this moment, and not a byte
         more. A descendant (an agent, `yes`, a build) may hold the pipe open and write forever;
         waiting for it would keep the sidecar a zombie and the crash unnoticed."""
-        import fcntl
-        import termios
 
         os.set_blocking(self.fd, False)
         available = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
@@ -431,8 +438,6 @@ def others_in_cgroup(procs_file: str | None) -> bool:
 def forward_until_closed(streams: dict[int, OutputStream], until_alone_in: str | None = None) -> None:
     """Forward the streams until every writer has closed them and, with `until_alone_in` (a
     cgroup.procs file), until no other process is left in the unit."""
-    import select
-
     poller = select.poll()
     for fd, stream in streams.items():
         if stream.open:
@@ -452,8 +457,9 @@ def forward_output() -> None:
     def ignore(_stream: OutputStream, _line: bytes) -> None:
         pass
 
-    forward_until_closed({3: OutputStream(3, INFO, ignore, is_stdout=True),
-                          4: OutputStream(4, WARNING, ignore, is_stdout=False)})
+    forward_until_closed(
+        {3: OutputStream(3, INFO, ignore, is_stdout=True), 4: OutputStream(4, WARNING, ignore, is_stdout=False)}
+    )
 
 
 def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset) -> int:
@@ -503,9 +509,7 @@ class Supervisor:
         self.denial: str | None = None  # the first path the sandbox refused, explained (sandbox.denial_hint)
         self.last_output = time.monotonic()
         self.stable_at = float("inf")  # set at READY: a run counts as stable only from then
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        owner = os.environ.get("WATCHDOG_PID", str(os.getpid()))
-        self.ping_s = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and owner == str(os.getpid()) else 0.0
+        self.ping_s = watchdog_interval_s()
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -517,9 +521,12 @@ class Supervisor:
             if self.sandbox is not None and self.sandbox.ruleset is not None:
                 self.pid = spawn_confined(self.options.command, env, out_w, err_w, self.sandbox.ruleset)
             else:
-                self.pid = os.posix_spawn(self.options.command[0], list(self.options.command), env,
-                                          file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1),
-                                                        (os.POSIX_SPAWN_DUP2, err_w, 2)])
+                self.pid = os.posix_spawn(
+                    self.options.command[0],
+                    list(self.options.command),
+                    env,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
+                )
         finally:
             os.close(out_w)
             os.close(err_w)
@@ -527,8 +534,10 @@ class Supervisor:
                 self.sandbox.ruleset.close()
         self.started = time.monotonic()
         self.pidfd = os.pidfd_open(self.pid)
-        self.streams = {out_r: OutputStream(out_r, INFO, self.on_line, is_stdout=True),
-                        err_r: OutputStream(err_r, WARNING, self.on_line, is_stdout=False)}
+        self.streams = {
+            out_r: OutputStream(out_r, INFO, self.on_line, is_stdout=True),
+            err_r: OutputStream(err_r, WARNING, self.on_line, is_stdout=False),
+        }
         self.install_signal_handlers()
 
     def install_signal_handlers(self) -> None:
@@ -547,7 +556,7 @@ class Supervisor:
             return
         self.stopping = True
         if systemd_doing != "stop-sigterm":  # else the sidecar has its SIGTERM: a second one
-            self.signal_child(signum)        # could end a once-only handler mid-shutdown
+            self.signal_child(signum)  # could end a once-only handler mid-shutdown
 
     def systemd_signalling_all(self) -> str | None:
         """The unit's SubState when systemd is signalling every process of the unit itself
@@ -581,14 +590,15 @@ class Supervisor:
     def on_line(self, stream: OutputStream, line: bytes) -> None:
         self.last_output = time.monotonic()
         if self.denial is None and self.sandbox is not None and self.sandbox.ruleset is not None:
-            from .sandbox import denial_hint  # loaded already: the sandbox is on
+            # import cost: none, the sandbox is on and prepare_sandbox loaded it already
+            from agor_systemd.sandbox.enforce import denial_hint
 
             self.denial = denial_hint(line, self.options.read_write, self.options.read_only)
         if self.waiting_for_ready() and self.options.ready == "line" and stream.is_stdout and b'"ready"' in line:
             if b"".join(line.split()) == READY_LINE:  # agor's runners print exactly this
                 self.become_ready()
                 return
-            import json  # any other spelling of {"type": "ready", ...}
+            import json  # import cost: ~8 ms; only a ready line spelt differently from agor's needs parsing
 
             try:
                 message = json.loads(line)
@@ -613,15 +623,17 @@ class Supervisor:
 
     def status_text(self) -> str:
         up = duration_text(time.monotonic() - self.ready_at)
-        return (f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}; "
-                f"{self.sandbox_level()}")
+        return (
+            f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}; "
+            f"{self.sandbox_level()}"
+        )
 
     def sandbox_level(self) -> str:
         """'sandbox full|partial|none|off' — health reads it back from STATUS=."""
         return f"sandbox {self.sandbox.level}" if self.sandbox is not None else "sandbox off"
 
     def start_probe_thread(self) -> None:
-        import threading
+        import threading  # import cost: ~3 ms; only a probe or a not-ready kill timer needs a thread
 
         def probe_loop() -> None:
             while True:
@@ -646,15 +658,15 @@ class Supervisor:
 
     def run(self) -> tuple[int, int]:
         """Supervise until the sidecar ends; returns its (si_code, si_status)."""
-        import select
-
         poller = select.poll()
         poller.register(self.pidfd, select.POLLIN)
         for fd in self.streams:
             poller.register(fd, select.POLLIN)
         ready_mode = self.options.ready
-        notify(f"STATUS=waiting for readiness ({ready_mode}); pid {self.pid}; "
-               f"attempt {self.attempt}/{self.options.attempts}")
+        notify(
+            f"STATUS=waiting for readiness ({ready_mode}); pid {self.pid}; "
+            f"attempt {self.attempt}/{self.options.attempts}"
+        )
         if ready_mode == "immediate":
             self.become_ready()
         ready_deadline = self.started + self.options.ready_timeout_s
@@ -712,27 +724,32 @@ class Supervisor:
         out_r, err_r = self.streams  # stdout's pipe, then stderr's
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")
         try:
-            os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", script, FORWARD_OUTPUT],
-                           {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV},
-                           file_actions=[(os.POSIX_SPAWN_DUP2, out_r, 3), (os.POSIX_SPAWN_DUP2, err_r, 4)])
+            os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-I", "-S", script, FORWARD_OUTPUT],
+                {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV},
+                file_actions=[(os.POSIX_SPAWN_DUP2, out_r, 3), (os.POSIX_SPAWN_DUP2, err_r, 4)],
+            )
         except OSError as e:
             log(f"cannot hand the sidecar's output over: {e.strerror}; descendants lose it", WARNING)
 
     def give_up_waiting(self) -> None:
         """Not ready in time: this attempt failed; end the sidecar (SIGTERM, then SIGKILL)."""
         self.not_ready = True
-        log(f"sidecar not ready within {number_text(self.options.ready_timeout_s)} s "
-            f"({self.options.ready}); stopping it", ERR)
+        log(
+            f"sidecar not ready within {number_text(self.options.ready_timeout_s)} s "
+            f"({self.options.ready}); stopping it",
+            ERR,
+        )
         self.signal_child(_signal.SIGTERM)
-        import threading
+        import threading  # import cost: ~3 ms; only a probe or a not-ready kill timer needs a thread
 
         kill = threading.Timer(2.0, self.signal_child, (_signal.SIGKILL,))
         kill.daemon = True  # a pending timer must not hold up the launcher's exit
         kill.start()
 
     def report_hang(self) -> None:
-        notify(f"STATUS=hung: {self.hung}; pid {self.pid}; asking systemd's watchdog to restart it",
-               "WATCHDOG=trigger")
+        notify(f"STATUS=hung: {self.hung}; pid {self.pid}; asking systemd's watchdog to restart it", "WATCHDOG=trigger")
         log(f"sidecar (pid {self.pid}) is hung: {self.hung}; no more watchdog pings", ERR)
 
     def reset_budget(self) -> None:
@@ -785,13 +802,20 @@ class Supervisor:
 
 def prepare_sandbox(options: LauncherOptions):
     """The Landlock ruleset for the sidecar, reported in the journal; refusal ends the unit."""
-    from .sandbox import SandboxRefused, command_paths, prepare
+    # import cost: Landlock's ctypes layer, loaded only when the sandbox is on
+    from agor_systemd.sandbox.enforce import SandboxRefused, command_paths, prepare
 
     home = os.path.expanduser("~")  # $HOME, which the manager sets for the unit
     try:
         readable = command_paths(options.command, os.getcwd(), home, (*options.read_write, *options.read_only))
-        prepared = prepare(list(options.read_write), list(options.read_only), options.tcp_connect,
-                           options.tcp_bind, required=options.sandbox == "required", command_read=readable)
+        prepared = prepare(
+            list(options.read_write),
+            list(options.read_only),
+            options.tcp_connect,
+            options.tcp_bind,
+            required=options.sandbox == "required",
+            command_read=readable,
+        )
     except SandboxRefused as e:
         notify(f"STATUS=gave up: {CRASH_MARK}{e}")
         log(f"{e}; not starting the sidecar ([sandbox] required = true)", ERR)
@@ -807,8 +831,6 @@ def check_hardening(expected: tuple[str, ...]) -> None:
     """Warn when systemd hardening the unit asks for is not in effect (e.g. skipped silently)."""
     if not expected:
         return
-    from .hardening import EFFECT_TEXT, missing_effects
-
     missing = missing_effects(expected)
     if missing:
         log("hardening asked for but not in effect: " + ", ".join(EFFECT_TEXT.get(m, m) for m in missing), WARNING)
@@ -897,7 +919,11 @@ def run(options: LauncherOptions) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    """The agor-launch program (`_launch.py` runs it on every start of the unit)."""
+    run_main("agor-launch", lambda: launch(sys.argv[1:] if argv is None else argv))
+
+
+def launch(args: list[str]) -> None:
     if args == [FORWARD_OUTPUT]:
         forward_output()
         return

@@ -8,17 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agor_systemd.config import RestartPolicy
+
 USEC = 1_000_000
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """agor's supervisor defaults: 1 s doubling, cap 30 s, 5 restarts, 300 s stability window."""
-
-    base_s: float = 1.0
-    cap_s: float = 30.0
-    attempts: int = 5
-    stability_window_s: float = 300.0
 
 
 def restart_delay_s(attempt: int, base_s: float, cap_s: float) -> float:

@@ -35,6 +35,13 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import NoReturn
+
+from agor_systemd import journal
+from agor_systemd.config import WalcheckConfig
+from agor_systemd.console import run_main
+from agor_systemd.errors import UsageError
+from agor_systemd.unitfile import HomePath
 
 PROG = "agor-walcheck"
 
@@ -191,17 +198,24 @@ def _precheck(path: str) -> CheckpointResult | None:
         # SQLite would treat it as a new, empty database and delete a WAL lying next to it
         wal = _wal_size(path)
         extra = f"; its WAL ({size_text(wal)}) left alone" if os.path.exists(path + "-wal") else ""
-        return CheckpointResult(path, "not-a-database", f"empty file (0 bytes), not an SQLite database; "
-                                f"{_UNTOUCHED}{extra}", wal_bytes_before=wal, wal_bytes_after=wal)
+        return CheckpointResult(
+            path,
+            "not-a-database",
+            f"empty file (0 bytes), not an SQLite database; {_UNTOUCHED}{extra}",
+            wal_bytes_before=wal,
+            wal_bytes_after=wal,
+        )
     if not os.access(path, os.R_OK):
         return CheckpointResult(path, "permission-denied", f"cannot read the file (permission denied); {_UNTOUCHED}")
     refused = _header_refused(path)
     if refused is not None:
-        return CheckpointResult(path, "not-a-database", f"no valid SQLite header ({st.st_size} bytes), "
-                                f"not an SQLite database: {refused}; {_UNTOUCHED}")
+        return CheckpointResult(
+            path,
+            "not-a-database",
+            f"no valid SQLite header ({st.st_size} bytes), not an SQLite database: {refused}; {_UNTOUCHED}",
+        )
     if not os.access(path, os.W_OK):
-        return CheckpointResult(path, "permission-denied",
-                                f"read-only for this user: cannot checkpoint; {_UNTOUCHED}")
+        return CheckpointResult(path, "permission-denied", f"read-only for this user: cannot checkpoint; {_UNTOUCHED}")
     return None
 
 
@@ -228,14 +242,19 @@ def _header_refused(path: str) -> str | None:
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
     # sqlite-utils only here: importing it costs ~70-90 ms, which the timer's every run would pay
-    import sqlite_utils
+    import sqlite_utils  # import cost: ~60-90 ms, paid by --ensure-wal only
 
     sqlite_utils.Database(conn).enable_wal()
 
 
-def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = BUSY_TIMEOUT_S, *, ensure_wal: bool = False,
-               retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
-               sleep: Callable[[float], None] = time.sleep) -> CheckpointResult:
+def checkpoint(
+    path: str | os.PathLike[str],
+    busy_timeout_s: float = BUSY_TIMEOUT_S,
+    *,
+    ensure_wal: bool = False,
+    retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CheckpointResult:
     """Checkpoint one database with ``PRAGMA wal_checkpoint(TRUNCATE)``; never raises for a
     database problem, the result says what happened.
 
@@ -263,8 +282,9 @@ def checkpoint(path: str | os.PathLike[str], busy_timeout_s: float = BUSY_TIMEOU
     return result
 
 
-def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
-                     retry_delays_s: Sequence[float], sleep: Callable[[float], None]) -> CheckpointResult:
+def _checkpoint_open(
+    path: str, busy_timeout_s: float, ensure_wal: bool, retry_delays_s: Sequence[float], sleep: Callable[[float], None]
+) -> CheckpointResult:
     result = CheckpointResult(path, "error", "")
     attempt_timeout_s = busy_timeout_s / (1 + len(retry_delays_s))
     conn = None
@@ -277,8 +297,10 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
         if mode != "wal":
             if not ensure_wal:
                 result.outcome = "not-wal"
-                result.message = (f"not in WAL mode (journal_mode={mode}): no WAL to checkpoint, "
-                                  "mode left as it is; --ensure-wal switches it")
+                result.message = (
+                    f"not in WAL mode (journal_mode={mode}): no WAL to checkpoint, "
+                    "mode left as it is; --ensure-wal switches it"
+                )
                 return result
             _enable_wal(conn)
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
@@ -315,18 +337,25 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
         switched = "switched to WAL mode (--ensure-wal); " if result.switched_to_wal else ""
         if busy:
             result.outcome = "busy"
-            row = (f"busy={result.busy}, {result.log_frames} frames in the WAL, "
-                   f"{result.checkpointed_frames} checkpointed" if result.busy is not None else reason)
-            result.message = (f"{switched}readers or writers held the database through {result.attempts} attempts "
-                              f"({result.truncate_s:.2f} s in TRUNCATE, busy timeout {busy_timeout_s:g} s in all): "
-                              f"{row}; WAL {before} -> {after}; the next run tries again")
+            row = (
+                f"busy={result.busy}, {result.log_frames} frames in the WAL, {result.checkpointed_frames} checkpointed"
+                if result.busy is not None
+                else reason
+            )
+            result.message = (
+                f"{switched}readers or writers held the database through {result.attempts} attempts "
+                f"({result.truncate_s:.2f} s in TRUNCATE, busy timeout {busy_timeout_s:g} s in all): "
+                f"{row}; WAL {before} -> {after}; the next run tries again"
+            )
         else:
             result.outcome = "truncated"
             frames = result.passive[2] if result.passive and result.passive[2] > 0 else 0
-            result.message = (f"{switched}checkpointed {frames} frames, WAL {before} -> {after} "
-                              f"(TRUNCATE busy={result.busy} log={result.log_frames} "
-                              f"checkpointed={result.checkpointed_frames}; "
-                              f"{result.attempts} attempt{'s' if result.attempts > 1 else ''})")
+            result.message = (
+                f"{switched}checkpointed {frames} frames, WAL {before} -> {after} "
+                f"(TRUNCATE busy={result.busy} log={result.log_frames} "
+                f"checkpointed={result.checkpointed_frames}; "
+                f"{result.attempts} attempt{'s' if result.attempts > 1 else ''})"
+            )
         return result
     except sqlite3.Error as e:
         outcome, reason = _classify(e)
@@ -351,8 +380,6 @@ def _checkpoint_open(path: str, busy_timeout_s: float, ensure_wal: bool,
 
 
 def default_databases(home: str | None = None) -> list[str]:
-    from .config import WalcheckConfig
-    from .unitfile import HomePath
 
     home = home or os.path.expanduser("~")
     return [d.expand(home) if isinstance(d, HomePath) else d for d in WalcheckConfig().databases]
@@ -365,6 +392,7 @@ def exit_status(results: Sequence[CheckpointResult]) -> int:
 
 # -- command line ---------------------------------------------------------------------------------
 
+RETRY_TEXT = ", ".join(f"{d:g}" for d in RETRY_DELAYS_S)
 HELP = f"""\
 For each database (default: ~/.local/share/agor/sessions.db and btmsg.db): run PRAGMA
 wal_checkpoint(PASSIVE), then PRAGMA wal_checkpoint(TRUNCATE), and print one line with the
@@ -381,8 +409,8 @@ outcomes and exit statuses (with several databases the first listed here that oc
   {EXIT_NOPERM}  permission-denied          cannot read, or cannot write (read-only file/directory)
   {EXIT_SOFTWARE}  error                      an SQLite error this tool does not know
   {EXIT_TEMPFAIL}  busy                       readers or writers held the database through every
-                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {', '.join(f'{d:g}' for d in RETRY_DELAYS_S)} s apart, sharing the
-                                busy timeout); the next run tries again
+                                attempt ({1 + len(RETRY_DELAYS_S)} attempts, {RETRY_TEXT} s apart,
+                                sharing the busy timeout); the next run tries again
    0  truncated                  checkpointed, WAL truncated to 0 bytes
    0  missing                    no such file: skipped with a notice
    0  not-wal                    not in WAL mode: reported, mode left alone (--ensure-wal)
@@ -391,35 +419,38 @@ outcomes and exit statuses (with several databases the first listed here that oc
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
-        sys.exit(EXIT_USAGE)
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        raise UsageError(f"{message} (see --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Checkpoint and truncate the WAL of agor's SQLite databases.",
-                epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog=PROG,
+        description="Checkpoint and truncate the WAL of agor's SQLite databases.",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("databases", nargs="*", metavar="DB", help="database files (default: agor's two)")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of lines")
-    p.add_argument("--ensure-wal", action="store_true",
-                   help="switch a database that is not in WAL mode to WAL, then checkpoint it")
-    p.add_argument("--busy-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
-                   help="the most all attempts on one database wait for locks, and so hold agor's writers "
-                        f"up (default {BUSY_TIMEOUT_S:g}, at most {MAX_BUSY_TIMEOUT_S:g}: agor's own checkpoint's)")
-    p.add_argument("--retries", type=int, default=len(RETRY_DELAYS_S), metavar="N",
-                   help=f"retries after a busy attempt, 0-{len(RETRY_DELAYS_S)} (default {len(RETRY_DELAYS_S)})")
+    p.add_argument(
+        "--ensure-wal", action="store_true", help="switch a database that is not in WAL mode to WAL, then checkpoint it"
+    )
+    p.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=BUSY_TIMEOUT_S,
+        metavar="SECONDS",
+        help="the most all attempts on one database wait for locks, and so hold agor's writers "
+        f"up (default {BUSY_TIMEOUT_S:g}, at most {MAX_BUSY_TIMEOUT_S:g}: agor's own checkpoint's)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=len(RETRY_DELAYS_S),
+        metavar="N",
+        help=f"retries after a busy attempt, 0-{len(RETRY_DELAYS_S)} (default {len(RETRY_DELAYS_S)})",
+    )
     return p
-
-
-def _journal_prefix(stream, level: int) -> str:
-    """sd-daemon priority prefix when the stream is connected to the journal (systemd strips it)."""
-    js = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in js.split(":"))
-        st = os.fstat(stream.fileno())
-    except (ValueError, OSError, AttributeError):
-        return ""
-    return f"<{level}>" if (st.st_dev, st.st_ino) == (dev, ino) else ""
 
 
 _LEVELS = {EXIT_OK: 6, EXIT_TEMPFAIL: 4}  # info, warning; errors are 3
@@ -428,8 +459,9 @@ _LEVELS = {EXIT_OK: 6, EXIT_TEMPFAIL: 4}  # info, warning; errors are 3
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not (0 <= args.busy_timeout <= MAX_BUSY_TIMEOUT_S):
-        _parser().error(f"--busy-timeout must be between 0 and {MAX_BUSY_TIMEOUT_S:g} seconds, "
-                        f"got {args.busy_timeout:g}")
+        _parser().error(
+            f"--busy-timeout must be between 0 and {MAX_BUSY_TIMEOUT_S:g} seconds, got {args.busy_timeout:g}"
+        )
     if not (0 <= args.retries <= len(RETRY_DELAYS_S)):
         _parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
     if "" in args.databases:
@@ -438,24 +470,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for db in databases:
         try:
-            result = checkpoint(db, args.busy_timeout, ensure_wal=args.ensure_wal,
-                                retry_delays_s=RETRY_DELAYS_S[:args.retries])
-        except Exception as e:  # noqa: BLE001 - one line, never a traceback
+            result = checkpoint(
+                db, args.busy_timeout, ensure_wal=args.ensure_wal, retry_delays_s=RETRY_DELAYS_S[: args.retries]
+            )
+        except Exception as e:
             result = CheckpointResult(db, "error", f"unexpected {type(e).__name__}: {e}".splitlines()[0])
         results.append(result)
         if not args.json or not result.ok:
             stream = sys.stdout if result.ok and not args.json else sys.stderr
             level = _LEVELS.get(result.exit_status, 3)
-            prefix = _journal_prefix(stream, 5 if result.outcome != "truncated" and result.ok else level)
+            prefix = journal.prefix(5 if result.outcome != "truncated" and result.ok else level, stream.fileno())
             text = result.line() if stream is sys.stdout else f"{PROG}: {result.line()}"
             stream.write(prefix + text.replace("\n", "\\n") + "\n")
             stream.flush()
     status = exit_status(results)
     if args.json:
-        sys.stdout.write(json.dumps({"exit_status": status, "databases": [r.as_dict() for r in results]},
-                                    indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps({"exit_status": status, "databases": [r.as_dict() for r in results]}, indent=2) + "\n"
+        )
     return status
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run() -> None:
+    """The agor-walcheck program (and `python -m agor_systemd.walcheck`)."""
+    run_main(PROG, main)

@@ -15,10 +15,11 @@ ExecMainCode/Status and the launcher's StatusText. Nothing is kept on the side.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
-from .protocol import (
+from agor_systemd.errors import AgorError
+from agor_systemd.manager import Systemd
+from agor_systemd.sidecar.protocol import (
     CLD_DUMPED,
     CLD_EXITED,
     CLD_KILLED,
@@ -28,6 +29,7 @@ from .protocol import (
     LauncherOptions,
     describe_exit,
     find_launcher_arguments,
+    monotonic_usec,
     parse_launcher_arguments,
 )
 
@@ -44,7 +46,7 @@ RESULT_TEXT = {
 }
 
 
-class NotInstalled(LookupError):
+class NotInstalled(AgorError, LookupError):
     """The unit is not known to the manager."""
 
 
@@ -77,7 +79,7 @@ def last_error(props: dict[str, Any]) -> str:
     return result or "unknown"
 
 
-def _seconds(usec: int) -> float:
+def usec_to_s(usec: int) -> float:
     return round(max(usec, 0) / 1e6, 3)
 
 
@@ -99,7 +101,7 @@ def unrequested_stop(props: dict[str, Any], restarts: int, options: LauncherOpti
     else:  # systemd ≥ 254 computes RestartUSecNext for the coming restart already
         delay_usec = props.get("RestartUSecNext", props.get("RestartUSec", 0))
     # the wait starts only when the unit is inactive: this is the whole delay, still ahead
-    return {"status": "restarting", "attempt": attempt, "next_retry_s": _seconds(delay_usec)}
+    return {"status": "restarting", "attempt": attempt, "next_retry_s": usec_to_s(delay_usec)}
 
 
 def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
@@ -122,13 +124,16 @@ def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
         attempt = restarts + 1 if waiting else restarts
         delay = options.wait_schedule[min(attempt, len(options.wait_schedule)) - 1]
         crashed = props.get("InactiveEnterTimestampMonotonic", now_usec)
-        return {"status": "restarting", "attempt": attempt,
-                "next_retry_s": _seconds(crashed + round(delay * 1e6) - now_usec)}
+        return {
+            "status": "restarting",
+            "attempt": attempt,
+            "next_retry_s": usec_to_s(crashed + round(delay * 1e6) - now_usec),
+        }
     if waiting:
         # native holdoff: systemd's timer fires RestartUSecNext after entering auto-restart
         delay = props.get("RestartUSecNext", props.get("RestartUSec", 0))
         since = props.get("StateChangeTimestampMonotonic", now_usec) if sub == "auto-restart" else now_usec
-        return {"status": "restarting", "attempt": restarts + 1, "next_retry_s": _seconds(since + delay - now_usec)}
+        return {"status": "restarting", "attempt": restarts + 1, "next_retry_s": usec_to_s(since + delay - now_usec)}
     if sub == "auto-restart-queued" or (active == "activating" and restarts):
         return {"status": "restarting", "attempt": restarts, "next_retry_s": 0.0}
     if active == "activating":
@@ -138,14 +143,8 @@ def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
     return {"status": "stopped"}
 
 
-def monotonic_usec() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
-
 def read_health(unit: str = SIDECAR_UNIT, system: bool = False) -> Health:
     """Health of `unit` from the running manager (raises BusError, NotInstalled)."""
-    from .bus import Systemd
-
     with Systemd(system) as manager:
         props = manager.unit_properties(unit)
     return health_from_properties(props, monotonic_usec())

@@ -8,6 +8,9 @@ which systemd starts on every restart, imports this module.
 
 from __future__ import annotations
 
+import _signal
+import time
+
 SIDECAR_UNIT = "agor-sidecar.service"
 
 # The launcher exits with this status after the last allowed crash; the unit lists it in
@@ -70,19 +73,52 @@ _REQUIRED = ("--unit", "--attempts", "--stability-window")
 class LauncherOptions:
     """The launcher's settings. A plain class: dataclasses costs the launcher ~12 ms to import."""
 
-    __slots__ = ("unit", "attempts", "stability_window_s", "command", "wait_schedule", "system", "ready",
-                 "ready_timeout_s", "activity_timeout_s", "probe", "probe_timeout_s", "reset_via", "sandbox",
-                 "read_write", "read_only", "tcp_connect", "tcp_bind", "expect_hardening", "working_directory",
-                 "environment_file")
+    __slots__ = (
+        "activity_timeout_s",
+        "attempts",
+        "command",
+        "environment_file",
+        "expect_hardening",
+        "probe",
+        "probe_timeout_s",
+        "read_only",
+        "read_write",
+        "ready",
+        "ready_timeout_s",
+        "reset_via",
+        "sandbox",
+        "stability_window_s",
+        "system",
+        "tcp_bind",
+        "tcp_connect",
+        "unit",
+        "wait_schedule",
+        "working_directory",
+    )
 
-    def __init__(self, unit: str, attempts: int, stability_window_s: float, command: tuple[str, ...],
-                 wait_schedule: tuple[float, ...] | None = None, system: bool = False,
-                 ready: str = "immediate", ready_timeout_s: float = 10.0, activity_timeout_s: float = 0.0,
-                 probe: str | None = None, probe_timeout_s: float = 5.0, reset_via: str = "dbus",
-                 sandbox: str = "off", read_write: tuple[str, ...] = (), read_only: tuple[str, ...] = (),
-                 tcp_connect: tuple[int, ...] | None = None, tcp_bind: tuple[int, ...] = (),
-                 expect_hardening: tuple[str, ...] = (), working_directory: str | None = None,
-                 environment_file: str | None = None) -> None:
+    def __init__(
+        self,
+        unit: str,
+        attempts: int,
+        stability_window_s: float,
+        command: tuple[str, ...],
+        wait_schedule: tuple[float, ...] | None = None,
+        system: bool = False,
+        ready: str = "immediate",
+        ready_timeout_s: float = 10.0,
+        activity_timeout_s: float = 0.0,
+        probe: str | None = None,
+        probe_timeout_s: float = 5.0,
+        reset_via: str = "dbus",
+        sandbox: str = "off",
+        read_write: tuple[str, ...] = (),
+        read_only: tuple[str, ...] = (),
+        tcp_connect: tuple[int, ...] | None = None,
+        tcp_bind: tuple[int, ...] = (),
+        expect_hardening: tuple[str, ...] = (),
+        working_directory: str | None = None,
+        environment_file: str | None = None,
+    ) -> None:
         self.unit = unit
         self.attempts = attempts
         self.stability_window_s = stability_window_s
@@ -107,7 +143,8 @@ class LauncherOptions:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(
-            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+            getattr(self, name) == getattr(other, name) for name in self.__slots__
+        )
 
 
 def number_text(value: float) -> str:
@@ -152,7 +189,7 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
             attr, parse, _ = _FLAGS[flag]
             values[attr] = parse(args[i + 1])
         i += 2
-    command = tuple(args[i + 1:])
+    command = tuple(args[i + 1 :])
     if not command:
         raise ValueError("no sidecar command after '--'")
     for required in _REQUIRED:
@@ -165,8 +202,8 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
 def find_launcher_arguments(argv: list[str]) -> list[str] | None:
     """The launcher's own arguments inside a full ExecStart argv (interpreter, -m, module, ...)."""
     for i, word in enumerate(argv):
-        if word == "agor_systemd.launcher" or word.endswith(("/agor_systemd/_launch.py", "/agor-launch")):
-            return argv[i + 1:]
+        if word == "agor_systemd.sidecar.launcher" or word.endswith(("/agor_systemd/_launch.py", "/agor-launch")):
+            return argv[i + 1 :]
     return None
 
 
@@ -174,9 +211,16 @@ def describe_exit(code: int, status: int) -> str:
     """'exited with status 3', 'killed by SIGTERM', 'killed by SIGSEGV (core dumped)'."""
     if code == CLD_EXITED:
         return f"exited with status {status}"
-    import _signal  # `signal` would import enum; the launcher calls this on every crash
 
-    names = {getattr(_signal, n): n for n in dir(_signal) if n.startswith("SIG") and not n.startswith("SIG_")
-             and n not in ("SIGIOT", "SIGPOLL", "SIGCLD")}  # prefer the usual name of aliases
+    names = {
+        getattr(_signal, n): n
+        for n in dir(_signal)
+        if n.startswith("SIG") and not n.startswith("SIG_") and n not in ("SIGIOT", "SIGPOLL", "SIGCLD")
+    }  # prefer the usual name of aliases
     name = names.get(status, f"signal {status}")
     return f"killed by {name}" + (" (core dumped)" if code == CLD_DUMPED else "")
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in µs: the clock of systemd's *TimestampMonotonic properties."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000

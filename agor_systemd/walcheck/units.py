@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .config import Config
-from .unitfile import UnitFile, exec_line
-from .units import HEADER, documentation, usec_text
-from .walcheck import RETRY_DELAYS_S
+from agor_systemd.config import Config
+from agor_systemd.unitfile import HEADER, UnitFile, documentation, exec_line, usec_text
+from agor_systemd.walcheck import RETRY_DELAYS_S
 
 WALCHECK_SERVICE = "agor-walcheck.service"
 WALCHECK_TIMER = "agor-walcheck.timer"
@@ -21,7 +20,7 @@ WALCHECK_TIMER = "agor-walcheck.timer"
 FIRST_RUN_S = 60.0
 
 
-def _seconds(value: float) -> str:
+def seconds_text(value: float) -> str:
     return usec_text(max(1, round(value * 1e6)))
 
 
@@ -37,7 +36,9 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     the directory of the installed docs (None: no Documentation=)."""
     walcheck = config.walcheck
     service = UnitFile(WALCHECK_SERVICE, header=HEADER)
-    service.add("Unit", "Description", "agor: checkpoint and truncate the WAL of agor's SQLite databases (agor-walcheck)")
+    service.add(
+        "Unit", "Description", "agor: checkpoint and truncate the WAL of agor's SQLite databases (agor-walcheck)"
+    )
     pages = documentation(docs, "walcheck.md")
     if pages is not None:
         service.add("Unit", "Documentation", pages)
@@ -46,8 +47,15 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     # 2 s, as in the tests, and then the timer would stop for good.
     service.add("Unit", "StartLimitIntervalSec", "0")
     service.add("Service", "Type", "oneshot")
-    argv = [*python, "-m", "agor_systemd.walcheck", "--busy-timeout", f"{walcheck.busy_timeout_s:g}", "--",
-            *walcheck.databases]
+    argv = [
+        *python,
+        "-m",
+        "agor_systemd.walcheck",
+        "--busy-timeout",
+        f"{walcheck.busy_timeout_s:g}",
+        "--",
+        *walcheck.databases,
+    ]
     service.add("Service", "ExecStart", exec_line(argv))
     # A oneshot has no start timeout by default. Bound it: the lock waits are bounded (busy timeout
     # per attempt, bounded retries), the rest is copying the WAL; 10 minutes covers a huge WAL on a
@@ -58,8 +66,7 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     # status agor-walcheck shows it until the next good run.
 
     timer = UnitFile(WALCHECK_TIMER, header=HEADER)
-    timer.add("Unit", "Description", "agor: WAL checkpoint of agor's SQLite databases every "
-              f"{walcheck.interval_s:g} s")
+    timer.add("Unit", "Description", f"agor: WAL checkpoint of agor's SQLite databases every {walcheck.interval_s:g} s")
     if pages is not None:
         timer.add("Unit", "Documentation", pages)
     # Monotonic, counted from the END of the last run (OnUnitInactiveSec=), not OnCalendar= and not
@@ -77,8 +84,8 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     # OnUnitInactiveSec= alone never fires before the service has run once, hence OnStartupSec=
     # (relative to the user manager's start, i.e. the login; if that is already past when the
     # timer starts, as on a first `agor-units install --now`, the first run is immediate).
-    timer.add("Timer", "OnStartupSec", _seconds(min(FIRST_RUN_S, walcheck.interval_s)))
-    timer.add("Timer", "OnUnitInactiveSec", _seconds(walcheck.interval_s))
+    timer.add("Timer", "OnStartupSec", seconds_text(min(FIRST_RUN_S, walcheck.interval_s)))
+    timer.add("Timer", "OnUnitInactiveSec", seconds_text(walcheck.interval_s))
     # the default AccuracySec= is 1 minute: without this a "5 minute" timer fires after 5-6 minutes
     timer.add("Timer", "AccuracySec", "1s")
     timer.add("Install", "WantedBy", "timers.target")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from . import landlock
+from agor_systemd.errors import AgorError
+from agor_systemd.sandbox import landlock
 
 ALL_FS = tuple(landlock.FS_RIGHTS)
 READ_WRITE = tuple(r for r in ALL_FS if r != "ioctl_dev")  # ioctl on devices only for terminals
@@ -28,7 +29,7 @@ MISSING_TEXT = {
 }
 
 
-class SandboxRefused(RuntimeError):
+class SandboxRefused(AgorError, RuntimeError):
     """sandbox.required is set and the kernel cannot enforce Landlock at all."""
 
 
@@ -74,7 +75,7 @@ def interpreter(path: str) -> str | None:
         names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
         if not names:
             return None
-        import shutil
+        import shutil  # import cost: ~7 ms in the launcher, for a `#!/usr/bin/env NAME` script only
 
         return shutil.which(names[0])
     return words[0]
@@ -128,8 +129,9 @@ def command_paths(command: tuple[str, ...] | list[str], cwd: str, home: str, cov
 class Prepared:
     """A ruleset ready to apply in the child, and the report for STATUS= and the journal."""
 
-    def __init__(self, ruleset: landlock.Ruleset | None, abi: int, skipped: list[str],
-                 command_read: list[str] | None = None) -> None:
+    def __init__(
+        self, ruleset: landlock.Ruleset | None, abi: int, skipped: list[str], command_read: list[str] | None = None
+    ) -> None:
         self.ruleset = ruleset
         self.abi = abi
         self.level, self.missing = enforcement(abi) if ruleset else ("none", enforcement(0)[1])
@@ -149,8 +151,14 @@ class Prepared:
         return text
 
 
-def prepare(read_write: list[str], read_only: list[str], tcp_connect: tuple[int, ...] | None,
-            tcp_bind: tuple[int, ...], required: bool, command_read: list[str] | None = None) -> Prepared:
+def prepare(
+    read_write: list[str],
+    read_only: list[str],
+    tcp_connect: tuple[int, ...] | None,
+    tcp_bind: tuple[int, ...],
+    required: bool,
+    command_read: list[str] | None = None,
+) -> Prepared:
     """The ruleset for these rules; `command_read`: the command_paths, read-only too."""
     cap = os.environ.get("AGOR_LANDLOCK_ABI")  # lets tests (and the curious) play an older kernel
     abi = landlock.abi_version(int(cap) if cap and cap.isdigit() else None)
@@ -177,16 +185,16 @@ def prepare(read_write: list[str], read_only: list[str], tcp_connect: tuple[int,
 
 # how programs word a refused open/create: Python ("[Errno 13] Permission denied: '/x'"), node
 # ("EACCES: permission denied, open '/x'"), coreutils and shells ("cat: /x: Permission denied")
-DENIAL_WORDS = (b"ermission denied", b"EACCES", b"peration not permitted", b"EPERM",
-                b"ead-only file system", b"EROFS")
+DENIAL_WORDS = (b"ermission denied", b"EACCES", b"peration not permitted", b"EPERM", b"ead-only file system", b"EROFS")
 _READ_ONLY_FS = ("read-only file system", "erofs")
 
 
 def _quoted_or_bare_paths(text: str) -> list[str]:
-    import re
+    import re  # import cost: ~5 ms in the launcher, for a line that reports a denial only
 
-    return [quoted or bare for quoted, bare in
-            re.findall(r"""['"`‘](/[^'"`’]*)['"`’]|(?<![\w.~-])(/[^\s:'",;)]+)""", text)]
+    return [
+        quoted or bare for quoted, bare in re.findall(r"""['"`‘](/[^'"`’]*)['"`’]|(?<![\w.~-])(/[^\s:'",;)]+)""", text)
+    ]
 
 
 def denial_hint(line: bytes, read_write, read_only) -> str | None:
@@ -207,16 +215,19 @@ def denial_hint(line: bytes, read_write, read_only) -> str | None:
             continue
         if read_only_fs or _beneath(path, read_only):
             what = "read-only file system" if read_only_fs else "permission denied"
-            return (f"{what}: {path} — not writable in the sandbox; "
-                    "add it (or its directory) to [sandbox] read_write_paths")
-        return (f"permission denied: {path} — outside the sandbox; add it to [sandbox] read_only_paths "
-                "(read_write_paths if the sidecar writes there)")
+            return (
+                f"{what}: {path} — not writable in the sandbox; add it (or its directory) to [sandbox] read_write_paths"
+            )
+        return (
+            f"permission denied: {path} — outside the sandbox; add it to [sandbox] read_only_paths "
+            "(read_write_paths if the sidecar writes there)"
+        )
     return None
 
 
 def _access_problems(command, cwd: str, check_cwd: bool) -> list[str]:
     """What the sidecar could not do to start, checked from the calling process."""
-    import tempfile
+    import tempfile  # import cost: ~8 ms in the launcher, which never probes (install does)
 
     problems = []
     try:
@@ -235,8 +246,9 @@ def _access_problems(command, cwd: str, check_cwd: bool) -> list[str]:
     return problems
 
 
-def probe_start(read_write: list[str], read_only: list[str], command: list[str], cwd: str, home: str,
-                check_cwd: bool = True) -> list[str]:
+def probe_start(
+    read_write: list[str], read_only: list[str], command: list[str], cwd: str, home: str, check_cwd: bool = True
+) -> list[str]:
     """What would keep the sidecar from starting under the ruleset the launcher builds (the same
     rules and command_paths), checked in a forked child that enters that Landlock domain.
     Without Landlock the checks still run, unconfined. Empty: it can start. `check_cwd=False`:
@@ -253,7 +265,7 @@ def probe_start(read_write: list[str], read_only: list[str], command: list[str],
                 prepared.ruleset.restrict_self()
             problems = _access_problems(command, cwd, check_cwd)
             os.write(result_w, "\n".join(problems).encode("utf-8", "surrogateescape"))
-        except BaseException as e:  # noqa: BLE001 - anything, reported to the parent
+        except BaseException as e:
             os.write(result_w, f"the probe failed: {e}".encode("utf-8", "surrogateescape"))
         finally:
             os._exit(0)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
+
+from agor_systemd.errors import AgorError
 
 DESTINATION = b"org.freedesktop.systemd1"
 MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -12,7 +17,7 @@ MANAGER_IFACE = b"org.freedesktop.systemd1.Manager"
 PROPERTIES_IFACE = b"org.freedesktop.DBus.Properties"
 
 
-class BusError(RuntimeError):
+class BusError(AgorError, RuntimeError):
     """systemd could not be reached or refused a request; the message is one line."""
 
 
@@ -45,8 +50,8 @@ class Systemd:
         self.system = system
         self._bus = None
 
-    def __enter__(self) -> "Systemd":
-        from pystemd.dbuslib import DBus, DBusAddress
+    def __enter__(self) -> Systemd:
+        from pystemd.dbuslib import DBus, DBusAddress  # import cost: ~26 ms, only when a call is made
 
         private = Path("/run/systemd/private") if self.system else user_private_socket()
         try:
@@ -65,12 +70,15 @@ class Systemd:
             self._bus.close()
             self._bus = None
 
-    def call(self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: list | None = None) -> Any:
-        from pystemd.dbuslib import apply_signature
+    def call(
+        self, path: bytes, interface: bytes, method: bytes, signature: bytes = b"", args: list | None = None
+    ) -> Any:
+        from pystemd.dbuslib import apply_signature  # import cost: loaded by __enter__ already
 
         try:
-            reply = self._bus.call_method(DESTINATION, path, interface, method,
-                                          apply_signature(signature, args or []) if signature else None)
+            reply = self._bus.call_method(
+                DESTINATION, path, interface, method, apply_signature(signature, args or []) if signature else None
+            )
         except Exception as e:
             raise BusError(f"{method.decode()} failed: {_reason(e)}") from None
         return _text(reply.body)
@@ -87,7 +95,7 @@ class Systemd:
 
     def unit_properties(self, unit: str) -> dict[str, Any]:
         """Unit + Service properties merged, with str keys and values."""
-        from pystemd.dbuslib import path_encode
+        from pystemd.dbuslib import path_encode  # import cost: loaded by __enter__ already
 
         path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
         props: dict[str, Any] = {}
@@ -117,15 +125,14 @@ class Systemd:
         self.manager("StopUnit", "ss", unit, "replace")
 
     def enable(self, paths: list[str]) -> None:
-        self.call(MANAGER_PATH, MANAGER_IFACE, b"EnableUnitFiles", b"asbb",
-                  [[p.encode() for p in paths], False, True])
+        self.call(MANAGER_PATH, MANAGER_IFACE, b"EnableUnitFiles", b"asbb", [[p.encode() for p in paths], False, True])
 
     def disable(self, names: list[str]) -> None:
         self.call(MANAGER_PATH, MANAGER_IFACE, b"DisableUnitFiles", b"asb", [[n.encode() for n in names], False])
 
     def start_transient(self, name: str, properties: list[tuple[str, str, Any]]) -> None:
         """Manager.StartTransientUnit(name, "replace", properties): (name, D-Bus signature, value)."""
-        from pystemd.dbuslib import apply_signature
+        from pystemd.dbuslib import apply_signature  # import cost: loaded by __enter__ already
 
         args = apply_signature(b"ss", [name.encode(), b"replace"])
         args += [(ord("a"), b"(sv)")]
@@ -139,22 +146,28 @@ class Systemd:
         except Exception as e:
             raise BusError(f"StartTransientUnit failed: {_reason(e)}") from None
 
-    def run_probes(self, property_sets: list[list[tuple[str, str, Any]]], argv: list[str],
-                   success_statuses: list[int], timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    def run_probes(
+        self,
+        property_sets: list[list[tuple[str, str, Any]]],
+        argv: list[str],
+        success_statuses: list[int],
+        timeout_s: float = 5.0,
+    ) -> list[dict[str, Any]]:
         """Run `argv` once per property set as parallel transient oneshot units; for each, the
         outcome {"code": ExecMainCode, "status": ExecMainStatus, "result": Result} or {"error": why
         the manager refused the unit}. The units are stopped and forgotten afterwards."""
-        import secrets
-        import time
 
         names: list[str | None] = []
         outcomes: list[dict[str, Any]] = []
         for props in property_sets:
             name = f"agor-hardening-probe-{secrets.token_hex(4)}.service"
-            base = [("Description", "s", "agor-units: which hardening directives take effect here"),
-                    ("Type", "s", "oneshot"), ("RemainAfterExit", "b", True),
-                    ("ExecStart", "a(sasb)", [(argv[0], argv, False)]),
-                    ("SuccessExitStatus", "(aiai)", (success_statuses, []))]
+            base = [
+                ("Description", "s", "agor-units: which hardening directives take effect here"),
+                ("Type", "s", "oneshot"),
+                ("RemainAfterExit", "b", True),
+                ("ExecStart", "a(sasb)", [(argv[0], argv, False)]),
+                ("SuccessExitStatus", "(aiai)", (success_statuses, [])),
+            ]
             try:
                 self.start_transient(name, base + props)
             except BusError as e:
@@ -172,9 +185,13 @@ class Systemd:
                     job = props.get("Job") or (0, "/")
                     # inactive counts only once the start job is gone (before it ran, it is inactive too)
                     if props.get("ActiveState") in ("active", "failed") or (
-                            props.get("ActiveState") == "inactive" and not job[0] and props.get("ExecMainCode")):
-                        outcomes[i] = {"code": props.get("ExecMainCode"), "status": props.get("ExecMainStatus"),
-                                       "result": props.get("Result")}
+                        props.get("ActiveState") == "inactive" and not job[0] and props.get("ExecMainCode")
+                    ):
+                        outcomes[i] = {
+                            "code": props.get("ExecMainCode"),
+                            "status": props.get("ExecMainStatus"),
+                            "result": props.get("Result"),
+                        }
                         pending.discard(i)
                 if pending:
                     if time.monotonic() > deadline:
@@ -228,8 +245,6 @@ def _reason(error: Exception) -> str:
 
 def installed_systemd_version() -> int | None:
     """`systemctl --version` of the installed systemd, for rendering without a manager."""
-    import subprocess
-
     try:
         out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):

@@ -1,6 +1,6 @@
 """`agor-units demo`: supervision shown live on a throw-away ``systemd --user``.
 
-Runs as root on a machine without a user session: :mod:`agor_systemd.lab` starts a private mount
+Runs as root on a machine without a user session: :mod:`agor_systemd.lab.testbed` starts a private mount
 namespace with its own journald and a real, unprivileged user manager for a demo user. The demo
 installs the units (as that user, with the ordinary `agor-units install --now`) for a sidecar
 that crashes 0.3 s after every start while ``~/demo/broken`` exists, prints the timeline read
@@ -25,8 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .backoff import RestartPolicy, schedule
-from .lab import (
+from agor_systemd.config import RestartPolicy
+from agor_systemd.console import run_main
+from agor_systemd.errors import AgorError
+from agor_systemd.lab.testbed import (
     OPT_ROOT,
     LabError,
     LabNamespace,
@@ -36,7 +38,8 @@ from .lab import (
     claim_name,
     host_build,
 )
-from .protocol import SIDECAR_UNIT
+from agor_systemd.sidecar.backoff import schedule
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT
 
 Echo = Callable[[str], None]
 
@@ -52,7 +55,7 @@ HEALTH_ERRORS_TOLERATED = 3  # consecutive failed `health` calls before the demo
 JOURNAL_LINES = 15
 
 
-class DemoError(RuntimeError):
+class DemoError(AgorError, RuntimeError):
     """Why the demo cannot go on, as one line."""
 
 
@@ -84,8 +87,10 @@ def interpreter_problem(executable: str) -> str | None:
                 return f"cannot check {step}: {e.strerror}; {fix}"
             if not mode & stat.S_IXOTH:
                 what = "executable" if step == path else "searchable"
-                return (f"the demo user cannot run {executable}: {step} is not {what} by other users "
-                        f"(mode {stat.S_IMODE(mode):o}); {fix}")
+                return (
+                    f"the demo user cannot run {executable}: {step} is not {what} by other users "
+                    f"(mode {stat.S_IMODE(mode):o}); {fix}"
+                )
     return None
 
 
@@ -103,8 +108,9 @@ def pick_build(wanted: str | None) -> SystemdBuild:
         if key in (str(build.version), build.full_version):
             return build
     available = ", ".join(describe_build(b) for b in builds) or "none"
-    raise DemoError(f"no systemd {wanted} build on this machine; available: {available} "
-                    "(scripts/setup.sh extracts 254)")
+    raise DemoError(
+        f"no systemd {wanted} build on this machine; available: {available} (scripts/setup.sh extracts 254)"
+    )
 
 
 def lock_directory() -> Path:
@@ -235,8 +241,10 @@ class Demo:
         echo = self.echo
         self.user, self.lock = claim_demo_user()
         build = self.build
-        echo(f"agor-units demo: supervision of a crashing sidecar by systemd {describe_build(build)}, "
-             f"restart delays from {self.policy.base_s:g}s{' (--fast)' if self.fast else ''}")
+        echo(
+            f"agor-units demo: supervision of a crashing sidecar by systemd {describe_build(build)}, "
+            f"restart delays from {self.policy.base_s:g}s{' (--fast)' if self.fast else ''}"
+        )
         t = time.monotonic()
         self.ns = LabNamespace()
         self.ns.start()
@@ -245,24 +253,33 @@ class Demo:
         shutil.rmtree(mgr.unit_dir, ignore_errors=True)
         shutil.rmtree(mgr.home / "demo", ignore_errors=True)
         mgr.start()
-        echo(f"started a throw-away `systemd --user` for user {self.user} (uid {mgr.uid}) in a private "
-             f"mount namespace with its own journald ({time.monotonic() - t:.1f}s)")
+        echo(
+            f"started a throw-away `systemd --user` for user {self.user} (uid {mgr.uid}) in a private "
+            f"mount namespace with its own journald ({time.monotonic() - t:.1f}s)"
+        )
 
-        probe = mgr.run([sys.executable, "-I", "-c", "import agor_systemd.cli, agor_systemd.demo_sidecar"],
-                        timeout=30)
+        probe = mgr.run(
+            [sys.executable, "-I", "-c", "import agor_systemd.cli, agor_systemd.lab.demo_sidecar"], timeout=30
+        )
         if probe.returncode != 0:
             detail = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DemoError(f"user {self.user} cannot import agor_systemd with {sys.executable} ({detail}); "
-                            "run scripts/setup.sh and use /opt/agor-systemd/venv/bin/agor-units")
+            raise DemoError(
+                f"user {self.user} cannot import agor_systemd with {sys.executable} ({detail}); "
+                "run scripts/setup.sh and use /opt/agor-systemd/venv/bin/agor-units"
+            )
 
         flag = mgr.home / FLAG
-        command = [sys.executable, "-I", "-m", "agor_systemd.demo_sidecar", str(flag)]
-        config = (f"[sidecar]\ncommand = [{', '.join(json.dumps(w) for w in command)}]\n"
-                  f"working_directory = \"~/{Path(FLAG).parent}\"\n\n[restart]\nbase_s = {self.policy.base_s:g}\n")
+        command = [sys.executable, "-I", "-m", "agor_systemd.lab.demo_sidecar", str(flag)]
+        config = (
+            f"[sidecar]\ncommand = [{', '.join(json.dumps(w) for w in command)}]\n"
+            f'working_directory = "~/{Path(FLAG).parent}"\n\n[restart]\nbase_s = {self.policy.base_s:g}\n'
+        )
         mgr.write_file(CONFIG, config)
         mgr.write_file(FLAG, "while this file exists, the demo sidecar exits with status 3 after 0.3s\n")
-        echo(f"~{self.user}/{CONFIG} (the sidecar crashes {CRASH_AFTER_S:g}s after each start "
-             f"while ~/{FLAG} exists; it does now):")
+        echo(
+            f"~{self.user}/{CONFIG} (the sidecar crashes {CRASH_AFTER_S:g}s after each start "
+            f"while ~/{FLAG} exists; it does now):"
+        )
         indented(echo, config)
 
         echo(f"$ agor-units install --now        # as {self.user}")
@@ -283,15 +300,20 @@ class Demo:
 
     def header(self, install_output: str) -> None:
         m = re.search(r"^systemd (\d+): restart backoff (.+?), delays (.+)$", install_output, re.M)
-        version, mode, delays = (m.groups() if m else
-                                 (str(self.build.version), "?", ", ".join(f"{d:g}s" for d in self.delays)))
-        how = {"native": "native (systemd >= 254 waits itself: RestartSteps=, RestartMaxDelaySec=)",
-               "launcher fallback": "launcher fallback (systemd < 254 restarts at once; the launcher "
-                                    "waits out each delay)"}.get(mode, mode)
+        version, mode, delays = (
+            m.groups() if m else (str(self.build.version), "?", ", ".join(f"{d:g}s" for d in self.delays))
+        )
+        how = {
+            "native": "native (systemd >= 254 waits itself: RestartSteps=, RestartMaxDelaySec=)",
+            "launcher fallback": "launcher fallback (systemd < 254 restarts at once; the launcher "
+            "waits out each delay)",
+        }.get(mode, mode)
         self.echo("")
         self.echo(f"== systemd {version}, restart backoff: {how}")
-        self.echo(f"== delays {delays}; gives up after {self.attempts} restarts (the "
-                  f"{self.attempts + 1}th crash leaves the unit failed at once)")
+        self.echo(
+            f"== delays {delays}; gives up after {self.attempts} restarts (the "
+            f"{self.attempts + 1}th crash leaves the unit failed at once)"
+        )
         self.echo("")
         self.echo(f"timeline in seconds since install, from `agor-units health --json` every {POLL_S:g}s:")
 
@@ -307,8 +329,10 @@ class Demo:
         def crashes_up_to(k: int) -> None:
             nonlocal seen
             for missed in range(seen + 1, k):
-                timeline.event(f"crash {missed}", f"restarting: attempt {missed}/{n} "
-                               "(it came and went between two health readings)")
+                timeline.event(
+                    f"crash {missed}",
+                    f"restarting: attempt {missed}/{n} (it came and went between two health readings)",
+                )
             seen = max(seen, k - 1)
 
         for state in self.polls(deadline, f"the sidecar did not reach `failed` within {limit:.0f}s"):
@@ -316,8 +340,10 @@ class Demo:
             if status == "failed":
                 crashes_up_to(int(state.get("attempts", 0)) + 1)
                 timeline.event(f"crash {seen + 1}", f"failed: {json.dumps(state)}")
-                timeline.event("", f"gave up: failed after {state.get('attempts')} restarts "
-                                   f"(last error: {state.get('last_error')})")
+                timeline.event(
+                    "",
+                    f"gave up: failed after {state.get('attempts')} restarts (last error: {state.get('last_error')})",
+                )
                 break
             if status == "restarting":
                 attempt, wait = int(state["attempt"]), float(state["next_retry_s"])
@@ -326,8 +352,9 @@ class Demo:
                     if attempt > seen:
                         crashes_up_to(attempt)
                         seen = attempt
-                        timeline.event(f"crash {attempt}", f"restarting: attempt {attempt}/{n}, "
-                                                           f"next try in {wait:.1f}s")
+                        timeline.event(
+                            f"crash {attempt}", f"restarting: attempt {attempt}/{n}, next try in {wait:.1f}s"
+                        )
                         last_countdown = time.monotonic()
                 elif wait >= 0.5 and (timeline.live or time.monotonic() - last_countdown >= 1.0):
                     timeline.countdown(f"restarting: attempt {attempt}/{n}, next try in {wait:.1f}s")
@@ -336,8 +363,9 @@ class Demo:
             if (status,) != key:
                 key = (status,)
                 if status == "healthy":
-                    timeline.event("healthy", "sidecar running" + (f" (restart {seen}/{n})" if seen
-                                                                   else " (first start)"))
+                    timeline.event(
+                        "healthy", "sidecar running" + (f" (restart {seen}/{n})" if seen else " (first start)")
+                    )
                 elif status == "starting":
                     timeline.event("starting", "first start, not READY yet")
                 else:
@@ -373,8 +401,9 @@ class Demo:
         deadline = time.monotonic() + limit
         key: str | None = None
         healthy_since: float | None = None
-        for state in self.polls(deadline, f"the sidecar did not stay healthy after the manual restart "
-                                          f"within {limit:.0f}s"):
+        for state in self.polls(
+            deadline, f"the sidecar did not stay healthy after the manual restart within {limit:.0f}s"
+        ):
             status = state["status"]
             if status != key:
                 if key == "healthy":
@@ -385,8 +414,9 @@ class Demo:
                 else:
                     timeline.event(status, json.dumps(state))
             if healthy_since is not None and time.monotonic() - healthy_since >= self.hold_s:
-                timeline.event("healthy", f"{json.dumps(state)}  (up for {self.hold_s:g}s+, "
-                                          "the fixed sidecar stays up)")
+                timeline.event(
+                    "healthy", f"{json.dumps(state)}  (up for {self.hold_s:g}s+, the fixed sidecar stays up)"
+                )
                 return
 
     def systemd_view(self) -> None:
@@ -418,8 +448,10 @@ class Demo:
                 cp = self.agor("uninstall", timeout=30)
                 indented(echo, cp.stdout)
                 if cp.returncode != 0:
-                    problems.append(f"agor-units uninstall exited {cp.returncode}: "
-                                    f"{(cp.stderr.strip().splitlines() or ['no output'])[-1]}")
+                    problems.append(
+                        f"agor-units uninstall exited {cp.returncode}: "
+                        f"{(cp.stderr.strip().splitlines() or ['no output'])[-1]}"
+                    )
             except LabError as e:
                 problems.append(str(e))
         if mgr is not None:
@@ -441,17 +473,22 @@ class Demo:
         for problem in problems:
             error(self.say, f"cleaning up: {problem}")
         if ns is not None and not problems:
-            echo(f"cleaned up: {'units uninstalled, ' if self.installed else ''}user manager and lab namespace stopped "
-                 f"(user {self.user} is kept for the next demo; `userdel -r {self.user}` removes it)")
+            echo(
+                f"cleaned up: {'units uninstalled, ' if self.installed else ''}user manager and lab namespace stopped "
+                f"(user {self.user} is kept for the next demo; `userdel -r {self.user}` removes it)"
+            )
         return not problems
 
 
 def run_demo(*, fast: bool, systemd_build: str | None, echo: Echo) -> int:
     """The whole demo; returns the exit status (0 ok, 1 error, 130 interrupted)."""
     if os.geteuid() != 0:
-        error(echo, "the demo starts a throw-away systemd user manager and needs root "
-                    "(e.g. `sudo agor-units demo`); with a working user session, just use "
-                    "`agor-units install --now`")
+        error(
+            echo,
+            "the demo starts a throw-away systemd user manager and needs root "
+            "(e.g. `sudo agor-units demo`); with a working user session, just use "
+            "`agor-units install --now`",
+        )
         return 1
     problem = interpreter_problem(sys.executable)
     if problem:
@@ -504,3 +541,22 @@ def run_demo(*, fast: bool, systemd_build: str | None, echo: Echo) -> int:
     if not cleaned and status == 0:
         status = 1
     return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`agor-units demo [--fast] [--systemd VERSION]`, which runs this as a program of its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="agor-units demo")
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--systemd", dest="systemd_build", metavar="VERSION")
+    args = parser.parse_args(argv)
+
+    def echo(text: str) -> None:
+        print(text, flush=True)
+
+    return run_demo(fast=args.fast, systemd_build=args.systemd_build, echo=echo)
+
+
+if __name__ == "__main__":
+    run_main("agor-units demo", main)

@@ -1,0 +1,38 @@
+"""sd_notify(3) without libsystemd: READY=1, STATUS=, WATCHDOG=1 as datagrams to $NOTIFY_SOCKET.
+
+Shared by every Type=notify daemon of the toolkit (the launcher today). Import-light: the socket
+is made with the C module `_socket` on first use (`socket` would import enum, ~2 ms per start).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class Notifier:
+    """Sends notify messages over one socket; does nothing when systemd gave no $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self._address = os.environ.get("NOTIFY_SOCKET")
+        self._socket = None
+
+    def __call__(self, *fields: str) -> None:
+        if not self._address:
+            return
+        if self._socket is None:
+            import _socket  # import cost: `socket` would import enum (~2 ms per start)
+
+            address = "\0" + self._address[1:] if self._address.startswith("@") else self._address
+            self._socket = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+            self._socket.connect(address)
+        self._socket.sendall("\n".join(fields).encode("utf-8", "surrogateescape"))
+
+
+notify = Notifier()
+
+
+def watchdog_interval_s() -> float:
+    """How often to send WATCHDOG=1 (half of $WATCHDOG_USEC), 0 when the watchdog is not ours."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    owner = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+    return int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and owner == str(os.getpid()) else 0.0

@@ -224,3 +224,18 @@ def test_programs_systemd_runs_do_not_load_click_or_pystemd(entry):
     cp = subprocess.run([sys.executable, "-I", "-c", code, str(REPO)], capture_output=True, text=True, check=True)
     loaded = set(cp.stdout.split())
     assert {"click", "pystemd", "sqlite_utils"} & loaded == set()
+
+
+def test_the_readme_module_map_names_every_module():
+    """README's Development section lists every module by name (a new one must be placed there)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Development") :]
+    missing = [
+        module
+        for module in MODULES
+        if module.count(".") >= 1
+        and not module.endswith(("__main__", "._launch"))
+        and f"`{module.rsplit('.', 1)[1]}`" not in section
+        and f"`{module.rsplit('.', 1)[1]}/`" not in section
+    ]
+    assert missing == []

@@ -78,29 +78,7 @@ def timed(argvs: list[list[str]]) -> float:
 
 # inserts without a busy timeout until stdin closes, then prints each stall: from the first
 # failed insert to the next one that succeeded
-NO_WAIT_WRITER = r"""
-import json, sqlite3, sys, threading, time
-c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-ok = failed = 0
-stalls, stalled_since = [], None
-while not stop.is_set():
-    try:
-        c.execute("INSERT INTO t(b) VALUES (randomblob(200))")
-    except sqlite3.OperationalError:
-        failed += 1
-        stalled_since = stalled_since or time.monotonic()
-    else:
-        ok += 1
-        if stalled_since is not None:
-            stalls.append(time.monotonic() - stalled_since)
-            stalled_since = None
-        if ok == 1:
-            print("writing", flush=True)
-    time.sleep(0.001)
-print(json.dumps({"ok": ok, "failed": failed, "stalls": stalls}))
-"""
+NO_WAIT_WRITER = str(REPO / "tests" / "programs" / "no_wait_writer.py")
 
 PINNING_READER = r"""
 import sqlite3, sys
@@ -137,7 +115,7 @@ def stall_round(tmp: Path, checkpointer: list[str], reader: bool) -> dict:
         )
         assert procs[-1].stdout.readline() == "reading\n"
     writer = subprocess.Popen(
-        [sys.executable, "-c", NO_WAIT_WRITER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, NO_WAIT_WRITER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     procs.append(writer)
     try:

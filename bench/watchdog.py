@@ -8,7 +8,7 @@ Run as root (part 1 starts real, unprivileged ``systemd --user`` managers in a l
 1. Hang-detection latency, on every build of :func:`agor_systemd.lab.testbed.available_builds` (default
    backoff mode of each: 252 launcher fallback, >= 254 native), one user manager per build, the
    managers in parallel.  ``agor-units install --now --watchdog-s=W --base-s=B`` with
-   ``tests/fake_sidecar.py`` and the plan ``stop-self:1, hang`` (SIGSTOP 1 s after the start: T
+   ``tests/programs/fake_sidecar.py`` and the plan ``stop-self:1, hang`` (SIGSTOP 1 s after the start: T
    state) or ``spin:1, hang`` with ``--activity-timeout-s=1`` (busy loop, silent after 1 s); the
    1 s is really 1 s + (r - 0.5)/n of the launcher's 0.25 s check period for repetition r of n
    (see HANG_AFTER_S).  hang = the first start's logged CLOCK_MONOTONIC + that; new start = the second start's logged
@@ -186,7 +186,7 @@ class Manager:
     def start(self, ns: LabNamespace) -> None:
         self.lock, self.mgr = rs.claim_user(self.user, self.build, ns, BENCH_DIR)
         self.mgr.write_file(
-            f"{BENCH_DIR}/fake_sidecar.py", (REPO / "tests" / "fake_sidecar.py").read_text(), mode=0o755
+            f"{BENCH_DIR}/fake_sidecar.py", (REPO / "tests" / "programs" / "fake_sidecar.py").read_text(), mode=0o755
         )
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ Fixtures for integration tests:
 * ``project_venv`` (session): :data:`VENV`, with the working tree's ``agor_systemd`` copied over the
   installed package, so units running ``/opt/agor-systemd/venv/bin/python`` use the current code.
 * ``fake_sidecar_path``, ``escape_corpus_path`` (session): world-readable copies of
-  ``tests/fake_sidecar.py`` and ``tests/sandbox_escape.py``.
+  ``tests/programs/fake_sidecar.py`` and ``tests/programs/sandbox_escape.py``.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def project_venv() -> Path:
 
 def _support_copy(name: str) -> Path:
     """World-readable copy of ``tests/NAME`` that test users can execute."""
-    src = REPO / "tests" / name
+    src = REPO / "tests" / "programs" / name
     if not src.exists():
-        pytest.fail(f"tests/{name} does not exist", pytrace=False)
+        pytest.fail(f"tests/programs/{name} does not exist", pytrace=False)
     TEST_SUPPORT.mkdir(mode=0o755, parents=True, exist_ok=True)
     dst = TEST_SUPPORT / name
     LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -235,29 +235,7 @@ def test_library_call_keeps_the_callers_writer_locks(waldb):
 # inserts without a busy timeout (as agor's sessions.db connection) until stdin closes; prints
 # how long its inserts failed with "database is locked": each stall runs from the first failed
 # insert to the next one that succeeded
-NO_WAIT_WRITER = """
-import json, sqlite3, sys, threading, time
-c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-ok = failed = 0
-stalls, stalled_since = [], None
-while not stop.is_set():
-    try:
-        c.execute("INSERT INTO t(b) VALUES (randomblob(200))")
-    except sqlite3.OperationalError:
-        failed += 1
-        stalled_since = stalled_since or time.monotonic()
-    else:
-        ok += 1
-        if stalled_since is not None:
-            stalls.append(time.monotonic() - stalled_since)
-            stalled_since = None
-        if ok == 1:
-            print("writing", flush=True)
-    time.sleep(0.001)
-print(json.dumps({"ok": ok, "failed": failed, "stalls": stalls}))
-"""
+NO_WAIT_WRITER = str(Path(__file__).parent / "programs" / "no_wait_writer.py")
 
 # a read transaction that pins the WAL until stdin closes: every TRUNCATE attempt waits for it
 PINNING_READER = """
@@ -279,7 +257,7 @@ def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_time
         [sys.executable, "-c", PINNING_READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     writer = subprocess.Popen(
-        [sys.executable, "-c", NO_WAIT_WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, NO_WAIT_WRITER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert reader.stdout.readline() == "reading\n" and writer.stdout.readline() == "writing\n"

@@ -1,6 +1,6 @@
 """The package's layering, read from its source: lowest layer first, nothing imports upward.
 
-    core          errors journal notify console files unitfile config manager (and __init__)
+    core          errors journal notify console files sqlite unitfile config manager (and __init__)
     sandbox       sandbox/*
     capabilities  sidecar/*, walcheck/*        (never each other)
     composition   units install verify doctor cli api _launch
@@ -29,6 +29,7 @@ CORE = {
     "agor_systemd.notify",
     "agor_systemd.console",
     "agor_systemd.files",
+    "agor_systemd.sqlite",
     "agor_systemd.unitfile",
     "agor_systemd.config",
     "agor_systemd.manager",

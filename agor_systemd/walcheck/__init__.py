@@ -32,7 +32,6 @@ import sqlite3
 import stat
 import sys
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import NoReturn
@@ -41,6 +40,7 @@ from agor_systemd import journal
 from agor_systemd.config import WalcheckConfig
 from agor_systemd.console import run_main
 from agor_systemd.errors import UsageError
+from agor_systemd.sqlite import classify, sqlite_uri
 from agor_systemd.unitfile import HomePath
 
 PROG = "agor-walcheck"
@@ -80,11 +80,6 @@ MAX_BUSY_TIMEOUT_S = 5.0
 # Retries after a busy attempt, no locks held while waiting: one run takes at most
 # busy_timeout + sum(RETRY_DELAYS_S) per database, plus the copying.
 RETRY_DELAYS_S = (0.25, 0.5, 1.0)
-
-# SQLite primary result codes (extended code & 0xff)
-_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
-_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
-_SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
 
 
 @dataclass
@@ -138,33 +133,6 @@ def _wal_size(path: str) -> int:
         return os.stat(path + "-wal").st_size
     except FileNotFoundError:
         return 0
-
-
-def _uri(path: str, query: str = "mode=rw") -> str:
-    """An SQLite URI for any path (spaces, %, ?, # included); by default read-write, never create."""
-    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
-
-
-def _classify(error: sqlite3.Error) -> tuple[str, str]:
-    """(outcome, reason) for an SQLite error."""
-    code = getattr(error, "sqlite_errorcode", None)
-    name = getattr(error, "sqlite_errorname", None) or "SQLITE_ERROR"
-    text = str(error).strip().splitlines()[0] if str(error).strip() else name
-    reason = f"{text} ({name})"
-    primary = code & 0xFF if isinstance(code, int) else None
-    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        return "busy", reason
-    if primary == _SQLITE_NOTADB:
-        return "not-a-database", reason
-    if primary == _SQLITE_CORRUPT:
-        return "corrupt", reason
-    if primary == _SQLITE_FULL:
-        return "disk-full", reason
-    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
-        return "io-error", reason
-    if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_AUTH):
-        return "permission-denied", reason
-    return "error", reason
 
 
 _UNTOUCHED = "file left untouched"
@@ -229,10 +197,10 @@ def _header_refused(path: str) -> str | None:
     """
     conn = None
     try:
-        conn = sqlite3.connect(_uri(path, "mode=ro&immutable=1"), uri=True)
+        conn = sqlite3.connect(sqlite_uri(path, "mode=ro&immutable=1"), uri=True)
         conn.execute("PRAGMA schema_version").fetchone()  # reads page 1 and checks its header
     except sqlite3.Error as e:
-        outcome, reason = _classify(e)
+        outcome, reason = classify(e)
         return reason if outcome == "not-a-database" else None
     finally:
         if conn is not None:
@@ -289,7 +257,7 @@ def _checkpoint_open(
     attempt_timeout_s = busy_timeout_s / (1 + len(retry_delays_s))
     conn = None
     try:
-        conn = sqlite3.connect(_uri(path), uri=True, timeout=attempt_timeout_s, isolation_level=None)
+        conn = sqlite3.connect(sqlite_uri(path), uri=True, timeout=attempt_timeout_s, isolation_level=None)
         # reading the schema validates the header and page 1 and recovers a hot WAL/journal
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
@@ -322,9 +290,9 @@ def _checkpoint_open(
                     result.truncate_s += time.monotonic() - truncate_started
                 result.busy, result.log_frames, result.checkpointed_frames = busy, log, done
             except sqlite3.OperationalError as e:
-                if _classify(e)[0] != "busy":
+                if classify(e)[0] != "busy":
                     raise
-                busy, reason = 1, _classify(e)[1]
+                busy, reason = 1, classify(e)[1]
             else:
                 reason = None
             if not busy:
@@ -358,7 +326,7 @@ def _checkpoint_open(
             )
         return result
     except sqlite3.Error as e:
-        outcome, reason = _classify(e)
+        outcome, reason = classify(e)
         result.outcome = outcome
         if outcome == "disk-full":
             result.message = f"disk full during the checkpoint: {reason}; the WAL still holds every commit"

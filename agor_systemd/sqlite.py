@@ -1,0 +1,43 @@
+"""SQLite the way every tool of the toolkit opens agor's databases, and what its errors mean.
+
+agor's databases are shared with a running agor: open them by URI (any path, never created by
+accident) and classify an error into an outcome a user can act on.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+
+# primary result codes (sqlite3.h); Python exposes the extended code as sqlite_errorcode
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 11, 13, 14
+_SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
+
+
+def sqlite_uri(path: str, query: str = "mode=rw") -> str:
+    """An SQLite URI for any path (spaces, %, ?, # included); by default read-write, never create."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
+
+
+def classify(error: sqlite3.Error) -> tuple[str, str]:
+    """(outcome, reason) for an SQLite error."""
+    code = getattr(error, "sqlite_errorcode", None)
+    name = getattr(error, "sqlite_errorname", None) or "SQLITE_ERROR"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else name
+    reason = f"{text} ({name})"
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return "busy", reason
+    if primary == _SQLITE_NOTADB:
+        return "not-a-database", reason
+    if primary == _SQLITE_CORRUPT:
+        return "corrupt", reason
+    if primary == _SQLITE_FULL:
+        return "disk-full", reason
+    if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
+        return "io-error", reason
+    if primary in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_AUTH):
+        return "permission-denied", reason
+    return "error", reason

@@ -179,12 +179,12 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
         return checks
     if version is None:
         # what install would write depends on the manager's probe: without it, only what is there
-        installed = ", ".join(sorted(manifest)) or "none"
+        installed_units = ", ".join(sorted(manifest)) or "none"
         checks.append(
             Check(
                 "units installed",
                 "warn",
-                f"{installed}; not compared with the configuration (the manager is unreachable)",
+                f"{installed_units}; not compared with the configuration (the manager is unreachable)",
                 "reach the manager, then run this again",
             )
         )

@@ -338,9 +338,10 @@ def wait_stopped(manager, names: list[str]) -> list[str]:
     """Wait until no unit of `names` is stopping; the ones still stopping after their own stop
     timeout (when systemd has sent SIGKILL) plus STOP_GRACE_S."""
     deadlines: dict[str, float] = {}
-    pending, stuck = list(names), []
+    pending = list(names)
+    stuck: list[str] = []
     while pending:
-        still = []
+        still: list[str] = []
         for name in pending:
             try:
                 props = manager.unit_properties(name)

@@ -48,7 +48,7 @@ class Systemd:
 
     def __init__(self, system: bool = False) -> None:
         self.system = system
-        self._bus = None
+        self._bus: Any = None  # pystemd's DBus or DBusAddress while open (pystemd has no type hints)
 
     def __enter__(self) -> Systemd:
         from pystemd.dbuslib import DBus, DBusAddress  # import cost: ~26 ms, only when a call is made
@@ -176,23 +176,23 @@ class Systemd:
                 continue
             names.append(name)
             outcomes.append({})
-        pending = {i for i, name in enumerate(names) if name}
+        pending = {i: name for i, name in enumerate(names) if name}
         deadline = time.monotonic() + timeout_s
         try:
             while pending:
-                for i in sorted(pending):
-                    props = self.unit_properties(names[i])  # type: ignore[arg-type]
-                    job = props.get("Job") or (0, "/")
+                for i, name in sorted(pending.items()):
+                    state = self.unit_properties(name)
+                    job = state.get("Job") or (0, "/")
                     # inactive counts only once the start job is gone (before it ran, it is inactive too)
-                    if props.get("ActiveState") in ("active", "failed") or (
-                        props.get("ActiveState") == "inactive" and not job[0] and props.get("ExecMainCode")
+                    if state.get("ActiveState") in ("active", "failed") or (
+                        state.get("ActiveState") == "inactive" and not job[0] and state.get("ExecMainCode")
                     ):
                         outcomes[i] = {
-                            "code": props.get("ExecMainCode"),
-                            "status": props.get("ExecMainStatus"),
-                            "result": props.get("Result"),
+                            "code": state.get("ExecMainCode"),
+                            "status": state.get("ExecMainStatus"),
+                            "result": state.get("Result"),
                         }
-                        pending.discard(i)
+                        del pending[i]
                 if pending:
                     if time.monotonic() > deadline:
                         for i in pending:
@@ -200,13 +200,13 @@ class Systemd:
                         break
                     time.sleep(0.01)
         finally:
-            for name in names:
-                if name:
+            for started in names:
+                if started:
                     try:
-                        self.stop(name)
+                        self.stop(started)
                     except BusError:
                         pass  # failed units are not running; gone already
-                    self.reset_failed(name)
+                    self.reset_failed(started)
         return outcomes
 
 

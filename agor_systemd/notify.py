@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False  # `typing` would cost the launcher ~6 ms; _socket itself is loaded on first use
+if TYPE_CHECKING:
+    import _socket
+
 
 class Notifier:
     """Sends notify messages over one socket; does nothing when systemd gave no $NOTIFY_SOCKET."""
 
     def __init__(self) -> None:
         self._address = os.environ.get("NOTIFY_SOCKET")
-        self._socket = None
+        self._socket: _socket.socket | None = None
 
     def __call__(self, *fields: str) -> None:
         if not self._address:

@@ -10,7 +10,8 @@
 #      system's apt sources, lists and caches are not touched) and extracted - not installed - into
 #      /opt/agor-systemd/systemd-254. The test bed runs it side by side with the host's systemd.
 #   3. A virtualenv at /opt/agor-systemd/venv built from Debian's /usr/bin/python3 (unprivileged test
-#      users must be able to execute it), with this project and its test extras installed.
+#      users must be able to execute it), with this project and its test extras installed (pytest,
+#      and the linters tests/test_linters.py runs: ruff, mypy).
 #
 # Environment knobs:
 #   AGOR_PREFIX       install prefix (default /opt/agor-systemd)
@@ -196,7 +197,7 @@ fi
 say "venv: pip install $REPO[test] (non-editable)"
 "$VENV/bin/python" -m pip install -q "$src[test]" || { rm -rf "$src"; die "pip install of the project failed"; }
 rm -rf "$src"
-"$VENV/bin/python" -c 'import agor_systemd, click, pystemd, pytest, xdist' \
+"$VENV/bin/python" -c 'import agor_systemd, click, pystemd, pytest, xdist, ruff, mypy' \
   || die "the venv is missing a module after pip install"
 
 chmod -R a+rX "$PREFIX"

@@ -85,8 +85,8 @@ def usec_to_s(usec: int) -> float:
 
 def has_job(props: dict[str, Any]) -> bool:
     """Whether a job (a stop, restart or start someone asked for) is running on the unit."""
-    job = props.get("Job")
-    return bool(job) and int(job[0]) != 0
+    job = props.get("Job") or (0, "/")
+    return int(job[0]) != 0
 
 
 def unrequested_stop(props: dict[str, Any], restarts: int, options: LauncherOptions | None) -> Health:

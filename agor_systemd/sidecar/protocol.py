@@ -11,6 +11,13 @@ from __future__ import annotations
 import _signal
 import time
 
+TYPE_CHECKING = False  # import cost: `typing` is ~6 ms, more than the launcher's whole start
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
+    from agor_systemd.unitfile import Text
+
 SIDECAR_UNIT = "agor-sidecar.service"
 
 # The launcher exits with this status after the last allowed crash; the unit lists it in
@@ -38,17 +45,17 @@ def _str_list(text: str) -> tuple[str, ...]:
     return tuple(text.split(",")) if text else ()
 
 
-def _join(values) -> str:
+def _join(values: Iterable[float]) -> str:
     return ",".join(number_text(v) for v in values)
 
 
-def _as_is(value):
+def _as_is(value: Text) -> Text:
     """Paths stay as they are (a HomePath becomes %h/... when the unit is written)."""
     return value
 
 
 # flag → (attribute, parse, render); flags whose value equals the default are left out
-_FLAGS = {
+_FLAGS: dict[str, tuple[str, Callable[[str], object], Callable[[Any], Text] | None]] = {
     "--unit": ("unit", str, str),
     "--attempts": ("attempts", int, str),
     "--stability-window": ("stability_window_s", float, None),
@@ -101,7 +108,7 @@ class LauncherOptions:
         unit: str,
         attempts: int,
         stability_window_s: float,
-        command: tuple[str, ...],
+        command: tuple[Text, ...],
         wait_schedule: tuple[float, ...] | None = None,
         system: bool = False,
         ready: str = "immediate",
@@ -111,13 +118,13 @@ class LauncherOptions:
         probe_timeout_s: float = 5.0,
         reset_via: str = "dbus",
         sandbox: str = "off",
-        read_write: tuple[str, ...] = (),
-        read_only: tuple[str, ...] = (),
+        read_write: tuple[Text, ...] = (),
+        read_only: tuple[Text, ...] = (),
         tcp_connect: tuple[int, ...] | None = None,
         tcp_bind: tuple[int, ...] = (),
         expect_hardening: tuple[str, ...] = (),
-        working_directory: str | None = None,
-        environment_file: str | None = None,
+        working_directory: Text | None = None,
+        environment_file: Text | None = None,
     ) -> None:
         self.unit = unit
         self.attempts = attempts
@@ -152,10 +159,11 @@ def number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def launcher_arguments(options: LauncherOptions) -> list[str]:
-    """The launcher's arguments (after the interpreter and script), ending with `--` argv."""
+def launcher_arguments(options: LauncherOptions) -> list[Text]:
+    """The launcher's arguments (after the interpreter and script), ending with `--` argv; a
+    HomePath stays one until the unit is written (exec_line)."""
     defaults = LauncherOptions("", 0, 0.0, ())
-    args: list[str] = []
+    args: list[Text] = []
     for flag, (attr, _, render) in _FLAGS.items():
         value = getattr(options, attr)
         if flag not in _REQUIRED and (value is None or value == getattr(defaults, attr)):
@@ -196,6 +204,7 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
         if _FLAGS[required][0] not in values:
             raise ValueError(f"missing launcher argument {required}")
     values.update({attr: tuple(paths) for attr, paths in lists.items()})
+    # each value has the type its _FLAGS parser gives it, which a dict of them cannot say
     return LauncherOptions(command=command, system=system, **values)  # type: ignore[arg-type]
 
 

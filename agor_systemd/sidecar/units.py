@@ -78,13 +78,13 @@ def sidecar_unit(
         probe_timeout_s=watchdog.probe_timeout_s,
         reset_via="notify" if systemd_version >= RESTART_RESET_VERSION else "dbus",
         expect_hardening=expected_effects(wanted_groups(systemd_version, hardening, system)),
-        working_directory=config.sidecar.working_directory,  # type: ignore[arg-type]
-        environment_file=config.sidecar.environment_file,  # type: ignore[arg-type]
+        working_directory=config.sidecar.working_directory,
+        environment_file=config.sidecar.environment_file,
     )
     if config.sandbox.enabled:
         read_write, read_only = sandbox_paths(config)
         options.sandbox = "required" if config.sandbox.required else "best"
-        options.read_write, options.read_only = read_write, read_only  # type: ignore[assignment]
+        options.read_write, options.read_only = read_write, read_only
         options.tcp_connect, options.tcp_bind = config.sandbox.tcp_connect, config.sandbox.tcp_bind
     unit = UnitFile(SIDECAR_UNIT, header=HEADER)
     unit.add("Unit", "Description", "agor sidecar (agent runners), supervised by systemd")

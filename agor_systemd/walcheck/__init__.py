@@ -279,6 +279,7 @@ def _checkpoint_open(
             result.journal_mode, result.switched_to_wal = mode, True
         result.wal_bytes_before = _wal_size(path)
         delays = list(retry_delays_s)
+        reason: str | None  # SQLite's words when the last attempt was busy before it could report frames
         while True:
             result.attempts += 1
             try:

@@ -165,6 +165,7 @@ def test_a_permission_error_names_the_unit_file_not_a_temporary_file(user_manage
 
 def test_uninstall_from_another_shell_finds_what_install_wrote_with_xdg_config_home(user_manager):
     elsewhere = user_manager.home / "elsewhere"
+    shutil.rmtree(elsewhere, ignore_errors=True)  # the test user's home outlives earlier runs
     shell_env = {"XDG_CONFIG_HOME": str(elsewhere)}
     installed = user_manager.run(
         [

@@ -195,7 +195,7 @@ def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
       agor-units install --now -- /usr/bin/node ~/agor/dist/claude-runner.mjs
       agor-units health --json
       agor-units restart          # after it gave up
-    Settings live in ~/.config/agor/units.toml ([sidecar], [restart]); flags override them.
+    Settings live in ~/.config/agor/units.toml (docs/settings.md); flags override them.
     """
     ctx.obj = {"config_path": config_path, "system": system}
 

@@ -429,8 +429,8 @@ SETTINGS = (
         "ready",
         _ready,
         "string",
-        'When the sidecar is ready: line (it prints {"type":"ready"}), immediate, socket:PATH or tcp:PORT '
-        "(accepts a connection)",
+        'When the sidecar is ready: line (it prints {"type":"ready"}), immediate, or when socket:PATH or '
+        "tcp:PORT accepts a connection",
         flag="--ready",
         metavar="MODE",
     ),
@@ -529,7 +529,9 @@ SETTINGS = (
         metavar="PATH",
         appends=True,
     ),
-    Setting("sandbox", "tcp_connect", _ports, "list of ports", "TCP ports the sidecar may connect to", unset="any"),
+    Setting(
+        "sandbox", "tcp_connect", _ports, "list of ports", "TCP ports the sidecar may connect to", unset="any port"
+    ),
     Setting("sandbox", "tcp_bind", _ports, "list of ports", "TCP ports the sidecar may listen on"),
 )
 

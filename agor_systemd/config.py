@@ -145,6 +145,8 @@ Parse = Callable[["Setting", Any], Any]
 
 @dataclass(frozen=True)
 class Setting:
+    """One units.toml setting: `[table] key`, how its value is checked, its flag and its docs."""
+
     table: str
     key: str
     parse: Parse
@@ -173,6 +175,8 @@ class Setting:
 
 @dataclass(frozen=True)
 class Table:
+    """One [table] of units.toml: its dataclass (the field of Config with the table's name)."""
+
     type: type
     help: str  # what the table is for and the rules across its settings, for docs/settings.md
     check: Callable[[Any], None] | None = None  # cross-field checks, run on the merged table
@@ -338,7 +342,7 @@ def check_watchdog_works(watchdog: WatchdogConfig) -> None:
             )
 
 
-# [table] -> its dataclass (a field of Config of the same name), in the order of docs/settings.md
+# in the order of docs/settings.md
 TABLES = {
     "sidecar": Table(
         SidecarConfig,
@@ -367,7 +371,8 @@ TABLES = {
     ),
 }
 
-# seconds are kept to whole microseconds by systemd
+# in the order of the dataclasses' fields (a test checks), of the flags in --help and of docs/settings.md;
+# limits in seconds are kept to whole microseconds by systemd
 SETTINGS = (
     Setting(
         "sidecar",

@@ -8,21 +8,12 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from agor_systemd import __version__
-from agor_systemd.config import (
-    Config,
-    load_config,
-    resolve_command,
-    restart_policy,
-    sandbox_config,
-    sidecar_config,
-    watchdog_config,
-)
+from agor_systemd.config import SETTINGS, Config, Setting, apply_overrides, load_config
 from agor_systemd.console import call, run_main
 from agor_systemd.doctor import MINIMUM_VERSION, run_checks
 from agor_systemd.errors import AgorError
@@ -116,58 +107,43 @@ def emit(data, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 
+def default_text(setting: Setting) -> str:
+    """A setting's default as the flag's help says it: `1`, `~/.local/share/agor`, `on`."""
+    default = setting.default
+    if default is None:
+        return setting.unset
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
+
+
+def setting_option(setting: Setting):
+    """The override flag a setting declares (config.SETTINGS), as a click option."""
+    if setting.flag == "--":
+        return click.argument(setting.name, nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG]...]")
+    assert setting.flag is not None
+    if setting.appends:
+        help_text = f"{setting.help} (repeatable; added to units.toml's list)."
+        return click.option(setting.flag, setting.name, multiple=True, metavar=setting.metavar, help=help_text)
+    help_text = f"{setting.help} (default {default_text(setting)})."
+    if isinstance(setting.default, bool):
+        # None when not given, so units.toml decides; a flag without a --no- form can only turn it on
+        return click.option(setting.flag, setting.name, is_flag=True, default=None, help=help_text)
+    if isinstance(setting.default, int | float):
+        number = int if type(setting.default) is int else float
+        return click.option(setting.flag, setting.name, type=number, help=help_text)
+    return click.option(setting.flag, setting.name, metavar=setting.metavar, help=help_text)
+
+
+OVERRIDABLE = {setting.name: setting for setting in SETTINGS if setting.flag}
+
+
 def config_options(func):
     """Flags that override units.toml for one invocation; the sidecar command goes after `--`."""
-    options = [
-        click.option("--working-directory", metavar="PATH", help="Sidecar working directory (absolute, or ~/...)."),
-        click.option("--environment-file", metavar="PATH", help="File of VAR=value lines for the sidecar."),
-        click.option("--base-s", type=float, help="First restart delay in seconds (default 1)."),
-        click.option("--cap-s", type=float, help="Longest restart delay in seconds (default 30)."),
-        click.option("--attempts", type=int, help="Restarts before giving up (default 5)."),
-        click.option(
-            "--stability-window-s", type=float, help="Seconds of running that refill the budget (default 300)."
-        ),
-        click.option(
-            "--watchdog-s", type=float, help="WatchdogSec=: a sidecar hung this long is restarted (default 30; 0 off)."
-        ),
-        click.option(
-            "--ready",
-            metavar="MODE",
-            help="When the sidecar is ready: line (default), immediate, socket:PATH, tcp:PORT.",
-        ),
-        click.option(
-            "--ready-timeout-s", type=float, help="Not ready within this long fails the attempt (default 10)."
-        ),
-        click.option(
-            "--activity-timeout-s", type=float, help="No output for this long counts as hung (default 0: off)."
-        ),
-        click.option("--probe", metavar="CHECK", help="Liveness probe: socket:PATH, tcp:PORT or exec:SHELL-COMMAND."),
-        click.option("--probe-timeout-s", type=float, help="How long the probe may take (default 5)."),
-        click.option("--sandbox/--no-sandbox", default=None, help="Landlock for the sidecar (default: on)."),
-        click.option(
-            "--sandbox-required",
-            is_flag=True,
-            default=None,
-            help="Refuse to start the sidecar when the kernel cannot enforce Landlock.",
-        ),
-        click.option(
-            "--read-write-path",
-            "read_write_paths",
-            multiple=True,
-            metavar="PATH",
-            help="Also writable in the sandbox (repeatable), e.g. a project directory.",
-        ),
-        click.option(
-            "--read-only-path",
-            "read_only_paths",
-            multiple=True,
-            metavar="PATH",
-            help="Also readable in the sandbox (repeatable).",
-        ),
-        click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG]...]"),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    for setting in reversed(OVERRIDABLE.values()):
+        func = setting_option(setting)(func)
     return config_path_option(func)
 
 
@@ -177,75 +153,15 @@ def systemd_version_option(help_text: str):
 
 
 def effective_config(
-    ctx: click.Context,
-    command_config_path,
-    command,
-    working_directory,
-    environment_file,
-    base_s,
-    cap_s,
-    attempts,
-    stability_window_s,
-    watchdog_s,
-    ready,
-    ready_timeout_s,
-    activity_timeout_s,
-    probe,
-    probe_timeout_s,
-    sandbox,
-    sandbox_required,
-    read_write_paths,
-    read_only_paths,
-    user_config: bool = True,
+    ctx: click.Context, command_config_path: Path | None, user_config: bool = True, **flag_values
 ) -> Config:
     """units.toml (or, with user_config=False and no --config, the defaults) with the flags applied."""
     config_path = chosen_config_path(ctx, command_config_path)
     config = load_config(config_path) if user_config or config_path is not None else Config()
-    sidecar_values = {
-        k: v
-        for k, v in (("working_directory", working_directory), ("environment_file", environment_file))
-        if v is not None
-    }
-    sidecar = sidecar_config(sidecar_values, config.sidecar)
-    if command:
-        sidecar = replace(sidecar, command=resolve_command(list(command)))
-    restart_values = {
-        k: v
-        for k, v in (
-            ("base_s", base_s),
-            ("cap_s", cap_s),
-            ("attempts", attempts),
-            ("stability_window_s", stability_window_s),
-        )
-        if v is not None
-    }
-    watchdog_values = {
-        k: v
-        for k, v in (
-            ("interval_s", watchdog_s),
-            ("ready", ready),
-            ("ready_timeout_s", ready_timeout_s),
-            ("activity_timeout_s", activity_timeout_s),
-            ("probe", probe),
-            ("probe_timeout_s", probe_timeout_s),
-        )
-        if v is not None
-    }
-    sandbox_values = {k: v for k, v in (("enabled", sandbox), ("required", sandbox_required)) if v is not None}
-    sandbox_settings = sandbox_config(sandbox_values, config.sandbox)
-    sandbox_settings = replace(
-        sandbox_settings,
-        read_write_paths=sandbox_settings.read_write_paths
-        + sandbox_config({"read_write_paths": list(read_write_paths)}).read_write_paths,
-        read_only_paths=sandbox_settings.read_only_paths
-        + sandbox_config({"read_only_paths": list(read_only_paths)}).read_only_paths,
-    )
-    return replace(
-        config,
-        sidecar=sidecar,
-        restart=restart_policy(restart_values, config.restart),
-        watchdog=watchdog_config(watchdog_values, config.watchdog),
-        sandbox=sandbox_settings,
+    given = {name: value for name, value in flag_values.items() if value is not None and value != ()}
+    # click gives a repeated flag (and the words after --) as a tuple; units.toml has lists
+    return apply_overrides(
+        config, {OVERRIDABLE[name]: list(v) if isinstance(v, tuple) else v for name, v in given.items()}
     )
 
 
@@ -279,7 +195,7 @@ def main(ctx: click.Context, config_path: Path | None, system: bool) -> None:
       agor-units install --now -- /usr/bin/node ~/agor/dist/claude-runner.mjs
       agor-units health --json
       agor-units restart          # after it gave up
-    Settings live in ~/.config/agor/units.toml ([sidecar], [restart]); flags override them.
+    Settings live in ~/.config/agor/units.toml (docs/settings.md); flags override them.
     """
     ctx.obj = {"config_path": config_path, "system": system}
 

@@ -1,4 +1,7 @@
-"""units.toml: what to run as the sidecar and how to restart it.
+"""units.toml: what to run as the sidecar, how to restart, watch and sandbox it, the WAL timer.
+
+Every setting is declared once, in SETTINGS: its parser and limits, its command-line override flag
+(install, render, verify) and its entry in docs/settings.md, which is generated from it.
 
     [sidecar]
     command = ["/usr/bin/node", "~/agor/dist/claude-runner.mjs"]
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,10 +91,10 @@ class WalcheckConfig:
 class SandboxConfig:
     """[sandbox]: Landlock for the sidecar and everything it starts, on by default.
 
-    The path lists and port lists are added to the defaults (units.SANDBOX_READ_WRITE and
+    The path lists are added to the defaults (sandbox.policy.SANDBOX_READ_WRITE and
     SANDBOX_READ_ONLY): the sidecar's working directory, /tmp and ~/.local/share/agor read-write;
     system and runtime directories and ~/.claude read-only; the files the command names readable
-    (sandbox.command_paths, decided by the launcher at each start).
+    (sandbox.enforce.command_paths, decided by the launcher at each start).
     """
 
     enabled: bool = True
@@ -128,56 +132,146 @@ def home_text(value: str) -> Text:
     return value
 
 
-# key: (minimum, maximum); seconds are kept to whole microseconds by systemd
-_RESTART_LIMITS = {
-    "base_s": (0.001, 3600.0),
-    "cap_s": (0.001, 86400.0),
-    "attempts": (0, 1000),
-    "stability_window_s": (1.0, 30 * 86400.0),
-}
-_WATCHDOG_LIMITS = {
-    "interval_s": (0.0, 86400.0),  # 0 turns the watchdog off; else at least WATCHDOG_MIN_S
-    "ready_timeout_s": (0.1, 3600.0),
-    "activity_timeout_s": (0.0, 86400.0),
-    "probe_timeout_s": (0.1, 3600.0),
-}
-_WALCHECK_LIMITS = {
-    "interval_s": (1.0, 7 * 86400.0),
-    "busy_timeout_s": (0.0, 5.0),  # walcheck.MAX_BUSY_TIMEOUT_S
-}
-_WHOLE_NUMBERS = {"attempts"}
+# -- one declaration per setting ------------------------------------------------------------------
+#
+# Each setting is declared once, in SETTINGS below (the idea of mkosi's ConfigSetting/SETTINGS):
+# that declaration parses and checks its units.toml value, makes its command-line override flag
+# (cli.config_options) and its row in docs/settings.md (python -m agor_systemd.docs). The frozen
+# dataclasses above stay the typed result and hold the defaults.
+
+# the value parser of a setting: the TOML (or command-line) value -> the typed value, or ConfigError
+Parse = Callable[["Setting", Any], Any]
 
 
-def _number(table: str, key: str, value: Any, limits: dict[str, tuple[float, float]]) -> float:
+@dataclass(frozen=True)
+class Setting:
+    """One units.toml setting: `[table] key`, how its value is checked, its flag and its docs."""
+
+    table: str
+    key: str
+    parse: Parse
+    kind: str  # what the value is, for docs/settings.md: "seconds", "list of paths", ...
+    help: str  # one sentence without its period: docs/settings.md and the flag's --help
+    limits: tuple[float, float] | None = None  # a number's inclusive bounds
+    flag: str | None = None  # "--x", a switch "--x/--no-x", or "--" for the words after `--`
+    metavar: str | None = None
+    appends: bool = False  # a repeatable flag whose values are added to the units.toml list
+    unset: str = "none"  # what a default of None means
+
+    @property
+    def label(self) -> str:
+        """How errors name the setting: `[restart] attempts`."""
+        return f"[{self.table}] {self.key}"
+
+    @property
+    def name(self) -> str:
+        """A Python identifier for the setting: `restart_attempts`."""
+        return f"{self.table}_{self.key}"
+
+    @property
+    def default(self) -> Any:
+        return getattr(TABLES[self.table].type(), self.key)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One [table] of units.toml: its dataclass (the field of Config with the table's name)."""
+
+    type: type
+    help: str  # what the table is for and the rules across its settings, for docs/settings.md
+    check: Callable[[Any], None] | None = None  # cross-field checks, run on the merged table
+
+
+def _checked(check: Callable[[], object]) -> None:
+    try:
+        check()
+    except UnitValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _number(setting: Setting, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"[{table}] {key} must be a number, got {value!r}")
-    if key in _WHOLE_NUMBERS and not isinstance(value, int):
-        raise ConfigError(f"[{table}] {key} must be a whole number, got {value!r}")
-    low, high = limits[key]
+        raise ConfigError(f"{setting.label} must be a number, got {value!r}")
+    if type(setting.default) is int and not isinstance(value, int):
+        raise ConfigError(f"{setting.label} must be a whole number, got {value!r}")
+    assert setting.limits is not None, f"{setting.label} is a number without limits"
+    low, high = setting.limits
     if not low <= value <= high:
-        raise ConfigError(f"[{table}] {key} must be between {low:g} and {high:g}, got {value!r}")
+        raise ConfigError(f"{setting.label} must be between {low:g} and {high:g}, got {value!r}")
     return value
 
 
-def _numbers(
-    table: str, values: dict[str, Any], base, limits: dict[str, tuple[float, float]], other_keys: tuple[str, ...] = ()
-):
-    """Apply the numeric settings of one table to the dataclass `base`; other keys are skipped."""
-    for key, value in values.items():
-        if key in other_keys:
-            continue
-        if key not in limits:
-            known = ", ".join([*limits, *other_keys])
-            raise ConfigError(f"[{table}] has no setting {key!r} (known: {known})")
-        base = replace(base, **{key: _number(table, key, value, limits)})
-    return base
+def _switch(setting: Setting, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{setting.label} must be true or false, got {value!r}")
+    return value
 
 
-def restart_policy(values: dict[str, Any], base: RestartPolicy | None = None) -> RestartPolicy:
-    policy = _numbers("restart", values, base or RestartPolicy(), _RESTART_LIMITS)
-    if policy.cap_s < policy.base_s:
-        raise ConfigError(f"[restart] cap_s ({policy.cap_s:g}) is smaller than base_s ({policy.base_s:g})")
-    return policy
+def _path(setting: Setting, value: Any) -> Text:
+    if not isinstance(value, str):
+        raise ConfigError(f"{setting.label} must be a string path, got {value!r}")
+    path = home_text(value)
+    _checked(lambda: path_value(path, setting.label))
+    return path
+
+
+def _environment_file(setting: Setting, value: Any) -> Text:
+    path = _path(setting, value)
+    if any(c in str(path) for c in "*?[\\"):
+        # systemd globs EnvironmentFile= paths, so these characters would change meaning
+        raise ConfigError(f"{setting.label} contains a glob character (* ? [ \\): {value!r}")
+    return path
+
+
+def _paths(setting: Setting, value: Any) -> tuple[Text, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{setting.label} must be a list of paths")
+    paths = tuple(home_text(p) for p in value)
+    for path in paths:
+        _checked(lambda: path_value(path, f"{setting.label} entry"))  # noqa: B023 - called at once
+    return paths
+
+
+def _databases(setting: Setting, value: Any) -> tuple[Text, ...]:
+    paths = _paths(setting, value)
+    if not paths:  # agor-walcheck without paths would checkpoint agor's default databases
+        raise ConfigError(
+            f"{setting.label} is empty: list at least one database, or leave the setting out for agor's two"
+        )
+    return paths
+
+
+def _ports(setting: Setting, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value
+    ):
+        raise ConfigError(f"{setting.label} must be a list of TCP ports (1-65535), got {value!r}")
+    return tuple(value)
+
+
+def _command(setting: Setting, value: Any) -> tuple[Text, ...]:
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ConfigError(f'{setting.label} must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]')
+    return resolve_command(value)
+
+
+def resolve_command(argv: list[str]) -> tuple[Text, ...]:
+    """Validate the sidecar argv; a bare program name is looked up on PATH now, so the unit
+    names the exact binary it will run."""
+    if not argv:
+        raise ConfigError("[sidecar] command is empty: give the program and its arguments")
+    words = [home_text(a) for a in argv]
+    for i, word in enumerate(words):
+        _checked(lambda: check_text(str(word), f"[sidecar] command argument {i}"))  # noqa: B023 - called at once
+    program = words[0]
+    if isinstance(program, str) and not program.startswith("/"):
+        if "/" in program:
+            raise ConfigError(f"[sidecar] command {program!r} is a relative path; give an absolute path")
+        found = shutil.which(program)
+        if found is None:
+            raise ConfigError(f"[sidecar] command {program!r} was not found on PATH; give an absolute path")
+        words[0] = os.path.abspath(found)  # PATH may hold relative entries
+    return tuple(words)
 
 
 READY_MODES = ("line", "immediate", "socket:PATH", "tcp:PORT")
@@ -197,7 +291,7 @@ def check_endpoint(key: str, value: Any, plain: tuple[str, ...], modes: tuple[st
         if value in plain:
             return value
         if kind == "socket" and arg.startswith("/"):
-            _checked(key, lambda a: check_text(a, f"[watchdog] {key} socket path"), arg)
+            _checked(lambda: check_text(arg, f"[watchdog] {key} socket path"))
             if len(arg.encode()) > SUN_PATH_MAX:
                 raise ConfigError(
                     f"[watchdog] {key} socket path is {len(arg.encode())} bytes long; a unix socket "
@@ -207,23 +301,24 @@ def check_endpoint(key: str, value: Any, plain: tuple[str, ...], modes: tuple[st
         if kind == "tcp" and arg.isdigit() and 1 <= int(arg) <= 65535:
             return value
         if kind == "exec" and "exec:COMMAND" in modes and arg.strip():
-            _checked(key, lambda a: check_text(a, f"[watchdog] {key} command"), arg)
+            _checked(lambda: check_text(arg, f"[watchdog] {key} command"))
             return value
     raise ConfigError(
         f"[watchdog] {key} must be one of {', '.join(modes)} (absolute socket path, port 1-65535), got {value!r}"
     )
 
 
-def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) -> WatchdogConfig:
-    """How the launcher knows the sidecar is ready (a {"type":"ready"} line on stdout, which
-    agor's runners print; a unix socket or TCP port that accepts; or at once) and alive."""
-    watchdog = _numbers("watchdog", values, base or WatchdogConfig(), _WATCHDOG_LIMITS, ("ready", "probe"))
-    if "ready" in values:
-        watchdog = replace(watchdog, ready=check_endpoint("ready", values["ready"], ("line", "immediate"), READY_MODES))
-    if "probe" in values:
-        watchdog = replace(watchdog, probe=check_endpoint("probe", values["probe"], (), PROBE_MODES))
-    check_watchdog_works(watchdog)
-    return watchdog
+def _ready(setting: Setting, value: Any) -> str:
+    return check_endpoint(setting.key, value, ("line", "immediate"), READY_MODES)
+
+
+def _probe(setting: Setting, value: Any) -> str:
+    return check_endpoint(setting.key, value, (), PROBE_MODES)
+
+
+def check_restart(policy: RestartPolicy) -> None:
+    if policy.cap_s < policy.base_s:
+        raise ConfigError(f"[restart] cap_s ({policy.cap_s:g}) is smaller than base_s ({policy.base_s:g})")
 
 
 def check_watchdog_works(watchdog: WatchdogConfig) -> None:
@@ -247,104 +342,245 @@ def check_watchdog_works(watchdog: WatchdogConfig) -> None:
             )
 
 
-def walcheck_config(values: dict[str, Any], base: WalcheckConfig | None = None) -> WalcheckConfig:
-    walcheck = _numbers("walcheck", values, base or WalcheckConfig(), _WALCHECK_LIMITS, ("databases",))
-    if "databases" in values:
-        paths = values["databases"]
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise ConfigError("[walcheck] databases must be a list of paths")
-        if not paths:  # agor-walcheck without paths would checkpoint agor's default databases
-            raise ConfigError(
-                "[walcheck] databases is empty: list at least one database, or leave the setting out for agor's two"
-            )
-        words = tuple(home_text(p) for p in paths)
-        for word in words:
-            _checked("database", lambda w: path_value(w, "[walcheck] databases entry"), word)
-        walcheck = replace(walcheck, databases=words)
-    return walcheck
+# in the order of docs/settings.md
+TABLES = {
+    "sidecar": Table(
+        SidecarConfig,
+        "What runs as the sidecar. `~` and `~/…` mean the home directory of the user whose manager runs "
+        "the unit (systemd's `%h`).",
+    ),
+    "restart": Table(
+        RestartPolicy,
+        "agor's restart backoff: the delay starts at `base_s` and doubles up to `cap_s` (which may not be "
+        "smaller than `base_s`); after `attempts` restarts the unit fails.",
+        check_restart,
+    ),
+    "watchdog": Table(
+        WatchdogConfig,
+        "Readiness and liveness ([watchdog.md](watchdog.md)). `interval_s` is 0 (off) or at least 1 s; "
+        "`probe` and `activity_timeout_s` need the watchdog on.",
+        check_watchdog_works,
+    ),
+    "walcheck": Table(WalcheckConfig, "The WAL checkpoint timer ([walcheck.md](walcheck.md)).", None),
+    "sandbox": Table(
+        SandboxConfig,
+        "Landlock for the sidecar and everything it starts ([sandbox.md](sandbox.md)). The path lists add to "
+        "the defaults: the working directory, /tmp and ~/.local/share/agor read-write; system and runtime "
+        "directories, ~/.claude and the files the command names read-only.",
+        None,
+    ),
+}
+
+# in the order of the dataclasses' fields (a test checks), of the flags in --help and of docs/settings.md;
+# limits in seconds are kept to whole microseconds by systemd
+SETTINGS = (
+    Setting(
+        "sidecar",
+        "command",
+        _command,
+        "list of strings",
+        "The sidecar's program and its arguments, passed verbatim; a bare program name is looked up on PATH",
+        flag="--",
+    ),
+    Setting(
+        "sidecar",
+        "working_directory",
+        _path,
+        "path",
+        "The sidecar's working directory (absolute, or ~/...), read-write in the sandbox",
+        flag="--working-directory",
+        metavar="PATH",
+    ),
+    Setting(
+        "sidecar",
+        "environment_file",
+        _environment_file,
+        "path",
+        "A file of NAME=value lines for the sidecar's environment",
+        flag="--environment-file",
+        metavar="PATH",
+    ),
+    Setting(
+        "restart",
+        "base_s",
+        _number,
+        "seconds",
+        "The first restart delay; each restart doubles it",
+        (0.001, 3600.0),
+        flag="--base-s",
+    ),
+    Setting("restart", "cap_s", _number, "seconds", "The longest restart delay", (0.001, 86400.0), flag="--cap-s"),
+    Setting("restart", "attempts", _number, "whole number", "Restarts before giving up", (0, 1000), flag="--attempts"),
+    Setting(
+        "restart",
+        "stability_window_s",
+        _number,
+        "seconds",
+        "Running this long refills the restart budget",
+        (1.0, 30 * 86400.0),
+        flag="--stability-window-s",
+    ),
+    Setting(
+        "watchdog",
+        "interval_s",
+        _number,
+        "seconds",
+        "WatchdogSec=: a sidecar hung this long is killed and restarted; 0 turns the watchdog off",
+        (0.0, 86400.0),
+        flag="--watchdog-s",
+    ),
+    Setting(
+        "watchdog",
+        "ready",
+        _ready,
+        "string",
+        'When the sidecar is ready: line (it prints {"type":"ready"}), immediate, or when socket:PATH or '
+        "tcp:PORT accepts a connection",
+        flag="--ready",
+        metavar="MODE",
+    ),
+    Setting(
+        "watchdog",
+        "ready_timeout_s",
+        _number,
+        "seconds",
+        "Not ready within this long fails the attempt",
+        (0.1, 3600.0),
+        flag="--ready-timeout-s",
+    ),
+    Setting(
+        "watchdog",
+        "activity_timeout_s",
+        _number,
+        "seconds",
+        "No output for this long counts as hung; 0 turns this check off",
+        (0.0, 86400.0),
+        flag="--activity-timeout-s",
+    ),
+    Setting(
+        "watchdog",
+        "probe",
+        _probe,
+        "string",
+        "A liveness probe that must succeed while the watchdog is on: socket:PATH, tcp:PORT or exec:SHELL-COMMAND",
+        flag="--probe",
+        metavar="CHECK",
+    ),
+    Setting(
+        "watchdog",
+        "probe_timeout_s",
+        _number,
+        "seconds",
+        "How long the probe may take",
+        (0.1, 3600.0),
+        flag="--probe-timeout-s",
+    ),
+    Setting(
+        "walcheck",
+        "interval_s",
+        _number,
+        "seconds",
+        "How often agor-walcheck.timer runs, counted from the end of the previous run",
+        (1.0, 7 * 86400.0),
+    ),
+    Setting(
+        "walcheck",
+        "databases",
+        _databases,
+        "list of paths",
+        "The SQLite databases to checkpoint; an empty list is refused (leave the setting out for agor's two)",
+    ),
+    Setting(
+        "walcheck",
+        "busy_timeout_s",
+        _number,
+        "seconds",
+        "The most one run holds agor's writers up per database (agor's own checkpoint may take 5 s)",
+        (0.0, 5.0),  # walcheck.MAX_BUSY_TIMEOUT_S
+    ),
+    Setting(
+        "sandbox",
+        "enabled",
+        _switch,
+        "true or false",
+        "Landlock for the sidecar and everything it starts",
+        flag="--sandbox/--no-sandbox",
+    ),
+    Setting(
+        "sandbox",
+        "required",
+        _switch,
+        "true or false",
+        "Refuse to start the sidecar when the kernel cannot enforce Landlock",
+        flag="--sandbox-required",
+    ),
+    Setting(
+        "sandbox",
+        "read_write_paths",
+        _paths,
+        "list of paths",
+        "Also writable in the sandbox, e.g. a project directory",
+        flag="--read-write-path",
+        metavar="PATH",
+        appends=True,
+    ),
+    Setting(
+        "sandbox",
+        "read_only_paths",
+        _paths,
+        "list of paths",
+        "Also readable in the sandbox",
+        flag="--read-only-path",
+        metavar="PATH",
+        appends=True,
+    ),
+    Setting(
+        "sandbox", "tcp_connect", _ports, "list of ports", "TCP ports the sidecar may connect to", unset="any port"
+    ),
+    Setting("sandbox", "tcp_bind", _ports, "list of ports", "TCP ports the sidecar may listen on"),
+)
 
 
-def _checked(what: str, check, value):
-    try:
-        return check(value)
-    except UnitValueError as e:
-        raise ConfigError(str(e)) from None
+def _apply(table: str, base: Any, values: list[tuple[Setting, Any]], command_line: bool = False) -> Any:
+    """`base` (a table's dataclass) with the values parsed onto it, then the table's own checks."""
+    for setting, value in values:
+        parsed = setting.parse(setting, value)
+        if command_line and setting.appends:
+            parsed = getattr(base, setting.key) + parsed
+        base = replace(base, **{setting.key: parsed})
+    check = TABLES[table].check
+    if check is not None:
+        check(base)
+    return base
 
 
-def resolve_command(argv: list[str]) -> tuple[Text, ...]:
-    """Validate the sidecar argv; a bare program name is looked up on PATH now, so the unit
-    names the exact binary it will run."""
-    if not argv:
-        raise ConfigError("[sidecar] command is empty: give the program and its arguments")
-    words = [home_text(a) for a in argv]
-    for i, word in enumerate(words):
-        _checked(f"argument {i}", lambda w: check_text(str(w), f"[sidecar] command argument {i}"), word)  # noqa: B023 - called at once
-    program = words[0]
-    if isinstance(program, str) and not program.startswith("/"):
-        if "/" in program:
-            raise ConfigError(f"[sidecar] command {program!r} is a relative path; give an absolute path")
-        found = shutil.which(program)
-        if found is None:
-            raise ConfigError(f"[sidecar] command {program!r} was not found on PATH; give an absolute path")
-        words[0] = os.path.abspath(found)  # PATH may hold relative entries
-    return tuple(words)
+def table_config(table: str, values: dict[str, Any], base: Any = None) -> Any:
+    """One [table] of units.toml onto `base` (default: the table's defaults)."""
+    settings = {s.key: s for s in SETTINGS if s.table == table}
+    unknown = [key for key in values if key not in settings]
+    if unknown:
+        raise ConfigError(f"[{table}] has no setting {unknown[0]!r} (known: {', '.join(settings)})")
+    return _apply(table, TABLES[table].type() if base is None else base, [(settings[k], v) for k, v in values.items()])
 
 
-def sidecar_config(values: dict[str, Any], base: SidecarConfig | None = None) -> SidecarConfig:
-    sidecar = base or SidecarConfig()
-    for key, value in values.items():
-        if key == "command":
-            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                raise ConfigError('[sidecar] command must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]')
-            sidecar = replace(sidecar, command=resolve_command(value))
-        elif key in ("working_directory", "environment_file"):
-            if not isinstance(value, str):
-                raise ConfigError(f"[sidecar] {key} must be a string path, got {value!r}")
-            path = home_text(value)
-            _checked(key, lambda p: path_value(p, f"[sidecar] {key}"), path)  # noqa: B023 - called at once
-            if key == "environment_file" and any(c in str(path) for c in "*?[\\"):
-                # systemd globs EnvironmentFile= paths, so these characters would change meaning
-                raise ConfigError(f"[sidecar] environment_file contains a glob character (* ? [ \\): {value!r}")
-            sidecar = replace(sidecar, **{key: path})
-        else:
-            raise ConfigError(f"[sidecar] has no setting {key!r} (known: command, working_directory, environment_file)")
-    return sidecar
+def restart_policy(values: dict[str, Any], base: RestartPolicy | None = None) -> RestartPolicy:
+    return table_config("restart", values, base)
 
 
-def _paths(key: str, value: Any) -> tuple[Text, ...]:
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise ConfigError(f"[sandbox] {key} must be a list of paths")
-    paths = tuple(home_text(p) for p in value)
-    for path in paths:
-        _checked(key, lambda p: path_value(p, f"[sandbox] {key} entry"), path)
-    return paths
+def watchdog_config(values: dict[str, Any], base: WatchdogConfig | None = None) -> WatchdogConfig:
+    """How the launcher knows the sidecar is ready (a {"type":"ready"} line on stdout, which
+    agor's runners print; a unix socket or TCP port that accepts; or at once) and alive."""
+    return table_config("watchdog", values, base)
 
 
-def _ports(key: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value
-    ):
-        raise ConfigError(f"[sandbox] {key} must be a list of TCP ports (1-65535), got {value!r}")
-    return tuple(value)
-
-
-def sandbox_config(values: dict[str, Any], base: SandboxConfig | None = None) -> SandboxConfig:
-    sandbox = base or SandboxConfig()
-    for key, value in values.items():
-        if key in ("enabled", "required"):
-            if not isinstance(value, bool):
-                raise ConfigError(f"[sandbox] {key} must be true or false, got {value!r}")
-            sandbox = replace(sandbox, **{key: value})
-        elif key in ("read_write_paths", "read_only_paths"):
-            sandbox = replace(sandbox, **{key: _paths(key, value)})
-        elif key in ("tcp_connect", "tcp_bind"):
-            sandbox = replace(sandbox, **{key: _ports(key, value)})
-        else:
-            raise ConfigError(
-                f"[sandbox] has no setting {key!r} (known: enabled, required, read_write_paths, "
-                "read_only_paths, tcp_connect, tcp_bind)"
-            )
-    return sandbox
+def apply_overrides(config: Config, overrides: dict[Setting, Any]) -> Config:
+    """`config` with command-line values applied, each checked as in units.toml; the values of an
+    appending setting are added to the file's list. Every table's cross-field checks run again, so
+    `--watchdog-s 0` is refused when units.toml configures a probe."""
+    for table in TABLES:
+        values = [(setting, value) for setting, value in overrides.items() if setting.table == table]
+        config = replace(config, **{table: _apply(table, getattr(config, table), values, command_line=True)})
+    return config
 
 
 def expand_home(value: Text, home: str) -> str:
@@ -375,20 +611,10 @@ def parse_config(data: dict[str, Any]) -> Config:
     for table, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{table!r} must be a table like [{table}]")
-        if table == "sidecar":
-            config = replace(config, sidecar=sidecar_config(values))
-        elif table == "restart":
-            config = replace(config, restart=restart_policy(values))
-        elif table == "watchdog":
-            config = replace(config, watchdog=watchdog_config(values))
-        elif table == "walcheck":
-            config = replace(config, walcheck=walcheck_config(values))
-        elif table == "sandbox":
-            config = replace(config, sandbox=sandbox_config(values))
-        else:
-            raise ConfigError(
-                f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])"
-            )
+        if table not in TABLES:
+            known = ", ".join(f"[{name}]" for name in TABLES)
+            raise ConfigError(f"unknown table [{table}] (known: {known})")
+        config = replace(config, **{table: table_config(table, values)})
     return config
 
 

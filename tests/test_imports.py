@@ -3,7 +3,7 @@
     core          errors journal notify console files sqlite unitfile config manager (and __init__)
     sandbox       sandbox/*
     capabilities  sidecar/*, walcheck/*        (never each other)
-    composition   units install verify doctor cli api _launch
+    composition   units install verify doctor cli api docs _launch
     lab           lab/*                        (the test bed and the demo: nothing imports it)
 
 Also: no import cycle, a function-level import only with an `import cost:` comment, and the
@@ -41,6 +41,7 @@ COMPOSITION = {
     "agor_systemd.doctor",
     "agor_systemd.cli",
     "agor_systemd.api",
+    "agor_systemd.docs",
     "agor_systemd._launch",
 }
 CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck")

@@ -392,7 +392,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def argument_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Checkpoint and truncate the WAL of agor's SQLite databases.",
@@ -426,15 +426,15 @@ _LEVELS = {EXIT_OK: 6, EXIT_TEMPFAIL: 4}  # info, warning; errors are 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     if not (0 <= args.busy_timeout <= MAX_BUSY_TIMEOUT_S):
-        _parser().error(
+        argument_parser().error(
             f"--busy-timeout must be between 0 and {MAX_BUSY_TIMEOUT_S:g} seconds, got {args.busy_timeout:g}"
         )
     if not (0 <= args.retries <= len(RETRY_DELAYS_S)):
-        _parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
+        argument_parser().error(f"--retries must be between 0 and {len(RETRY_DELAYS_S)}, got {args.retries}")
     if "" in args.databases:
-        _parser().error("an empty database path")
+        argument_parser().error("an empty database path")
     databases = args.databases or default_databases()
     results = []
     for db in databases:

@@ -23,7 +23,7 @@ from agor_systemd.sidecar.launcher import (
     OutputStream,
     Supervisor,
     budget_reset_via,
-    cause,
+    cause_of_death,
     cgroup_procs_file,
     is_ready_line,
     journal_records,
@@ -222,9 +222,9 @@ DENIAL = "permission denied: /srv/x — outside the sandbox"
         (CLD_KILLED, signal.SIGKILL, {"not_ready": True, "watchdog_fired": True}, "watchdog timeout"),
     ],
 )
-def test_cause(code, status, state, expected):
+def test_cause_of_death(code, status, state, expected):
     given = {"watchdog_fired": False, "hung": None, "not_ready": False, "denial": None, **state}
-    assert cause(code, status, ready_timeout_s=2.5, **given) == expected
+    assert cause_of_death(code, status, ready_timeout_s=2.5, **given) == expected
 
 
 def decide(attempt: int = 1, attempts: int = 5, **state) -> Exit:
@@ -314,6 +314,13 @@ def test_ready_status_carries_what_health_reads():
     assert text == "STATUS=ready; pid 1234; up 2m; attempt 2/5; sandbox partial"
     props = {"ActiveState": "active", "SubState": "running", "StatusText": text.removeprefix("STATUS=")}
     assert health_from_properties(props, 0) == {"status": "healthy", "sandbox": "partial"}
+
+
+@pytest.mark.parametrize(
+    ("up_s", "text"), [(0.9, "0s"), (59.9, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h00m"), (90061, "25h01m")]
+)
+def test_up_time_in_status(up_s, text):
+    assert ready_status(1, up_s, 0, 5, "sandbox off") == f"STATUS=ready; pid 1; up {text}; attempt 0/5; sandbox off"
 
 
 def assigned_attributes(cls_name: str) -> set[str]:

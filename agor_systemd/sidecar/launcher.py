@@ -201,7 +201,7 @@ def budget_reset_via(attempt: int, reset_via: str) -> str | None:
     return reset_via if attempt else None
 
 
-def cause(
+def cause_of_death(
     code: int,
     status: int,
     *,
@@ -262,8 +262,9 @@ def crash_exit(cause: str, record: str, attempt: int, attempts: int, priority: i
 def verdict(cause: str, attempt: int, attempts: int, *, stopping: bool, watchdog_fired: bool, not_ready: bool) -> Exit:
     """How the launcher ends once the sidecar has: after a stop, exit 0 whatever the sidecar's
     status (a JVM's 143, exit(1) handlers), with no stale "ready; pid …" left in STATUS=; after
-    the last allowed attempt, give up; after a watchdog or readiness timeout, exit 1 (the unit
-    restarts); else die the way the sidecar did, so systemd's Result= and ExecMainStatus= follow it."""
+    the last allowed attempt, give up; after a watchdog or readiness timeout, exit 1 (the sidecar
+    died of the launcher's own SIGTERM/SIGKILL: nothing to imitate); else die the way the sidecar
+    did, so systemd's Result= and ExecMainStatus= follow it."""
     if stopping and not watchdog_fired:
         return Exit("STATUS=", f"sidecar {cause} after a stop request", INFO, 0, after_stop=True)
     exit_status = 1 if watchdog_fired or not_ready else None
@@ -1000,7 +1001,7 @@ class Supervisor:
 
     def finish(self, code: int, status: int) -> NoReturn:
         end = verdict(
-            cause(
+            cause_of_death(
                 code,
                 status,
                 watchdog_fired=self.watchdog_fired,
@@ -1125,9 +1126,9 @@ def run(options: LauncherOptions) -> None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
     notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
-    cause = missing_start_path(options)
-    if cause is not None:
-        fail_before_spawn(options, bus, attempt, cause)
+    missing = missing_start_path(options)
+    if missing is not None:
+        fail_before_spawn(options, bus, attempt, missing)
     check_hardening(options.expect_hardening)
     sandbox = prepare_sandbox(options) if options.sandbox != "off" else None
     try:

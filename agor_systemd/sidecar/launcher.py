@@ -42,10 +42,8 @@ import _signal  # the C module: `signal` would import enum and functools (~3 ms 
 import errno
 import fcntl
 import os
-import resource
 import select
 import sys
-import termios
 import time
 
 from agor_systemd import journal
@@ -309,7 +307,7 @@ class ManagerBus:
     RECONNECT_PAUSE_S = 0.1
 
     def __init__(self, system: bool) -> None:
-        import ctypes  # import cost: ~2 ms, and only the fallback backoff and the budget reset need D-Bus
+        import ctypes  # import cost: ~2 ms; natively D-Bus comes after the spawn (fallback: before, for the wait)
 
         self._ctypes = ctypes
         self._lib = ctypes.CDLL("libsystemd.so.0")
@@ -456,6 +454,8 @@ def exit_like(code: int, status: int) -> NoReturn:
     if code == CLD_EXITED:
         sys.exit(1 if status == GAVE_UP_STATUS else status)
 
+    import resource  # import cost: ~0.2 ms (a shared library) on every start; only a signal death needs it
+
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # imitate the signal, not a launcher core dump
     if status != _signal.SIGKILL:  # SIGKILL (the OOM killer, kill -9) can have no handler and no mask
         _signal.signal(status, _signal.SIG_DFL)
@@ -591,6 +591,7 @@ class OutputStream:
         """After the sidecar exited: forward what is in the pipe at this moment, and not a byte
         more. A descendant (an agent, `yes`, a build) may hold the pipe open and write forever;
         waiting for it would keep the sidecar a zombie and the crash unnoticed."""
+        import termios  # import cost: ~0.2 ms (a shared library) on every start; needed at the sidecar's end only
 
         os.set_blocking(self.fd, False)
         available = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")

@@ -42,10 +42,8 @@ import _signal  # the C module: `signal` would import enum and functools (~3 ms 
 import errno
 import fcntl
 import os
-import resource
 import select
 import sys
-import termios
 import time
 
 from agor_systemd import journal
@@ -64,6 +62,15 @@ from agor_systemd.sidecar.protocol import (
     parse_launcher_arguments,
 )
 
+TYPE_CHECKING = False  # import cost: `typing` is ~6 ms, more than the launcher's whole start
+if TYPE_CHECKING:
+    from typing import Literal, NoReturn
+
+    from agor_systemd.sandbox.enforce import Prepared
+
+    ReadinessStep = Literal["give up", "poll"] | None
+    SignalAction = Literal["pass on", "watchdog", "stop", "stop and pass on"]
+
 STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split there anyway
 READY_POLL_S = 0.05
@@ -77,6 +84,209 @@ FORWARD_OUTPUT = "--forward-output"  # the launcher's second role, see forward_o
 def log(message: str, priority: int = NOTICE) -> None:
     """A line of the launcher's own in the journal (its stderr always is: systemd runs it)."""
     journal.log("agor-launch", message, priority, always_prefix=True)
+
+
+# -- decisions ---------------------------------------------------------------------------------------
+# What the launcher decides, as pure functions of its state (Sans-I/O): the Supervisor below only
+# gathers the state, acts on the answer and does the I/O. tests/test_launcher.py tests each one.
+
+
+def restart_delay_usec(schedule: tuple[float, ...], attempt: int) -> int | None:
+    """Fallback backoff: how long restart `attempt` waits after the crash (past the end of the
+    schedule, its last delay); None when it does not wait at all (a fresh start, no schedule)."""
+    if attempt == 0 or not schedule:
+        return None
+    return round(schedule[min(attempt, len(schedule)) - 1] * 1_000_000)
+
+
+def is_ready_line(line: bytes) -> bool:
+    """Whether a stdout line is the sidecar's {"type":"ready"} message."""
+    if b'"ready"' not in line:
+        return False
+    if b"".join(line.split()) == READY_LINE:  # agor's runners print exactly this
+        return True
+    import json  # import cost: ~8 ms; only a ready line spelt differently from agor's needs parsing
+
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "ready"
+
+
+def readiness_step(now: float, ready_deadline: float, next_ready_poll: float, ready_mode: str) -> ReadinessStep:
+    """While waiting for readiness: give up once the timeout has passed, else poll a socket:/tcp:
+    endpoint when its poll is due (a "line" comes on stdout by itself), else nothing."""
+    if now >= ready_deadline:
+        return "give up"
+    if ready_mode != "line" and now >= next_ready_poll:
+        return "poll"
+    return None
+
+
+def liveness_problem(
+    state: str,
+    now: float,
+    last_output: float,
+    activity_timeout_s: float,
+    probe_failures: int,
+    probe_reason: str | None,
+) -> str | None:
+    """Why a ready sidecar counts as hung, or None: stopped (its /proc state letter is T or t),
+    silent for longer than the activity timeout (0: silence is fine), or two failed probes in a
+    row (one may be a hiccup)."""
+    if state in ("T", "t"):
+        return "stopped (T state)"
+    if activity_timeout_s and now - last_output > activity_timeout_s:
+        return f"no output for {number_text(activity_timeout_s)} s"
+    if probe_failures >= 2:
+        return probe_reason
+    return None
+
+
+def next_wakeup(
+    *,
+    stable_at: float,
+    waiting_for_ready: bool,
+    ready_mode: str,
+    ready_deadline: float,
+    next_ready_poll: float,
+    reporting: bool,
+    next_status: float,
+    watching: bool,
+    next_ping: float,
+    next_check: float,
+) -> float:
+    """The poll loop's next deadline (monotonic s; inf: only an event can wake it): the stability
+    window, and each timer that is running — the readiness timeout and poll, the STATUS= refresh
+    while ready and not hung, the ping and liveness check while watching."""
+    deadlines = [stable_at]
+    if waiting_for_ready:
+        deadlines.append(ready_deadline if ready_mode == "line" else min(ready_deadline, next_ready_poll))
+    if reporting:
+        deadlines.append(next_status)
+    if watching:
+        deadlines += [next_ping, next_check]
+    return min(deadlines)
+
+
+def poll_timeout_ms(wakeup: float, now: float) -> int:
+    """poll()'s timeout for waking at `wakeup`: rounded up, so the deadline has passed on waking."""
+    wait_s = wakeup - now
+    return -1 if wait_s == float("inf") else max(0, int(wait_s * 1000) + 1)
+
+
+def signal_action(signum: int, hung: str | None, systemd_doing: str | None) -> SignalAction:
+    """What a SIGTERM, SIGINT or SIGHUP to the launcher means. `systemd_doing` is the unit's
+    SubState when systemd signals every process of the unit itself (KillMode=control-group).
+
+    SIGHUP is passed on. SIGTERM is also the unit's WatchdogSignal=: after our WATCHDOG=trigger,
+    or in SubState stop-watchdog, it is the watchdog's. Anything else is a stop, passed on unless
+    systemd has sent the sidecar its own SIGTERM already: a second one could end a once-only
+    handler mid-shutdown."""
+    if signum == _signal.SIGHUP:
+        return "pass on"
+    if signum == _signal.SIGTERM and (hung is not None or systemd_doing == "stop-watchdog"):
+        return "watchdog"
+    if systemd_doing == "stop-sigterm":
+        return "stop"
+    return "stop and pass on"
+
+
+def budget_reset_via(attempt: int, reset_via: str) -> str | None:
+    """At the end of the stability window: how to reset the restart budget ("notify": RESTART_RESET=1,
+    "dbus": ResetFailedUnit), or None when a first start has nothing to reset."""
+    return reset_via if attempt else None
+
+
+def cause_of_death(
+    code: int,
+    status: int,
+    *,
+    watchdog_fired: bool,
+    hung: str | None,
+    not_ready: bool,
+    ready_timeout_s: float,
+    denial: str | None,
+) -> str:
+    """Why the sidecar ended, for STATUS= and the journal: the watchdog (and the hang it saw), the
+    readiness timeout, or its own exit with the first path the sandbox refused."""
+    if watchdog_fired:
+        return "watchdog timeout" + (f" ({hung})" if hung else "")
+    if not_ready:
+        return f"not ready within {number_text(ready_timeout_s)} s"
+    # "exited with status 1; permission denied: /x — outside the sandbox; add it to ..."
+    return describe_exit(code, status) + (f"; {denial}" if denial else "")
+
+
+class Exit:
+    """How the launcher ends an attempt: the STATUS= it leaves, its own journal record, then its
+    exit status — None: die the way the sidecar did (exit_like). `after_stop`: first wait for the
+    rest of the unit to end, forwarding its output."""
+
+    __slots__ = ("after_stop", "exit_status", "priority", "record", "status_line")
+
+    def __init__(
+        self, status_line: str, record: str, priority: int, exit_status: int | None, after_stop: bool = False
+    ) -> None:
+        self.status_line = status_line
+        self.record = record
+        self.priority = priority
+        self.exit_status = exit_status
+        self.after_stop = after_stop
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Exit) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "Exit(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+
+
+def crash_exit(cause: str, record: str, attempt: int, attempts: int, priority: int, exit_status: int | None) -> Exit:
+    """An attempt that failed: after the last allowed one, give up (GAVE_UP_STATUS, which the unit
+    lists in RestartPreventExitStatus=); else leave the cause for health and let systemd restart."""
+    if attempt >= attempts:
+        return Exit(
+            f"STATUS=gave up after {attempts} restarts; {CRASH_MARK}{cause}",
+            f"{record}; giving up after {attempts} restarts",
+            ERR,
+            GAVE_UP_STATUS,
+        )
+    return Exit(
+        f"STATUS={CRASH_MARK}{cause}", f"{record}; restart {attempt + 1}/{attempts} follows", priority, exit_status
+    )
+
+
+def verdict(cause: str, attempt: int, attempts: int, *, stopping: bool, watchdog_fired: bool, not_ready: bool) -> Exit:
+    """How the launcher ends once the sidecar has: after a stop, exit 0 whatever the sidecar's
+    status (a JVM's 143, exit(1) handlers), with no stale "ready; pid …" left in STATUS=; after
+    the last allowed attempt, give up; after a watchdog or readiness timeout, exit 1 (the sidecar
+    died of the launcher's own SIGTERM/SIGKILL: nothing to imitate); else die the way the sidecar
+    did, so systemd's Result= and ExecMainStatus= follow it."""
+    if stopping and not watchdog_fired:
+        return Exit("STATUS=", f"sidecar {cause} after a stop request", INFO, 0, after_stop=True)
+    exit_status = 1 if watchdog_fired or not_ready else None
+    return crash_exit(cause, f"sidecar {cause}", attempt, attempts, WARNING, exit_status)
+
+
+def start_failure(cause: str, attempt: int, attempts: int) -> Exit:
+    """How an attempt that could not spawn the sidecar ends: like a crash, inside the schedule and
+    the budget."""
+    return crash_exit(cause, cause, attempt, attempts, ERR, 1)
+
+
+def ready_status(pid: int, up_s: float, attempt: int, attempts: int, sandbox_level: str) -> str:
+    """STATUS= while the sidecar is ready; health reads the sandbox level back from it."""
+    return f"STATUS=ready; pid {pid}; up {duration_text(up_s)}; attempt {attempt}/{attempts}; {sandbox_level}"
+
+
+def duration_text(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def bus_path(unit: str) -> bytes:
@@ -97,7 +307,7 @@ class ManagerBus:
     RECONNECT_PAUSE_S = 0.1
 
     def __init__(self, system: bool) -> None:
-        import ctypes  # import cost: ~2 ms, and only the fallback backoff and the budget reset need D-Bus
+        import ctypes  # import cost: ~2 ms; natively D-Bus comes after the spawn (fallback: before, for the wait)
 
         self._ctypes = ctypes
         self._lib = ctypes.CDLL("libsystemd.so.0")
@@ -229,10 +439,9 @@ class ManagerBus:
 def wait_before_restart(options: LauncherOptions, bus: ManagerBus) -> int:
     """Fallback backoff: wait until delay(k) has passed since the crash; returns k."""
     attempt = bus.restart_count(options.unit)
-    schedule = options.wait_schedule or ()
-    if attempt == 0 or not schedule:
+    delay_usec = restart_delay_usec(options.wait_schedule or (), attempt)
+    if delay_usec is None:
         return attempt
-    delay_usec = round(schedule[min(attempt, len(schedule)) - 1] * 1_000_000)
     restart_at = bus.inactive_since_usec(options.unit) + delay_usec
     while (remaining := restart_at - monotonic_usec()) > 0:
         notify(f"STATUS=waiting {remaining / 1e6:.1f}s before restart {attempt}/{options.attempts}")
@@ -240,10 +449,12 @@ def wait_before_restart(options: LauncherOptions, bus: ManagerBus) -> int:
     return attempt
 
 
-def exit_like(code: int, status: int) -> None:
+def exit_like(code: int, status: int) -> NoReturn:
     """Exit the way the sidecar did, so systemd's Result/ExecMainStatus follow it."""
     if code == CLD_EXITED:
         sys.exit(1 if status == GAVE_UP_STATUS else status)
+
+    import resource  # import cost: ~0.2 ms (a shared library) on every start; only a signal death needs it
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # imitate the signal, not a launcher core dump
     if status != _signal.SIGKILL:  # SIGKILL (the OOM killer, kill -9) can have no handler and no mask
@@ -251,15 +462,6 @@ def exit_like(code: int, status: int) -> None:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [status])
     os.kill(os.getpid(), status)
     sys.exit(128 + status)  # the signal's default action is to ignore it
-
-
-def duration_text(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def process_state(pid: int) -> str:
@@ -389,6 +591,7 @@ class OutputStream:
         """After the sidecar exited: forward what is in the pipe at this moment, and not a byte
         more. A descendant (an agent, `yes`, a build) may hold the pipe open and write forever;
         waiting for it would keep the sidecar a zombie and the crash unnoticed."""
+        import termios  # import cost: ~0.2 ms (a shared library) on every start; needed at the sidecar's end only
 
         os.set_blocking(self.fd, False)
         available = fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0")
@@ -492,53 +695,88 @@ def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, er
 
 
 class Supervisor:
-    """Runs one attempt: spawn, readiness, watchdog, output, stop signals, stability reset."""
+    """Supervises one running sidecar: readiness, watchdog, output, stop signals, stability reset.
 
-    def __init__(self, options: LauncherOptions, bus: ManagerBus | None, attempt: int) -> None:
+    Supervisor.spawn() starts the sidecar and returns its supervisor, so every attribute holds
+    from the start. Its decisions are the pure functions above; this class does the I/O."""
+
+    def __init__(
+        self,
+        options: LauncherOptions,
+        pid: int,
+        pidfd: int,
+        pipes: tuple[int, int],
+        started: float,
+        *,
+        sandbox: Prepared | None,
+        bus: ManagerBus | None,
+        attempt: int,
+    ) -> None:
         self.options = options
-        self.sandbox = None  # sandbox.Prepared, when the sandbox is on
-        self.bus = bus
+        self.pid = pid
+        self.pidfd = pidfd  # signals go here: once reaped, the pid may be another process's
+        out_r, err_r = pipes
+        self.streams = {
+            out_r: OutputStream(out_r, INFO, self.on_line, is_stdout=True),
+            err_r: OutputStream(err_r, WARNING, self.on_line, is_stdout=False),
+        }
+        self.started = started
+        self.sandbox = sandbox  # the Landlock set-up, when the sandbox is on
+        self.bus = bus  # fallback mode: connected before the spawn; native: by count_attempt()
         self.attempt = attempt
         self.stopping = False
         self.watchdog_fired = False
-        self.ready = False
+        self.ready_at: float | None = None
         self.hung: str | None = None
         self.not_ready = False
         self.probe_failures = 0
         self.probe_reason: str | None = None
         self.denial: str | None = None  # the first path the sandbox refused, explained (sandbox.denial_hint)
-        self.last_output = time.monotonic()
+        self.last_output = started
         self.stable_at = float("inf")  # set at READY: a run counts as stable only from then
         self.ping_s = watchdog_interval_s()
 
     # -- start -----------------------------------------------------------------------------------
 
-    def spawn(self) -> None:
+    @classmethod
+    def spawn(
+        cls, options: LauncherOptions, sandbox: Prepared | None, bus: ManagerBus | None, attempt: int
+    ) -> Supervisor:
+        """Start the sidecar and its supervisor; from here on, stop signals reach the sidecar."""
         env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+        ruleset = sandbox.ruleset if sandbox is not None else None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            if self.sandbox is not None and self.sandbox.ruleset is not None:
-                self.pid = spawn_confined(self.options.command, env, out_w, err_w, self.sandbox.ruleset)
+            if ruleset is not None:
+                pid = spawn_confined(options.command, env, out_w, err_w, ruleset)
             else:
-                self.pid = os.posix_spawn(
-                    self.options.command[0],
-                    list(self.options.command),
+                pid = os.posix_spawn(
+                    options.command[0],
+                    list(options.command),
                     env,
                     file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
                 )
         finally:
             os.close(out_w)
             os.close(err_w)
-            if self.sandbox is not None and self.sandbox.ruleset is not None:
-                self.sandbox.ruleset.close()
-        self.started = time.monotonic()
-        self.pidfd = os.pidfd_open(self.pid)
-        self.streams = {
-            out_r: OutputStream(out_r, INFO, self.on_line, is_stdout=True),
-            err_r: OutputStream(err_r, WARNING, self.on_line, is_stdout=False),
-        }
-        self.install_signal_handlers()
+            if ruleset is not None:
+                ruleset.close()
+        started = time.monotonic()
+        supervisor = cls(
+            options, pid, os.pidfd_open(pid), (out_r, err_r), started, sandbox=sandbox, bus=bus, attempt=attempt
+        )
+        supervisor.install_signal_handlers()
+        return supervisor
+
+    def count_attempt(self) -> None:
+        """Native backoff: which restart this is, asked of the manager once the sidecar runs (its
+        start does not wait for D-Bus); the connection stays for the stability-window reset."""
+        try:
+            self.bus = ManagerBus(self.options.system)
+            self.attempt = self.bus.restart_count(self.options.unit)
+        except OSError as e:  # keep supervising; StartLimitBurst= still ends a crash loop
+            log(f"{e}; cannot tell the attempt number, so the start limit will end a crash loop", WARNING)
 
     def install_signal_handlers(self) -> None:
         for signum in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
@@ -546,17 +784,16 @@ class Supervisor:
         _signal.signal(_signal.SIGABRT, self.watchdog_timeout)  # systemd's default WatchdogSignal=
 
     def forward(self, signum: int, _frame) -> None:
-        if signum == _signal.SIGHUP:
-            self.signal_child(signum)
-            return
-        # SIGTERM is also the unit's WatchdogSignal=, answering our WATCHDOG=trigger
+        # only a SIGTERM can be the watchdog's, and after WATCHDOG=trigger it is: no need to ask
         systemd_doing = self.systemd_signalling_all() if signum == _signal.SIGTERM and self.hung is None else None
-        if signum == _signal.SIGTERM and (self.hung is not None or systemd_doing == "stop-watchdog"):
+        action = signal_action(signum, self.hung, systemd_doing)
+        if action == "watchdog":
             self.watchdog_timeout(signum, _frame)
             return
-        self.stopping = True
-        if systemd_doing != "stop-sigterm":  # else the sidecar has its SIGTERM: a second one
-            self.signal_child(signum)  # could end a once-only handler mid-shutdown
+        if action != "pass on":
+            self.stopping = True
+        if action != "stop":
+            self.signal_child(signum)
 
     def systemd_signalling_all(self) -> str | None:
         """The unit's SubState when systemd is signalling every process of the unit itself
@@ -594,24 +831,17 @@ class Supervisor:
             from agor_systemd.sandbox.enforce import denial_hint
 
             self.denial = denial_hint(line, self.options.read_write, self.options.read_only)
-        if self.waiting_for_ready() and self.options.ready == "line" and stream.is_stdout and b'"ready"' in line:
-            if b"".join(line.split()) == READY_LINE:  # agor's runners print exactly this
-                self.become_ready()
-                return
-            import json  # import cost: ~8 ms; only a ready line spelt differently from agor's needs parsing
+        if self.waiting_for_ready() and self.options.ready == "line" and stream.is_stdout and is_ready_line(line):
+            self.become_ready()
 
-            try:
-                message = json.loads(line)
-            except ValueError:
-                return
-            if isinstance(message, dict) and message.get("type") == "ready":
-                self.become_ready()
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
 
     def waiting_for_ready(self) -> bool:
         return not self.ready and not self.not_ready
 
     def become_ready(self) -> None:
-        self.ready = True
         self.ready_at = time.monotonic()
         self.last_output = self.ready_at
         self.stable_at = self.ready_at + self.options.stability_window_s
@@ -622,11 +852,8 @@ class Supervisor:
                 self.start_probe_thread()
 
     def status_text(self) -> str:
-        up = duration_text(time.monotonic() - self.ready_at)
-        return (
-            f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}; "
-            f"{self.sandbox_level()}"
-        )
+        up_s = time.monotonic() - self.ready_at if self.ready_at is not None else 0.0
+        return ready_status(self.pid, up_s, self.attempt, self.options.attempts, self.sandbox_level())
 
     def sandbox_level(self) -> str:
         """'sandbox full|partial|none|off' — health reads it back from STATUS=."""
@@ -644,15 +871,15 @@ class Supervisor:
 
         threading.Thread(target=probe_loop, name="probe", daemon=True).start()
 
-    def liveness_problem(self, now: float) -> str | None:
-        state = process_state(self.pid)
-        if state in ("T", "t"):
-            return "stopped (T state)"
-        if self.options.activity_timeout_s and now - self.last_output > self.options.activity_timeout_s:
-            return f"no output for {number_text(self.options.activity_timeout_s)} s"
-        if self.probe_failures >= 2:  # one failed probe may be a hiccup; two in a row is a hang
-            return self.probe_reason
-        return None
+    def check_liveness(self, now: float) -> str | None:
+        return liveness_problem(
+            process_state(self.pid),
+            now,
+            self.last_output,
+            self.options.activity_timeout_s,
+            self.probe_failures,
+            self.probe_reason,
+        )
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -674,15 +901,16 @@ class Supervisor:
         while True:
             now = time.monotonic()
             if self.waiting_for_ready():
-                if now >= ready_deadline:
+                step = readiness_step(now, ready_deadline, next_ready_poll, ready_mode)
+                if step == "give up":
                     self.give_up_waiting()
-                elif ready_mode != "line" and now >= next_ready_poll:
+                elif step == "poll":
                     if connects(ready_mode, READY_POLL_S) is None:
                         self.become_ready()
                     next_ready_poll = now + READY_POLL_S
             watching = self.ready and self.ping_s > 0 and self.hung is None
             if watching and now >= next_check:
-                self.hung = self.liveness_problem(now)
+                self.hung = self.check_liveness(now)
                 next_check = now + LIVENESS_CHECK_S
                 if self.hung:
                     self.report_hang()
@@ -690,22 +918,26 @@ class Supervisor:
             if watching and now >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = now + self.ping_s
-            if self.ready and self.hung is None and now >= next_status:
+            reporting = self.ready and self.hung is None
+            if reporting and now >= next_status:
                 notify(self.status_text())
                 next_status = now + STATUS_REFRESH_S
             if now >= self.stable_at:
                 self.reset_budget()
                 self.stable_at = float("inf")
-            deadlines = [self.stable_at]
-            if self.waiting_for_ready():
-                deadlines.append(ready_deadline if ready_mode == "line" else min(ready_deadline, next_ready_poll))
-            if self.ready and self.hung is None:
-                deadlines.append(next_status)
-            if watching:
-                deadlines += [next_ping, next_check]
-            wait_s = min(deadlines) - time.monotonic()
-            timeout_ms = -1 if wait_s == float("inf") else max(0, int(wait_s * 1000) + 1)
-            for fd, _ in poller.poll(timeout_ms):
+            wakeup = next_wakeup(
+                stable_at=self.stable_at,
+                waiting_for_ready=self.waiting_for_ready(),
+                ready_mode=ready_mode,
+                ready_deadline=ready_deadline,
+                next_ready_poll=next_ready_poll,
+                reporting=reporting,
+                next_status=next_status,
+                watching=watching,
+                next_ping=next_ping,
+                next_check=next_check,
+            )
+            for fd, _ in poller.poll(poll_timeout_ms(wakeup, time.monotonic())):
                 if fd == self.pidfd:
                     for stream in self.streams.values():
                         stream.drain_available()
@@ -754,9 +986,10 @@ class Supervisor:
 
     def reset_budget(self) -> None:
         """Stable for the window: the next crash starts the schedule again with a full budget."""
-        if self.attempt:
+        via = budget_reset_via(self.attempt, self.options.reset_via)
+        if via is not None:
             try:
-                if self.options.reset_via == "notify":
+                if via == "notify":
                     notify("RESTART_RESET=1")
                 elif self.bus is not None:
                     self.bus.reset_failed(self.options.unit)
@@ -767,40 +1000,41 @@ class Supervisor:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def cause(self, code: int, status: int) -> str:
-        if self.watchdog_fired:
-            return "watchdog timeout" + (f" ({self.hung})" if self.hung else "")
-        if self.not_ready:
-            return f"not ready within {number_text(self.options.ready_timeout_s)} s"
-        # "exited with status 1; permission denied: /x — outside the sandbox; add it to ..."
-        return describe_exit(code, status) + (f"; {self.denial}" if self.denial else "")
-
-    def finish(self, code: int, status: int) -> None:
-        cause = self.cause(code, status)
-        if self.stopping and not self.watchdog_fired:
-            # A stop is never a crash, whatever the sidecar's exit status (a JVM's 143, exit(1)
-            # handlers): the unit ends `inactive`, and no stale "ready; pid …" stays in STATUS=.
-            notify("STATUS=")
-            log(f"sidecar {cause} after a stop request", INFO)
+    def finish(self, code: int, status: int) -> NoReturn:
+        end = verdict(
+            cause_of_death(
+                code,
+                status,
+                watchdog_fired=self.watchdog_fired,
+                hung=self.hung,
+                not_ready=self.not_ready,
+                ready_timeout_s=self.options.ready_timeout_s,
+                denial=self.denial,
+            ),
+            self.attempt,
+            self.options.attempts,
+            stopping=self.stopping,
+            watchdog_fired=self.watchdog_fired,
+            not_ready=self.not_ready,
+        )
+        if end.after_stop:
+            notify(end.status_line)
+            log(end.record, end.priority)
             # Everyone in the unit got SIGTERM too. Stay until they are done: systemd SIGKILLs
             # what is left once the main process is gone on a hybrid cgroup hierarchy in a
             # container, and a write to a pipe nobody reads would kill them with SIGPIPE.
             # systemd's stop timeout bounds the wait.
             forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file())
-            sys.exit(0)
+            sys.exit(end.exit_status)
         self.hand_over_output()
-        if self.attempt >= self.options.attempts:
-            notify(f"STATUS=gave up after {self.options.attempts} restarts; {CRASH_MARK}{cause}")
-            log(f"sidecar {cause}; giving up after {self.options.attempts} restarts", ERR)
-            sys.exit(GAVE_UP_STATUS)
-        notify(f"STATUS={CRASH_MARK}{cause}")
-        log(f"sidecar {cause}; restart {self.attempt + 1}/{self.options.attempts} follows", WARNING)
-        if self.watchdog_fired or self.not_ready:
-            sys.exit(1)
+        notify(end.status_line)
+        log(end.record, end.priority)
+        if end.exit_status is not None:
+            sys.exit(end.exit_status)
         exit_like(code, status)
 
 
-def prepare_sandbox(options: LauncherOptions):
+def prepare_sandbox(options: LauncherOptions) -> Prepared:
     """The Landlock ruleset for the sidecar, reported in the journal; refusal ends the unit."""
     # import cost: Landlock's ctypes layer, loaded only when the sandbox is on
     from agor_systemd.sandbox.enforce import SandboxRefused, command_paths, prepare
@@ -856,17 +1090,14 @@ def missing_start_path(options: LauncherOptions) -> str | None:
     return None
 
 
-def fail_before_spawn(options: LauncherOptions, bus: ManagerBus | None, attempt: int, cause: str) -> None:
+def fail_before_spawn(options: LauncherOptions, bus: ManagerBus | None, attempt: int, cause: str) -> NoReturn:
     """End an attempt that cannot spawn the sidecar as a crash: the schedule and the budget apply."""
     if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
         attempt = ManagerBus(options.system).restart_count(options.unit)
-    if attempt >= options.attempts:
-        notify(f"STATUS=gave up after {options.attempts} restarts; {CRASH_MARK}{cause}")
-        log(f"{cause}; giving up after {options.attempts} restarts", ERR)
-        sys.exit(GAVE_UP_STATUS)
-    notify(f"STATUS={CRASH_MARK}{cause}")
-    log(f"{cause}; restart {attempt + 1}/{options.attempts} follows", ERR)
-    sys.exit(1)
+    end = start_failure(cause, attempt, options.attempts)
+    notify(end.status_line)
+    log(end.record, end.priority)
+    sys.exit(end.exit_status)
 
 
 def forget_earlier_starts(bus: ManagerBus, unit: str) -> None:
@@ -896,23 +1127,17 @@ def run(options: LauncherOptions) -> None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
     notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
-    cause = missing_start_path(options)
-    if cause is not None:
-        fail_before_spawn(options, bus, attempt, cause)
+    missing = missing_start_path(options)
+    if missing is not None:
+        fail_before_spawn(options, bus, attempt, missing)
     check_hardening(options.expect_hardening)
-    supervisor = Supervisor(options, bus, attempt)
-    if options.sandbox != "off":
-        supervisor.sandbox = prepare_sandbox(options)
+    sandbox = prepare_sandbox(options) if options.sandbox != "off" else None
     try:
-        supervisor.spawn()
+        supervisor = Supervisor.spawn(options, sandbox, bus, attempt)
     except OSError as e:  # e.g. the program was removed after install
         fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}")
     if bus is None:
-        try:
-            supervisor.bus = ManagerBus(options.system)
-            supervisor.attempt = supervisor.bus.restart_count(options.unit)
-        except OSError as e:  # keep supervising; StartLimitBurst= still ends a crash loop
-            log(f"{e}; cannot tell the attempt number, so the start limit will end a crash loop", WARNING)
+        supervisor.count_attempt()
     if supervisor.bus is not None and supervisor.attempt == 0:
         forget_earlier_starts(supervisor.bus, options.unit)
     supervisor.finish(*supervisor.run())

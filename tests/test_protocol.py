@@ -33,7 +33,9 @@ def round_trip(opts: LauncherOptions) -> LauncherOptions:
 
 
 def assert_same(a: LauncherOptions, b: LauncherOptions) -> None:
-    assert {n: getattr(a, n) for n in a.__slots__} == {n: getattr(b, n) for n in b.__slots__}
+    assert {n: getattr(a, n) for n in LauncherOptions.__slots__} == {
+        n: getattr(b, n) for n in LauncherOptions.__slots__
+    }
 
 
 def test_constants():

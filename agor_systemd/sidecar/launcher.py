@@ -55,7 +55,7 @@ from agor_systemd.sidecar.protocol import (
     CLD_EXITED,
     CRASH_MARK,
     GAVE_UP_STATUS,
-    LauncherOptions,
+    ParsedLauncherOptions,
     describe_exit,
     monotonic_usec,
     number_text,
@@ -353,7 +353,7 @@ class ManagerBus:
     def _error(self):
         ctypes = self._ctypes
 
-        class BusError(ctypes.Structure):
+        class BusError(ctypes.Structure):  # type: ignore[name-defined]  # ctypes is self._ctypes, loaded lazily
             _fields_ = [("name", ctypes.c_char_p), ("message", ctypes.c_char_p), ("need_free", ctypes.c_int)]
 
         return BusError()
@@ -436,7 +436,7 @@ class ManagerBus:
         self._call(f"reset the restart counter of {unit}", reset)
 
 
-def wait_before_restart(options: LauncherOptions, bus: ManagerBus) -> int:
+def wait_before_restart(options: ParsedLauncherOptions, bus: ManagerBus) -> int:
     """Fallback backoff: wait until delay(k) has passed since the crash; returns k."""
     attempt = bus.restart_count(options.unit)
     delay_usec = restart_delay_usec(options.wait_schedule or (), attempt)
@@ -702,7 +702,7 @@ class Supervisor:
 
     def __init__(
         self,
-        options: LauncherOptions,
+        options: ParsedLauncherOptions,
         pid: int,
         pidfd: int,
         pipes: tuple[int, int],
@@ -740,7 +740,7 @@ class Supervisor:
 
     @classmethod
     def spawn(
-        cls, options: LauncherOptions, sandbox: Prepared | None, bus: ManagerBus | None, attempt: int
+        cls, options: ParsedLauncherOptions, sandbox: Prepared | None, bus: ManagerBus | None, attempt: int
     ) -> Supervisor:
         """Start the sidecar and its supervisor; from here on, stop signals reach the sidecar."""
         env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
@@ -863,8 +863,10 @@ class Supervisor:
         import threading  # import cost: ~3 ms; only a probe or a not-ready kill timer needs a thread
 
         def probe_loop() -> None:
+            probe = self.options.probe
+            assert probe is not None  # the thread starts only when a probe is configured
             while True:
-                reason = probe_once(self.options.probe, self.options.probe_timeout_s)
+                reason = probe_once(probe, self.options.probe_timeout_s)
                 self.probe_failures = self.probe_failures + 1 if reason else 0
                 self.probe_reason = reason
                 time.sleep(self.ping_s)
@@ -942,6 +944,7 @@ class Supervisor:
                     for stream in self.streams.values():
                         stream.drain_available()
                     result = os.waitid(os.P_PID, self.pid, os.WEXITED)
+                    assert result is not None  # None only with WNOHANG
                     return result.si_code, result.si_status
                 if not self.streams[fd].read():
                     poller.unregister(fd)
@@ -1034,7 +1037,7 @@ class Supervisor:
         exit_like(code, status)
 
 
-def prepare_sandbox(options: LauncherOptions) -> Prepared:
+def prepare_sandbox(options: ParsedLauncherOptions) -> Prepared:
     """The Landlock ruleset for the sidecar, reported in the journal; refusal ends the unit."""
     # import cost: Landlock's ctypes layer, loaded only when the sandbox is on
     from agor_systemd.sandbox.enforce import SandboxRefused, command_paths, prepare
@@ -1070,7 +1073,7 @@ def check_hardening(expected: tuple[str, ...]) -> None:
         log("hardening asked for but not in effect: " + ", ".join(EFFECT_TEXT.get(m, m) for m in missing), WARNING)
 
 
-def missing_start_path(options: LauncherOptions) -> str | None:
+def missing_start_path(options: ParsedLauncherOptions) -> str | None:
     """Why the sidecar cannot start in the unit's working directory or with its environment file.
 
     The unit prefixes both with `-`, so systemd starts the launcher even when they are missing
@@ -1090,7 +1093,7 @@ def missing_start_path(options: LauncherOptions) -> str | None:
     return None
 
 
-def fail_before_spawn(options: LauncherOptions, bus: ManagerBus | None, attempt: int, cause: str) -> NoReturn:
+def fail_before_spawn(options: ParsedLauncherOptions, bus: ManagerBus | None, attempt: int, cause: str) -> NoReturn:
     """End an attempt that cannot spawn the sidecar as a crash: the schedule and the budget apply."""
     if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
         attempt = ManagerBus(options.system).restart_count(options.unit)
@@ -1118,7 +1121,7 @@ def stop_before_start(_signum: int, _frame) -> None:
     sys.exit(0)
 
 
-def run(options: LauncherOptions) -> None:
+def run(options: ParsedLauncherOptions) -> None:
     for signum in (_signal.SIGTERM, _signal.SIGINT):
         _signal.signal(signum, stop_before_start)
     bus: ManagerBus | None = None

@@ -150,7 +150,7 @@ class LauncherOptions:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(
-            getattr(self, name) == getattr(other, name) for name in self.__slots__
+            getattr(self, name) == getattr(other, name) for name in LauncherOptions.__slots__
         )
 
 
@@ -177,7 +177,19 @@ def launcher_arguments(options: LauncherOptions) -> list[Text]:
     return args + ["--", *options.command]
 
 
-def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
+class ParsedLauncherOptions(LauncherOptions):
+    """LauncherOptions read from the launcher's argv: systemd expanded every %h already, so each
+    path is a plain str (what the launcher hands to the kernel)."""
+
+    __slots__ = ()
+    command: tuple[str, ...]
+    read_write: tuple[str, ...]
+    read_only: tuple[str, ...]
+    working_directory: str | None
+    environment_file: str | None
+
+
+def parse_launcher_arguments(args: list[str]) -> ParsedLauncherOptions:
     """Inverse of launcher_arguments; raises ValueError with a one-line reason."""
     values: dict[str, object] = {}
     lists: dict[str, list[str]] = {attr: [] for attr in _LIST_FLAGS.values()}
@@ -205,7 +217,7 @@ def parse_launcher_arguments(args: list[str]) -> LauncherOptions:
             raise ValueError(f"missing launcher argument {required}")
     values.update({attr: tuple(paths) for attr, paths in lists.items()})
     # each value has the type its _FLAGS parser gives it, which a dict of them cannot say
-    return LauncherOptions(command=command, system=system, **values)  # type: ignore[arg-type]
+    return ParsedLauncherOptions(command=command, system=system, **values)  # type: ignore[arg-type]
 
 
 def find_launcher_arguments(argv: list[str]) -> list[str] | None:

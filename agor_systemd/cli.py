@@ -377,6 +377,7 @@ def health(ctx, as_json):
 
     \b
     {"status": "healthy"}
+    {"status": "healthy", "clients": 0, "buffering_lines": 12}   (agor-sidecar.socket)
     {"status": "starting"}
     {"status": "restarting", "attempt": 2, "next_retry_s": 1.4}
     {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}

@@ -102,12 +102,22 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class SocketConfig:
+    """[socket]: agor-sidecar.socket, the sidecar's stdio for agor (docs/socket.md), on by default."""
+
+    enabled: bool = True
+    buffer_mib: float = 4.0  # stdout kept while no client is connected
+    client_queue_mib: float = 4.0  # output queued for one slow client before lines are dropped for it
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     walcheck: WalcheckConfig = field(default_factory=WalcheckConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    socket: SocketConfig = field(default_factory=SocketConfig)
 
 
 def config_home() -> Path:
@@ -144,6 +154,10 @@ _WATCHDOG_LIMITS = {
 _WALCHECK_LIMITS = {
     "interval_s": (1.0, 7 * 86400.0),
     "busy_timeout_s": (0.0, 5.0),  # walcheck.MAX_BUSY_TIMEOUT_S
+}
+_SOCKET_LIMITS = {
+    "buffer_mib": (0.0625, 1024.0),
+    "client_queue_mib": (0.0625, 1024.0),
 }
 _WHOLE_NUMBERS = {"attempts"}
 
@@ -370,6 +384,15 @@ def working_directory_problem(config: Config, home: str) -> str | None:
     )
 
 
+def socket_config(values: dict[str, Any], base: SocketConfig | None = None) -> SocketConfig:
+    socket = _numbers("socket", values, base or SocketConfig(), _SOCKET_LIMITS, ("enabled",))
+    if "enabled" in values:
+        if not isinstance(values["enabled"], bool):
+            raise ConfigError(f"[socket] enabled must be true or false, got {values['enabled']!r}")
+        socket = replace(socket, enabled=values["enabled"])
+    return socket
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     config = Config()
     for table, values in data.items():
@@ -385,9 +408,11 @@ def parse_config(data: dict[str, Any]) -> Config:
             config = replace(config, walcheck=walcheck_config(values))
         elif table == "sandbox":
             config = replace(config, sandbox=sandbox_config(values))
+        elif table == "socket":
+            config = replace(config, socket=socket_config(values))
         else:
             raise ConfigError(
-                f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])"
+                f"unknown table [{table}] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox], [socket])"
             )
     return config
 

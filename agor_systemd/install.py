@@ -24,7 +24,7 @@ from agor_systemd.manager import BusError, Systemd, installed_systemd_version
 from agor_systemd.sandbox.enforce import probe_start
 from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
 from agor_systemd.sandbox.policy import sandbox_paths
-from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.sidecar.protocol import GAVE_UP_ENV, SIDECAR_UNIT
 from agor_systemd.unitfile import HEADER, HomePath, Text
 from agor_systemd.units import render_units
 from agor_systemd.walcheck.units import WALCHECK_TIMER
@@ -324,8 +324,7 @@ def install(
         report.actions += ["daemon-reload", "enable " + " ".join(units)]
         if now:
             # a fresh start with a full restart budget, running the units just written
-            manager.reset_failed(SIDECAR_UNIT)
-            manager.restart(SIDECAR_UNIT)
+            fresh_start(manager)
             report.actions.append(f"restart {SIDECAR_UNIT}")
             manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
             report.actions.append(f"restart {WALCHECK_TIMER}")
@@ -373,7 +372,7 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
     manifest = read_manifest(directory)
     with Systemd(system) as manager:
         report = InstallReport(directory, manager.version(), dry_run=dry_run)
-        names = sorted(manifest)
+        names = sorted(manifest, key=stop_order)
         for name in names:
             path = directory / name
             try:
@@ -415,8 +414,20 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
     return report
 
 
+def stop_order(name: str) -> tuple[bool, str]:
+    """Sockets first: a client connecting while the service stops must not start it again."""
+    return (not name.endswith(".socket"), name)
+
+
+def fresh_start(manager) -> None:
+    """Clear failed state, budget and the given-up mark (docs/socket.md), and start afresh; the
+    service pulls its socket in (Sockets=)."""
+    manager.unset_environment([GAVE_UP_ENV])
+    manager.reset_failed(SIDECAR_UNIT)
+    manager.restart(SIDECAR_UNIT)
+
+
 def manual_restart(system: bool = False) -> None:
     """The 'manual restart' button: clear failed state and budget, start afresh."""
     with Systemd(system) as manager:
-        manager.reset_failed(SIDECAR_UNIT)
-        manager.restart(SIDECAR_UNIT)
+        fresh_start(manager)

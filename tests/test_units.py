@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agor_systemd.config import Config, RestartPolicy, SidecarConfig, WatchdogConfig
-from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.sidecar.protocol import SIDECAR_SOCKET, SIDECAR_UNIT
 from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
     PACKAGED_LAUNCHER,
@@ -101,7 +101,7 @@ def config(*, command=None, working_directory=None, environment_file=None, **res
 
 def render(cfg: Config, version: int, **kwargs) -> str:
     units = render_units(cfg, version, kwargs.pop("launcher", LAUNCHER), **kwargs)
-    assert list(units) == [SIDECAR_UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
+    assert list(units) == [SIDECAR_UNIT, SIDECAR_SOCKET, "agor-walcheck.service", "agor-walcheck.timer"]
     return units[SIDECAR_UNIT]
 
 
@@ -169,6 +169,7 @@ def test_native_defaults():
         "TimeoutAbortSec": ["5s"],
         "KillMode": ["control-group"],
         "SyslogIdentifier": ["agor-sidecar"],
+        "Sockets": ["agor-sidecar.socket"],
         **HARDENING_254,
     }
     assert settings(text, "Install") == {"WantedBy": ["default.target"]}

@@ -56,6 +56,7 @@ from agor_systemd.sandbox.effects import EFFECT_TEXT, missing_effects
 from agor_systemd.sidecar.protocol import (
     CLD_EXITED,
     CRASH_MARK,
+    GAVE_UP_ENV,
     GAVE_UP_STATUS,
     LauncherOptions,
     describe_exit,
@@ -64,7 +65,16 @@ from agor_systemd.sidecar.protocol import (
     parse_launcher_arguments,
 )
 
-STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# the socket's variables (and the given-up mark) are the launcher's, never the sidecar's
+STRIPPED_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    GAVE_UP_ENV,
+)
 LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split there anyway
 READY_POLL_S = 0.05
 LIVENESS_CHECK_S = 0.25
@@ -225,6 +235,26 @@ class ManagerBus:
 
         self._call(f"reset the restart counter of {unit}", reset)
 
+    def manager_environment(self, method: bytes, word: str) -> None:
+        """Manager.SetEnvironment / UnsetEnvironment with one word (NAME=value, or NAME)."""
+        ctypes = self._ctypes
+
+        def call() -> int:
+            return self._lib.sd_bus_call_method(
+                self._bus,
+                self.DESTINATION,
+                b"/org/freedesktop/systemd1",
+                b"org.freedesktop.systemd1.Manager",
+                method,
+                ctypes.byref(self._error()),
+                None,
+                b"as",
+                ctypes.c_int(1),
+                ctypes.c_char_p(word.encode()),
+            )
+
+        self._call(f"{method.decode()} in the service manager", call)
+
 
 def wait_before_restart(options: LauncherOptions, bus: ManagerBus) -> int:
     """Fallback backoff: wait until delay(k) has passed since the crash; returns k."""
@@ -338,6 +368,7 @@ class OutputStream:
         self.pending = b""
         self.pending_prefix: bytes | None = None  # the priority of a long line whose start went out
         self.open = True
+        self.tap = None  # stdout with a socket: the bridge gets the raw bytes too
 
     def read(self) -> bool:
         """Forward what is available; False at end of file."""
@@ -353,6 +384,8 @@ class OutputStream:
         return True
 
     def feed(self, data: bytes) -> None:
+        if self.tap is not None:
+            self.tap(data)
         # journald ends a record at a NUL byte too: make it a line break so the rest keeps a priority
         lines = (self.pending + data.replace(b"\0", b"\n")).split(b"\n")
         self.pending = lines.pop()
@@ -462,7 +495,9 @@ def forward_output() -> None:
     )
 
 
-def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset) -> int:
+def spawn_confined(
+    command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset, in_r: int | None = None
+) -> int:
     """fork, enter the Landlock domain in the child, exec the sidecar.
 
     posix_spawn cannot run code between fork and exec. The ruleset is complete before the
@@ -473,6 +508,8 @@ def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, er
     pid = os.fork()
     if pid == 0:  # the child: no Python-level cleanup, ever
         try:
+            if in_r is not None:
+                os.dup2(in_r, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             ruleset.restrict_self()
@@ -510,6 +547,9 @@ class Supervisor:
         self.last_output = time.monotonic()
         self.stable_at = float("inf")  # set at READY: a run counts as stable only from then
         self.ping_s = watchdog_interval_s()
+        self.listen: int | None = None  # agor-sidecar.socket's fd, when systemd passed it
+        self.stdin_w: int | None = None  # the sidecar's stdin, fed by the bridge
+        self.bridge = None  # bridge.SocketBridge, from the first poll on
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -517,19 +557,24 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r = None
+        if self.listen is not None:  # the socket's clients write to its stdin (else /dev/null, systemd's)
+            in_r, self.stdin_w = os.pipe2(os.O_CLOEXEC)
+        redirects = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        if in_r is not None:
+            redirects.append((os.POSIX_SPAWN_DUP2, in_r, 0))
         try:
             if self.sandbox is not None and self.sandbox.ruleset is not None:
-                self.pid = spawn_confined(self.options.command, env, out_w, err_w, self.sandbox.ruleset)
+                self.pid = spawn_confined(self.options.command, env, out_w, err_w, self.sandbox.ruleset, in_r)
             else:
                 self.pid = os.posix_spawn(
-                    self.options.command[0],
-                    list(self.options.command),
-                    env,
-                    file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
+                    self.options.command[0], list(self.options.command), env, file_actions=redirects
                 )
         finally:
             os.close(out_w)
             os.close(err_w)
+            if in_r is not None:
+                os.close(in_r)
             if self.sandbox is not None and self.sandbox.ruleset is not None:
                 self.sandbox.ruleset.close()
         self.started = time.monotonic()
@@ -623,10 +668,25 @@ class Supervisor:
 
     def status_text(self) -> str:
         up = duration_text(time.monotonic() - self.ready_at)
+        clients = f"; {self.bridge.core.summary()}" if self.bridge is not None else ""
         return (
             f"STATUS=ready; pid {self.pid}; up {up}; attempt {self.attempt}/{self.options.attempts}; "
-            f"{self.sandbox_level()}"
+            f"{self.sandbox_level()}{clients}"
         )
+
+    def start_bridge(self, poller) -> None:
+        """Serve agor-sidecar.socket: its clients get the sidecar's stdout and feed its stdin."""
+        # import cost: ~1 ms (C modules only); a launcher without the socket unit never loads it
+        from agor_systemd.sidecar.bridge import Bridge, SocketBridge
+
+        core = Bridge(self.options.buffer_bytes, self.options.client_queue_bytes)
+        self.bridge = SocketBridge(self.listen, self.stdin_w, poller, core, self.clients_changed)
+        stdout = next(stream for stream in self.streams.values() if stream.is_stdout)
+        stdout.tap = self.bridge.sidecar_output
+
+    def clients_changed(self) -> None:
+        if self.ready and self.hung is None:
+            notify(self.status_text())
 
     def sandbox_level(self) -> str:
         """'sandbox full|partial|none|off' — health reads it back from STATUS=."""
@@ -662,6 +722,8 @@ class Supervisor:
         poller.register(self.pidfd, select.POLLIN)
         for fd in self.streams:
             poller.register(fd, select.POLLIN)
+        if self.listen is not None:
+            self.start_bridge(poller)
         ready_mode = self.options.ready
         notify(
             f"STATUS=waiting for readiness ({ready_mode}); pid {self.pid}; "
@@ -705,12 +767,15 @@ class Supervisor:
                 deadlines += [next_ping, next_check]
             wait_s = min(deadlines) - time.monotonic()
             timeout_ms = -1 if wait_s == float("inf") else max(0, int(wait_s * 1000) + 1)
-            for fd, _ in poller.poll(timeout_ms):
+            for fd, _events in poller.poll(timeout_ms):
                 if fd == self.pidfd:
                     for stream in self.streams.values():
                         stream.drain_available()
                     result = os.waitid(os.P_PID, self.pid, os.WEXITED)
                     return result.si_code, result.si_status
+                if self.bridge is not None and self.bridge.owns(fd):
+                    self.bridge.handle(fd, _events)
+                    continue
                 if not self.streams[fd].read():
                     poller.unregister(fd)
 
@@ -777,6 +842,9 @@ class Supervisor:
 
     def finish(self, code: int, status: int) -> None:
         cause = self.cause(code, status)
+        giving_up = self.attempt >= self.options.attempts and not (self.stopping and not self.watchdog_fired)
+        if self.bridge is not None:  # its clients get EOF now, as agor gets it from a runner's stdout
+            self.bridge.finish(failed_line(cause, self.options.attempts) if giving_up else None)
         if self.stopping and not self.watchdog_fired:
             # A stop is never a crash, whatever the sidecar's exit status (a JVM's 143, exit(1)
             # handlers): the unit ends `inactive`, and no stale "ready; pid …" stays in STATUS=.
@@ -789,7 +857,8 @@ class Supervisor:
             forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file())
             sys.exit(0)
         self.hand_over_output()
-        if self.attempt >= self.options.attempts:
+        if giving_up:
+            mark_given_up(self.options, self.bus, self.listen, cause)
             notify(f"STATUS=gave up after {self.options.attempts} restarts; {CRASH_MARK}{cause}")
             log(f"sidecar {cause}; giving up after {self.options.attempts} restarts", ERR)
             sys.exit(GAVE_UP_STATUS)
@@ -861,12 +930,63 @@ def fail_before_spawn(options: LauncherOptions, bus: ManagerBus | None, attempt:
     if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
         attempt = ManagerBus(options.system).restart_count(options.unit)
     if attempt >= options.attempts:
+        mark_given_up(options, bus, socket_from_systemd(), cause)
         notify(f"STATUS=gave up after {options.attempts} restarts; {CRASH_MARK}{cause}")
         log(f"{cause}; giving up after {options.attempts} restarts", ERR)
         sys.exit(GAVE_UP_STATUS)
     notify(f"STATUS={CRASH_MARK}{cause}")
     log(f"{cause}; restart {attempt + 1}/{options.attempts} follows", ERR)
     sys.exit(1)
+
+
+def socket_from_systemd() -> int | None:
+    """agor-sidecar.socket's listening fd when systemd passed it (close-on-exec from here: the
+    sidecar never gets it), else None."""
+    if "LISTEN_FDS" not in os.environ:
+        return None
+    # import cost: ~1 ms (C modules only), and only a unit with the socket gets here
+    from agor_systemd.sidecar.bridge import listen_fd
+
+    fd = listen_fd(dict(os.environ), os.getpid())
+    if fd is not None:
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+    return fd
+
+
+def failed_line(cause: str, attempts: int) -> bytes:
+    """What a client of a given-up sidecar is told, as one JSON line."""
+    import json  # import cost: ~8 ms, only at a give-up
+
+    state = {"type": "supervisor", "state": "failed", "attempts": attempts, "last_error": cause}
+    return json.dumps({**state, "hint": "run `agor-units restart` to start it again"}).encode() + b"\n"
+
+
+def mark_given_up(options: LauncherOptions, bus: ManagerBus | None, listen: int | None, cause: str) -> None:
+    """Socket activation would start a given-up sidecar again at the next connection: leave the
+    cause in the manager's environment, where the next launcher finds it (answer_given_up)."""
+    if listen is None:
+        return
+    try:
+        (bus or ManagerBus(options.system)).manager_environment(b"SetEnvironment", f"{GAVE_UP_ENV}={cause}")
+    except OSError as e:
+        log(f"{e}; a client connecting to the socket will start the sidecar again", WARNING)
+
+
+def answer_given_up(options: LauncherOptions, listen: int, cause: str) -> None:
+    """A start after the give-up: a client's connection (socket activation) gets the state and EOF,
+    and the sidecar stays down; a start with nobody waiting is a user's restart and clears the mark."""
+    # import cost: none, socket_from_systemd loaded it
+    from agor_systemd.sidecar.bridge import connection_pending, respond_and_close
+
+    bus = ManagerBus(options.system)
+    if not connection_pending(listen):
+        bus.manager_environment(b"UnsetEnvironment", GAVE_UP_ENV)
+        return
+    bus.reset_failed(options.unit)  # else a reconnecting app hits the start limit, and the socket fails
+    answered = respond_and_close(listen, failed_line(cause, options.attempts))
+    notify(f"STATUS=gave up after {options.attempts} restarts; {CRASH_MARK}{cause}")
+    log(f"the sidecar gave up earlier ({cause}); told {answered} client(s), not starting it", NOTICE)
+    sys.exit(GAVE_UP_STATUS)
 
 
 def forget_earlier_starts(bus: ManagerBus, unit: str) -> None:
@@ -892,6 +1012,9 @@ def run(options: LauncherOptions) -> None:
         _signal.signal(signum, stop_before_start)
     bus: ManagerBus | None = None
     attempt = 0
+    listen = socket_from_systemd()
+    if listen is not None and GAVE_UP_ENV in os.environ:
+        answer_given_up(options, listen, os.environ[GAVE_UP_ENV])
     if options.wait_schedule is not None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
@@ -901,6 +1024,7 @@ def run(options: LauncherOptions) -> None:
         fail_before_spawn(options, bus, attempt, cause)
     check_hardening(options.expect_hardening)
     supervisor = Supervisor(options, bus, attempt)
+    supervisor.listen = listen
     if options.sandbox != "off":
         supervisor.sandbox = prepare_sandbox(options)
     try:

@@ -30,7 +30,8 @@ start's number; the last line repeats), else BEHAVIOUR:
     count-term:F  add a line to file F for every SIGTERM; exit 0.5 s after the first
     echo          answer every stdin line L with {"type":"answer","to":L,"pid":PID}; the line
                   `emit N` with N lines {"type":"agent","n":I,...} of 200 bytes (I from 1), the
-                  line `crash` with exit status 3; keeps running at stdin's end
+                  line `pace N R` with the same N lines at R lines/s, the line `crash` with
+                  exit status 3; keeps running at stdin's end
     emit:N        print those N lines at once, then echo
     tick:S        print a numbered agent line every S seconds (n from 1), and echo
 """
@@ -136,7 +137,13 @@ def echo(kind, arg):
         line = line.rstrip("\n")
         if line == "crash":
             os._exit(3)
-        if line.startswith("emit "):
+        if line.startswith("pace "):  # pace N R: N agent lines at R lines/s, in batches of 20
+            count, rate = int(line.split()[1]), float(line.split()[2])
+            for first in range(1, count + 1, 20):
+                out.write("".join(agent_line(n) for n in range(first, min(first + 20, count + 1))))
+                out.flush()
+                time.sleep(20 / rate)
+        elif line.startswith("emit "):
             out.write("".join(agent_line(n) for n in range(1, int(line.split()[1]) + 1)))
         else:
             out.write(json.dumps({"type": "answer", "to": line, "pid": os.getpid()}) + "\n")

@@ -31,7 +31,7 @@ from agor_systemd.walcheck.units import WALCHECK_TIMER
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
 # what the manifest may name: unit files in the unit directory, never a path elsewhere
-_MANIFEST_UNIT_NAME = re.compile(r"[A-Za-z0-9_@:-][A-Za-z0-9_@:.-]*\.(service|timer)")
+_MANIFEST_UNIT_NAME = re.compile(r"[A-Za-z0-9_@:-][A-Za-z0-9_@:.-]*\.(service|socket|timer)")
 # a unit still stopping after its own stop timeout (systemd has sent SIGKILL by then) plus this is
 # stuck; TimeoutStopSec=infinity waits no longer than MAX_STOP_WAIT_S
 STOP_GRACE_S = 5.0
@@ -372,7 +372,7 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
     manifest = read_manifest(directory)
     with Systemd(system) as manager:
         report = InstallReport(directory, manager.version(), dry_run=dry_run)
-        names = sorted(manifest, key=stop_order)
+        names = sorted(manifest)
         for name in names:
             path = directory / name
             try:
@@ -384,7 +384,7 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
             (report.removed if digest(text) == manifest[name] else report.kept).append(name)
         if dry_run or not names:
             return report
-        for name in names:
+        for name in sorted(names, key=stop_order):
             try:
                 manager.stop(name)
             except BusError:

@@ -12,6 +12,8 @@ import socket
 import stat
 import time
 
+from agor_systemd.lab.testbed import OPT_ROOT
+
 from .support import UNIT, agor_units, health, install_sidecar, wait_for, wait_health
 
 AGENT_LINE_BYTES = 200
@@ -192,6 +194,9 @@ def test_after_give_up_a_client_learns_it_and_starts_nothing(user_manager, fake_
         assert told["state"] == "failed" and told["last_error"] == "exited with status 3"
         assert client.line() == b""
         client.close()
+    attach = user_manager.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), "attach"], input="", timeout=30)
+    assert attach.returncode == 4 and attach.stdout == ""
+    assert "-- the sidecar gave up: exited with status 3; run `agor-units restart`" in attach.stderr
     time.sleep(1)
     assert len(sidecar.starts()) == 2
     failed = health(user_manager).health
@@ -202,3 +207,15 @@ def test_after_give_up_a_client_learns_it_and_starts_nothing(user_manager, fake_
     client.send("back")
     assert client.until(lambda m: m.get("type") == "answer")["to"] == "back"
     client.close()
+
+
+def test_attach_sends_lines_and_prints_the_output_until_eof(user_manager, fake_sidecar_path):
+    install_sidecar(user_manager, fake_sidecar_path, ["echo"])
+    wait_health(user_manager, "healthy", 20)
+    attach = user_manager.run(
+        [str(OPT_ROOT / "venv" / "bin" / "agor-units"), "attach", "--json"], input="hello\ncrash\n", timeout=30
+    )
+    assert attach.returncode == 0, attach.stderr
+    lines = [json.loads(line) for line in attach.stdout.splitlines()]
+    assert lines[0] == {"type": "ready"} and lines[1]["to"] == "hello" and len(lines) == 2
+    assert attach.stderr == ""  # --json: nothing added

@@ -329,7 +329,9 @@ class SocketBridge:
         if last_line is not None:
             for client in self.core.clients.values():
                 client.outbox.put(last_line, force=True)
-        self.watch(self.listener.fileno(), 0)
+        # a poller of the clients alone: the sidecar's pidfd and ended pipes would wake it at once
+        self.poller, self.interest = select.poll(), {}
+        self.core.stdin = Outbox(self.core.stdin.limit)  # nobody reads it any more
         deadline = time.monotonic() + CLOSE_FLUSH_S
         self.refresh()
         while self.core.clients and (remaining := deadline - time.monotonic()) > 0:

@@ -219,3 +219,17 @@ def test_attach_sends_lines_and_prints_the_output_until_eof(user_manager, fake_s
     lines = [json.loads(line) for line in attach.stdout.splitlines()]
     assert lines[0] == {"type": "ready"} and lines[1]["to"] == "hello" and len(lines) == 2
     assert attach.stderr == ""  # --json: nothing added
+
+
+def test_a_client_connected_at_the_give_up_is_told_before_its_eof(user_manager, fake_sidecar_path):
+    install_sidecar(user_manager, fake_sidecar_path, ["echo"], attempts=1, base_s=0.2)
+    for _ in range(2):  # the first crash is restarted, the second is the give-up
+        wait_health(user_manager, "healthy", 20)
+        client = Client(user_manager)
+        assert client.message() == {"type": "ready"}
+        client.send("crash")
+        last = client.line()
+        client.close()
+    told = json.loads(last)
+    assert told["state"] == "failed" and told["last_error"] == "exited with status 3"
+    wait_health(user_manager, "failed", 10)

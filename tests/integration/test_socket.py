@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import time
+from pathlib import Path
 
 from agor_systemd.lab.testbed import OPT_ROOT
 
@@ -60,8 +61,14 @@ def running_pid(mgr) -> int:
 
 
 def test_query_gets_the_answer_and_the_socket_is_private(user_manager, fake_sidecar_path):
-    install_sidecar(user_manager, fake_sidecar_path, ["echo"])
+    sidecar = install_sidecar(user_manager, fake_sidecar_path, ["echo"])
     wait_health(user_manager, "healthy", 20)
+    # the socket is the launcher's: the (sandboxed) sidecar gets neither the fd nor LISTEN_*
+    pid = sidecar.starts()[-1]["pid"]
+    assert b"LISTEN_" not in Path(f"/proc/{pid}/environ").read_bytes()
+    fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert not [target for target in fds.values() if target.startswith("socket:")], fds
+    assert fds["0"].startswith("pipe:")  # its stdin is the bridge's pipe
     info = os.stat(socket_path(user_manager))
     assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
     assert info.st_uid == user_manager.uid

@@ -252,7 +252,7 @@ class SocketBridge:
     def accept(self) -> None:
         while True:
             try:
-                fd, _ = self.listener._accept()
+                fd, _ = self.listener._accept()  # socket.accept's C half: a plain fd, no socket object
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

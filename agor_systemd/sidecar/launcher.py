@@ -767,14 +767,14 @@ class Supervisor:
                 deadlines += [next_ping, next_check]
             wait_s = min(deadlines) - time.monotonic()
             timeout_ms = -1 if wait_s == float("inf") else max(0, int(wait_s * 1000) + 1)
-            for fd, _events in poller.poll(timeout_ms):
+            for fd, events in poller.poll(timeout_ms):
                 if fd == self.pidfd:
                     for stream in self.streams.values():
                         stream.drain_available()
                     result = os.waitid(os.P_PID, self.pid, os.WEXITED)
                     return result.si_code, result.si_status
                 if self.bridge is not None and self.bridge.owns(fd):
-                    self.bridge.handle(fd, _events)
+                    self.bridge.handle(fd, events)
                     continue
                 if not self.streams[fd].read():
                     poller.unregister(fd)

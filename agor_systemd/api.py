@@ -4,6 +4,8 @@
 
     install(load_config(), now=True)    # -> InstallReport
     read_health()                       # {"status": "restarting", "attempt": 2, "next_retry_s": 1.4}
+    with connect() as sidecar:          # the sidecar's stdio (agor-sidecar.socket, docs/socket.md)
+        sidecar.send('{"type":"query"}'); print(sidecar.readline())
 
 Every error these raise is an AgorError with a one-line message and an exit status.
 """
@@ -18,6 +20,7 @@ from agor_systemd.install import (
     uninstall,
 )
 from agor_systemd.sandbox.check import sandbox_report
+from agor_systemd.sidecar.client import LineStream, SocketUnavailable, connect, socket_path
 from agor_systemd.sidecar.health import Health, NotInstalled, read_health
 from agor_systemd.units import render_units
 from agor_systemd.walcheck import CheckpointResult, checkpoint
@@ -30,13 +33,17 @@ __all__ = [
     "Health",
     "InstallError",
     "InstallReport",
+    "LineStream",
     "NotInstalled",
+    "SocketUnavailable",
     "checkpoint",
+    "connect",
     "install",
     "load_config",
     "manual_restart",
     "read_health",
     "render_units",
     "sandbox_report",
+    "socket_path",
     "uninstall",
 ]

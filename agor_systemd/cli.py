@@ -293,6 +293,7 @@ def health(ctx, as_json):
 
     \b
     {"status": "healthy"}
+    {"status": "healthy", "clients": 0, "buffering_lines": 12}   (agor-sidecar.socket)
     {"status": "starting"}
     {"status": "restarting", "attempt": 2, "next_retry_s": 1.4}
     {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
@@ -432,6 +433,69 @@ def check(ctx: click.Context, command_config_path: Path | None, as_json: bool) -
         if not report["would_start"]:
             click.echo("refused: [sandbox] required = true, but this kernel has no Landlock", err=True)
     sys.exit(0 if report["would_start"] else 1)
+
+
+def attach_note(line: bytes) -> str | None:
+    """A bridge or supervisor line said in words for a terminal; None for the sidecar's own lines."""
+    if b'"type"' not in line or not (b'"bridge"' in line or b'"supervisor"' in line):
+        return None
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if message.get("type") == "bridge" and message.get("event") == "dropped":
+        return f"-- {message['lines']} lines dropped ({message['reason']})"
+    if message.get("type") == "supervisor" and message.get("state") == "failed":
+        return f"-- the sidecar gave up: {message['last_error']}; run `agor-units restart`"
+    return None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Raw lines both ways, nothing added (for scripts).")
+@click.pass_context
+@friendly_errors
+def attach(ctx, as_json):
+    """Connect the terminal to the sidecar's stdin and stdout (agor-sidecar.socket).
+
+    Lines typed go to the sidecar, its stdout lines are printed; other clients (agor) keep
+    theirs. Ends at the sidecar's exit (EOF) or Ctrl-C; the end of stdin only stops sending.
+    Exit status: 0, 4 when the sidecar has given up.
+    """
+    import select  # import cost: <1 ms; only attach waits on two streams
+
+    # import cost: socket, ~5 ms; only attach connects
+    from agor_systemd.sidecar.client import connect
+
+    gave_up = ended = False
+    partial = b""
+    with connect(system=ctx.obj["system"]) as stream:
+        if not as_json:
+            click.echo(f"-- attached to {SIDECAR_UNIT}; Ctrl-C detaches", err=True)
+        sources = [stream.sock, sys.stdin]
+        with contextlib.suppress(KeyboardInterrupt):
+            while not ended:
+                readable, _, _ = select.select(sources, [], [])
+                if sys.stdin in readable:
+                    line = sys.stdin.buffer.readline()
+                    if line:
+                        stream.send(line)
+                    else:
+                        sources.remove(sys.stdin)
+                if stream.sock in readable:
+                    data = stream.sock.recv(65536)  # raw: a buffered reader would hide lines from select
+                    ended = not data
+                    *lines, partial = (partial + data).split(b"\n")
+                    for line in lines:
+                        note = attach_note(line)
+                        gave_up = gave_up or (note is not None and note.startswith("-- the sidecar gave up"))
+                        if note is not None and not as_json:
+                            click.echo(note, err=True)
+                        else:
+                            sys.stdout.buffer.write(line + b"\n")
+                    sys.stdout.flush()
+        if ended and not as_json:
+            click.echo("-- the sidecar's output ended (it exited)", err=True)
+    sys.exit(4 if gave_up else 0)
 
 
 def run_units() -> None:

@@ -106,12 +106,22 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class SocketConfig:
+    """[socket]: agor-sidecar.socket, the sidecar's stdio for agor (docs/socket.md), on by default."""
+
+    enabled: bool = True
+    buffer_mib: float = 4.0  # stdout kept while no client is connected
+    client_queue_mib: float = 4.0  # output queued for one slow client before lines are dropped for it
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     walcheck: WalcheckConfig = field(default_factory=WalcheckConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    socket: SocketConfig = field(default_factory=SocketConfig)
 
 
 def config_home() -> Path:
@@ -369,6 +379,12 @@ TABLES = {
         "directories, ~/.claude and the files the command names read-only.",
         None,
     ),
+    "socket": Table(
+        SocketConfig,
+        "agor-sidecar.socket: the sidecar's stdin and stdout on a unix socket, for agor and `agor-units attach` "
+        "([socket.md](socket.md)).",
+        None,
+    ),
 }
 
 # in the order of the dataclasses' fields (a test checks), of the flags in --help and of docs/settings.md;
@@ -538,6 +554,23 @@ SETTINGS = (
         "sandbox", "tcp_connect", _ports, "list of ports", "TCP ports the sidecar may connect to", unset="any port"
     ),
     Setting("sandbox", "tcp_bind", _ports, "list of ports", "TCP ports the sidecar may listen on"),
+    Setting("socket", "enabled", _switch, "true or false", "Install agor-sidecar.socket and bridge it to the sidecar"),
+    Setting(
+        "socket",
+        "buffer_mib",
+        _number,
+        "MiB",
+        "The sidecar's output kept while no client is connected, delivered oldest first on connect",
+        (0.0625, 1024.0),
+    ),
+    Setting(
+        "socket",
+        "client_queue_mib",
+        _number,
+        "MiB",
+        "Output queued for one slow client before its lines are dropped (and it is told how many)",
+        (0.0625, 1024.0),
+    ),
 )
 
 

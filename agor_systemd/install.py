@@ -24,14 +24,14 @@ from agor_systemd.manager import BusError, Systemd, installed_systemd_version
 from agor_systemd.sandbox.enforce import probe_start
 from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
 from agor_systemd.sandbox.policy import sandbox_paths
-from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.sidecar.protocol import GAVE_UP_ENV, SIDECAR_UNIT
 from agor_systemd.unitfile import HEADER, HomePath, Text
 from agor_systemd.units import render_units
 from agor_systemd.walcheck.units import WALCHECK_TIMER
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
 # what the manifest may name: unit files in the unit directory, never a path elsewhere
-_MANIFEST_UNIT_NAME = re.compile(r"[A-Za-z0-9_@:-][A-Za-z0-9_@:.-]*\.(service|timer)")
+_MANIFEST_UNIT_NAME = re.compile(r"[A-Za-z0-9_@:-][A-Za-z0-9_@:.-]*\.(service|socket|timer)")
 # a unit still stopping after its own stop timeout (systemd has sent SIGKILL by then) plus this is
 # stuck; TimeoutStopSec=infinity waits no longer than MAX_STOP_WAIT_S
 STOP_GRACE_S = 5.0
@@ -324,8 +324,7 @@ def install(
         report.actions += ["daemon-reload", "enable " + " ".join(units)]
         if now:
             # a fresh start with a full restart budget, running the units just written
-            manager.reset_failed(SIDECAR_UNIT)
-            manager.restart(SIDECAR_UNIT)
+            fresh_start(manager)
             report.actions.append(f"restart {SIDECAR_UNIT}")
             manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
             report.actions.append(f"restart {WALCHECK_TIMER}")
@@ -386,7 +385,7 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
             (report.removed if digest(text) == manifest[name] else report.kept).append(name)
         if dry_run or not names:
             return report
-        for name in names:
+        for name in sorted(names, key=stop_order):
             try:
                 manager.stop(name)
             except BusError:
@@ -416,8 +415,20 @@ def uninstall(*, system: bool = False, dry_run: bool = False) -> InstallReport:
     return report
 
 
+def stop_order(name: str) -> tuple[bool, str]:
+    """Sockets first: a client connecting while the service stops must not start it again."""
+    return (not name.endswith(".socket"), name)
+
+
+def fresh_start(manager) -> None:
+    """Clear failed state, budget and the given-up mark (docs/socket.md), and start afresh; the
+    service pulls its socket in (Sockets=)."""
+    manager.unset_environment([GAVE_UP_ENV])
+    manager.reset_failed(SIDECAR_UNIT)
+    manager.restart(SIDECAR_UNIT)
+
+
 def manual_restart(system: bool = False) -> None:
     """The 'manual restart' button: clear failed state and budget, start afresh."""
     with Systemd(system) as manager:
-        manager.reset_failed(SIDECAR_UNIT)
-        manager.restart(SIDECAR_UNIT)
+        fresh_start(manager)

@@ -124,6 +124,10 @@ class Systemd:
     def stop(self, unit: str) -> None:
         self.manager("StopUnit", "ss", unit, "replace")
 
+    def unset_environment(self, names: list[str]) -> None:
+        """Manager.UnsetEnvironment: the variables leave the environment of units started from now on."""
+        self.call(MANAGER_PATH, MANAGER_IFACE, b"UnsetEnvironment", b"as", [[n.encode() for n in names]])
+
     def enable(self, paths: list[str]) -> None:
         self.call(MANAGER_PATH, MANAGER_IFACE, b"EnableUnitFiles", b"asbb", [[p.encode() for p in paths], False, True])
 

@@ -12,6 +12,7 @@ from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
     PACKAGED_LAUNCHER,
     RESTART_RESET_VERSION,
+    sidecar_socket,
     sidecar_unit,
 )
 from agor_systemd.unitfile import PACKAGED_DOCS
@@ -28,6 +29,8 @@ def render_units(
 ) -> dict[str, str]:
     """Unit name → file text for everything `agor-units install` writes."""
     units = [sidecar_unit(config, systemd_version, launcher, system, hardening, docs)]
+    if (socket := sidecar_socket(config, docs)) is not None:
+        units.append(socket)
     units += walcheck_units(config, [launcher[0], "-I"], docs)
     return {unit.name: unit.render() for unit in units}
 

@@ -13,6 +13,7 @@ from agor_systemd.config import (
     ConfigError,
     RestartPolicy,
     SidecarConfig,
+    SocketConfig,
     config_home,
     default_config_path,
     home_text,
@@ -310,7 +311,7 @@ def test_cap_equal_to_base_is_fine():
         ),
         (
             '[service]\nType = "simple"',
-            "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox])",
+            "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox], [socket])",
         ),
         ("sidecar = 1", "'sidecar' must be a table like [sidecar]"),
         ("attempts = 5", "'attempts' must be a table like [attempts]"),
@@ -510,3 +511,23 @@ def test_turning_the_watchdog_off_keeps_the_check_for_a_configured_probe():
     configured = watchdog_config({"probe": "tcp:8080"})
     with pytest.raises(ConfigError, match="probe = 'tcp:8080' needs the watchdog"):
         watchdog_config({"interval_s": 0}, configured)
+
+
+def test_socket_table():
+    config = parse_config({"socket": {"enabled": False, "buffer_mib": 16, "client_queue_mib": 0.5}})
+    assert config.socket == SocketConfig(enabled=False, buffer_mib=16, client_queue_mib=0.5)
+    assert parse_config({}).socket == SocketConfig(enabled=True, buffer_mib=4.0, client_queue_mib=4.0)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"enabled": "yes"}, "[socket] enabled must be true or false, got 'yes'"),
+        ({"buffer_mib": 0}, "[socket] buffer_mib must be between 0.0625 and 1024, got 0"),
+        ({"backlog": 1}, "[socket] has no setting 'backlog' (known: enabled, buffer_mib, client_queue_mib)"),
+    ],
+)
+def test_socket_table_errors(values, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"socket": values})
+    assert str(e.value) == message

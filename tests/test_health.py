@@ -399,3 +399,26 @@ def test_launcher_options_with_garbled_arguments():
         )
     ]
     assert launcher_options({"ExecStart": garbled}) is None
+
+
+def test_a_given_up_sidecar_answering_a_client_keeps_its_attempts():
+    """A connection to agor-sidecar.socket after the give-up starts the launcher afresh (NRestarts
+    0); it answers the client and fails again with the count in STATUS= (docs/socket.md)."""
+    state = health(
+        props(
+            "failed",
+            "failed",
+            n_restarts=0,
+            Result="exit-code",
+            ExecMainCode=1,
+            ExecMainStatus=250,
+            StatusText="gave up after 5 restarts; sidecar crashed: exited with status 3",
+        )
+    )
+    assert state == {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
+
+
+def test_healthy_with_the_socket_says_clients_and_buffering():
+    text = "ready; pid 9; up 1m; attempt 0/5; sandbox full; no client, buffering 3 lines"
+    state = health(props("active", "running", StatusText=text))
+    assert state == {"status": "healthy", "sandbox": "full", "clients": 0, "buffering_lines": 3}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agor_systemd.config import Config, RestartPolicy, SidecarConfig, WatchdogConfig
-from agor_systemd.sidecar.protocol import SIDECAR_UNIT
+from agor_systemd.config import Config, RestartPolicy, SidecarConfig, SocketConfig, WatchdogConfig
+from agor_systemd.sidecar.protocol import SIDECAR_SOCKET, SIDECAR_UNIT
 from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
     PACKAGED_LAUNCHER,
@@ -101,7 +101,7 @@ def config(*, command=None, working_directory=None, environment_file=None, **res
 
 def render(cfg: Config, version: int, **kwargs) -> str:
     units = render_units(cfg, version, kwargs.pop("launcher", LAUNCHER), **kwargs)
-    assert list(units) == [SIDECAR_UNIT, "agor-walcheck.service", "agor-walcheck.timer"]
+    assert list(units) == [SIDECAR_UNIT, SIDECAR_SOCKET, "agor-walcheck.service", "agor-walcheck.timer"]
     return units[SIDECAR_UNIT]
 
 
@@ -169,6 +169,7 @@ def test_native_defaults():
         "TimeoutAbortSec": ["5s"],
         "KillMode": ["control-group"],
         "SyslogIdentifier": ["agor-sidecar"],
+        "Sockets": ["agor-sidecar.socket"],
         **HARDENING_254,
     }
     assert settings(text, "Install") == {"WantedBy": ["default.target"]}
@@ -451,3 +452,42 @@ def test_watchdog_off_and_restart_reset_on_258():
 def test_every_reference_directory_is_generated():
     """units/ holds exactly the generated directories: a removed variant leaves no stale copy."""
     assert sorted(p.name for p in (REPO / "units").iterdir() if p.is_dir()) == sorted(REFERENCE_VERSIONS)
+
+
+# --- agor-sidecar.socket (docs/socket.md) ------------------------------------------------------
+
+
+def test_the_socket_unit_hands_a_named_private_socket_to_the_service():
+    units = render_units(Config(), 254, LAUNCHER)
+    assert settings(units[SIDECAR_SOCKET], "Socket") == {
+        "ListenStream": ["%t/agor/sidecar.sock"],
+        "SocketMode": ["0600"],
+        "DirectoryMode": ["0700"],
+        "FileDescriptorName": ["sidecar"],
+        "Accept": ["no"],
+        "RemoveOnStop": ["yes"],
+        "Service": [SIDECAR_UNIT],
+    }
+    assert settings(units[SIDECAR_SOCKET], "Install") == {"WantedBy": ["sockets.target"]}
+    assert one(units[SIDECAR_UNIT], "Service", "Sockets") == SIDECAR_SOCKET
+
+
+def test_socket_off_leaves_the_sidecar_without_one():
+    config = Config(socket=SocketConfig(enabled=False))
+    units = render_units(config, 254, LAUNCHER)
+    assert SIDECAR_SOCKET not in units
+    assert one(units[SIDECAR_UNIT], "Service", "Sockets") is None
+
+
+def test_socket_buffers_reach_the_launcher_only_when_not_the_default():
+    default = one(render(Config(), 254), "Service", "ExecStart") or ""
+    assert "--buffer-bytes" not in default and "--client-queue-bytes" not in default
+    config = Config(socket=SocketConfig(buffer_mib=0.5, client_queue_mib=1))
+    start = one(render(config, 254), "Service", "ExecStart") or ""
+    assert '"--buffer-bytes" "524288"' in start and '"--client-queue-bytes" "1048576"' in start
+
+
+@needs_analyze
+def test_the_socket_and_its_service_verify_clean():
+    units = render_units(Config(), 252, LAUNCHER)
+    assert verify_units({name: units[name] for name in (SIDECAR_UNIT, SIDECAR_SOCKET)}, user=False) == []

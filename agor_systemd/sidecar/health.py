@@ -1,6 +1,7 @@
 """The sidecar's health, computed from systemd's own unit properties.
 
     {"status": "healthy", "sandbox": "full"}       sandbox: full | partial | none | off
+    {"status": "healthy", ..., "clients": 0, "buffering_lines": 12}   with agor-sidecar.socket
     {"status": "starting"}                       first start, not READY yet
     {"status": "restarting", "attempt": k, "next_retry_s": x}
     {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
@@ -104,6 +105,16 @@ def unrequested_stop(props: dict[str, Any], restarts: int, options: LauncherOpti
     return {"status": "restarting", "attempt": attempt, "next_retry_s": usec_to_s(delay_usec)}
 
 
+def socket_clients(status_text: str) -> Health:
+    """The bridge's part of STATUS= (bridge.Bridge.summary): clients connected, or the lines kept
+    for the next one; nothing without agor-sidecar.socket."""
+    if connected := re.search(r"\bclients (\d+)\b", status_text):
+        return {"clients": int(connected.group(1))}
+    if buffering := re.search(r"\bno client, buffering (\d+) lines\b", status_text):
+        return {"clients": 0, "buffering_lines": int(buffering.group(1))}
+    return {}
+
+
 def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
     """Pure mapping from unit properties (str keys) to a health dict; now_usec is CLOCK_MONOTONIC."""
     if props.get("LoadState") in ("not-found", "masked") and props.get("ActiveState") == "inactive":
@@ -114,10 +125,19 @@ def health_from_properties(props: dict[str, Any], now_usec: int) -> Health:
 
     if active == "failed" and sub == "failed":
         attempts = restarts - 1 if props.get("Result") == "start-limit-hit" else restarts
+        # a client's connection after the give-up started the launcher once more, afresh (NRestarts
+        # 0): it told the client and kept the count in STATUS= (docs/socket.md)
+        if told := re.match(r"gave up after (\d+) restarts", props.get("StatusText") or ""):
+            attempts = max(attempts, int(told.group(1)))
         return {"status": "failed", "attempts": max(attempts, 0), "last_error": last_error(props)}
     if active in ("active", "reloading"):
-        sandbox = re.search(r"\bsandbox (full|partial|none|off)\b", props.get("StatusText") or "")
-        return {"status": "healthy", **({"sandbox": sandbox.group(1)} if sandbox else {})}
+        status_text = props.get("StatusText") or ""
+        sandbox = re.search(r"\bsandbox (full|partial|none|off)\b", status_text)
+        return {
+            "status": "healthy",
+            **({"sandbox": sandbox.group(1)} if sandbox else {}),
+            **socket_clients(status_text),
+        }
     waiting = sub in ("auto-restart", "failed-before-auto-restart", "dead-before-auto-restart")
     if options is not None and options.wait_schedule and (waiting or (active == "activating" and restarts)):
         # fallback: the launcher sleeps until the crash time plus delay(k)

@@ -54,6 +54,7 @@ from agor_systemd.sandbox.effects import EFFECT_TEXT, missing_effects
 from agor_systemd.sidecar.protocol import (
     CLD_EXITED,
     CRASH_MARK,
+    GAVE_UP_ENV,
     GAVE_UP_STATUS,
     ParsedLauncherOptions,
     describe_exit,
@@ -64,14 +65,25 @@ from agor_systemd.sidecar.protocol import (
 
 TYPE_CHECKING = False  # import cost: `typing` is ~6 ms, more than the launcher's whole start
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Literal, NoReturn
 
     from agor_systemd.sandbox.enforce import Prepared
+    from agor_systemd.sidecar.bridge import SocketBridge
 
     ReadinessStep = Literal["give up", "poll"] | None
     SignalAction = Literal["pass on", "watchdog", "stop", "stop and pass on"]
 
-STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# the socket's variables (and the given-up mark) are the launcher's, never the sidecar's
+STRIPPED_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    GAVE_UP_ENV,
+)
 LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split there anyway
 READY_POLL_S = 0.05
 LIVENESS_CHECK_S = 0.25
@@ -275,9 +287,11 @@ def start_failure(cause: str, attempt: int, attempts: int) -> Exit:
     return crash_exit(cause, cause, attempt, attempts, ERR, 1)
 
 
-def ready_status(pid: int, up_s: float, attempt: int, attempts: int, sandbox_level: str) -> str:
-    """STATUS= while the sidecar is ready; health reads the sandbox level back from it."""
-    return f"STATUS=ready; pid {pid}; up {duration_text(up_s)}; attempt {attempt}/{attempts}; {sandbox_level}"
+def ready_status(pid: int, up_s: float, attempt: int, attempts: int, sandbox_level: str, clients: str = "") -> str:
+    """STATUS= while the sidecar is ready; health reads the sandbox level (and the socket's clients,
+    `clients` from the bridge's summary) back from it."""
+    text = f"STATUS=ready; pid {pid}; up {duration_text(up_s)}; attempt {attempt}/{attempts}; {sandbox_level}"
+    return text + (f"; {clients}" if clients else "")
 
 
 def duration_text(seconds: float) -> str:
@@ -435,6 +449,26 @@ class ManagerBus:
 
         self._call(f"reset the restart counter of {unit}", reset)
 
+    def manager_environment(self, method: bytes, word: str) -> None:
+        """Manager.SetEnvironment / UnsetEnvironment with one word (NAME=value, or NAME)."""
+        ctypes = self._ctypes
+
+        def call() -> int:
+            return self._lib.sd_bus_call_method(
+                self._bus,
+                self.DESTINATION,
+                b"/org/freedesktop/systemd1",
+                b"org.freedesktop.systemd1.Manager",
+                method,
+                ctypes.byref(self._error()),
+                None,
+                b"as",
+                ctypes.c_int(1),
+                ctypes.c_char_p(word.encode()),
+            )
+
+        self._call(f"{method.decode()} in the service manager", call)
+
 
 def wait_before_restart(options: ParsedLauncherOptions, bus: ManagerBus) -> int:
     """Fallback backoff: wait until delay(k) has passed since the crash; returns k."""
@@ -540,6 +574,7 @@ class OutputStream:
         self.pending = b""
         self.pending_prefix: bytes | None = None  # the priority of a long line whose start went out
         self.open = True
+        self.tap: Callable[[bytes], None] | None = None  # stdout with a socket: the bridge gets the raw bytes too
 
     def read(self) -> bool:
         """Forward what is available; False at end of file."""
@@ -555,6 +590,8 @@ class OutputStream:
         return True
 
     def feed(self, data: bytes) -> None:
+        if self.tap is not None:
+            self.tap(data)
         # journald ends a record at a NUL byte too: make it a line break so the rest keeps a priority
         lines = (self.pending + data.replace(b"\0", b"\n")).split(b"\n")
         self.pending = lines.pop()
@@ -665,7 +702,9 @@ def forward_output() -> None:
     )
 
 
-def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset) -> int:
+def spawn_confined(
+    command: tuple[str, ...], env: dict[str, str], out_w: int, err_w: int, ruleset, in_r: int | None = None
+) -> int:
     """fork, enter the Landlock domain in the child, exec the sidecar.
 
     posix_spawn cannot run code between fork and exec. The ruleset is complete before the
@@ -676,6 +715,8 @@ def spawn_confined(command: tuple[str, ...], env: dict[str, str], out_w: int, er
     pid = os.fork()
     if pid == 0:  # the child: no Python-level cleanup, ever
         try:
+            if in_r is not None:
+                os.dup2(in_r, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             ruleset.restrict_self()
@@ -711,6 +752,8 @@ class Supervisor:
         sandbox: Prepared | None,
         bus: ManagerBus | None,
         attempt: int,
+        listen: int | None = None,
+        stdin_w: int | None = None,
     ) -> None:
         self.options = options
         self.pid = pid
@@ -735,36 +778,56 @@ class Supervisor:
         self.last_output = started
         self.stable_at = float("inf")  # set at READY: a run counts as stable only from then
         self.ping_s = watchdog_interval_s()
+        self.listen = listen  # agor-sidecar.socket's fd, when systemd passed it
+        self.stdin_w = stdin_w  # the sidecar's stdin, fed by the bridge
+        self.bridge: SocketBridge | None = None  # serving the socket, from the first poll on
 
     # -- start -----------------------------------------------------------------------------------
 
     @classmethod
     def spawn(
-        cls, options: ParsedLauncherOptions, sandbox: Prepared | None, bus: ManagerBus | None, attempt: int
+        cls,
+        options: ParsedLauncherOptions,
+        sandbox: Prepared | None,
+        bus: ManagerBus | None,
+        attempt: int,
+        listen: int | None = None,
     ) -> Supervisor:
-        """Start the sidecar and its supervisor; from here on, stop signals reach the sidecar."""
+        """Start the sidecar and its supervisor; from here on, stop signals reach the sidecar.
+        With the socket (`listen`), the sidecar's stdin is a pipe the bridge feeds (else systemd's
+        /dev/null)."""
         env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
         ruleset = sandbox.ruleset if sandbox is not None else None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, stdin_w = os.pipe2(os.O_CLOEXEC) if listen is not None else (None, None)
+        redirects = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        if in_r is not None:
+            redirects.append((os.POSIX_SPAWN_DUP2, in_r, 0))
         try:
             if ruleset is not None:
-                pid = spawn_confined(options.command, env, out_w, err_w, ruleset)
+                pid = spawn_confined(options.command, env, out_w, err_w, ruleset, in_r)
             else:
-                pid = os.posix_spawn(
-                    options.command[0],
-                    list(options.command),
-                    env,
-                    file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
-                )
+                pid = os.posix_spawn(options.command[0], list(options.command), env, file_actions=redirects)
         finally:
             os.close(out_w)
             os.close(err_w)
+            if in_r is not None:
+                os.close(in_r)
             if ruleset is not None:
                 ruleset.close()
         started = time.monotonic()
         supervisor = cls(
-            options, pid, os.pidfd_open(pid), (out_r, err_r), started, sandbox=sandbox, bus=bus, attempt=attempt
+            options,
+            pid,
+            os.pidfd_open(pid),
+            (out_r, err_r),
+            started,
+            sandbox=sandbox,
+            bus=bus,
+            attempt=attempt,
+            listen=listen,
+            stdin_w=stdin_w,
         )
         supervisor.install_signal_handlers()
         return supervisor
@@ -853,7 +916,23 @@ class Supervisor:
 
     def status_text(self) -> str:
         up_s = time.monotonic() - self.ready_at if self.ready_at is not None else 0.0
-        return ready_status(self.pid, up_s, self.attempt, self.options.attempts, self.sandbox_level())
+        clients = self.bridge.core.summary() if self.bridge is not None else ""
+        return ready_status(self.pid, up_s, self.attempt, self.options.attempts, self.sandbox_level(), clients)
+
+    def start_bridge(self, poller: select.poll) -> None:
+        """Serve agor-sidecar.socket: its clients get the sidecar's stdout and feed its stdin."""
+        # import cost: ~1 ms (C modules only); a launcher without the socket unit never loads it
+        from agor_systemd.sidecar.bridge import Bridge, SocketBridge
+
+        assert self.listen is not None and self.stdin_w is not None
+        core = Bridge(self.options.buffer_bytes, self.options.client_queue_bytes)
+        self.bridge = SocketBridge(self.listen, self.stdin_w, poller, core, self.clients_changed)
+        stdout = next(stream for stream in self.streams.values() if stream.is_stdout)
+        stdout.tap = self.bridge.sidecar_output
+
+    def clients_changed(self) -> None:
+        if self.ready and self.hung is None:
+            notify(self.status_text())
 
     def sandbox_level(self) -> str:
         """'sandbox full|partial|none|off' — health reads it back from STATUS=."""
@@ -891,6 +970,8 @@ class Supervisor:
         poller.register(self.pidfd, select.POLLIN)
         for fd in self.streams:
             poller.register(fd, select.POLLIN)
+        if self.listen is not None:
+            self.start_bridge(poller)
         ready_mode = self.options.ready
         notify(
             f"STATUS=waiting for readiness ({ready_mode}); pid {self.pid}; "
@@ -939,13 +1020,16 @@ class Supervisor:
                 next_ping=next_ping,
                 next_check=next_check,
             )
-            for fd, _ in poller.poll(poll_timeout_ms(wakeup, time.monotonic())):
+            for fd, events in poller.poll(poll_timeout_ms(wakeup, time.monotonic())):
                 if fd == self.pidfd:
                     for stream in self.streams.values():
                         stream.drain_available()
                     result = os.waitid(os.P_PID, self.pid, os.WEXITED)
                     assert result is not None  # None only with WNOHANG
                     return result.si_code, result.si_status
+                if self.bridge is not None and self.bridge.owns(fd):
+                    self.bridge.handle(fd, events)
+                    continue
                 if not self.streams[fd].read():
                     poller.unregister(fd)
 
@@ -1004,22 +1088,26 @@ class Supervisor:
     # -- the end ---------------------------------------------------------------------------------
 
     def finish(self, code: int, status: int) -> NoReturn:
+        cause = cause_of_death(
+            code,
+            status,
+            watchdog_fired=self.watchdog_fired,
+            hung=self.hung,
+            not_ready=self.not_ready,
+            ready_timeout_s=self.options.ready_timeout_s,
+            denial=self.denial,
+        )
         end = verdict(
-            cause_of_death(
-                code,
-                status,
-                watchdog_fired=self.watchdog_fired,
-                hung=self.hung,
-                not_ready=self.not_ready,
-                ready_timeout_s=self.options.ready_timeout_s,
-                denial=self.denial,
-            ),
+            cause,
             self.attempt,
             self.options.attempts,
             stopping=self.stopping,
             watchdog_fired=self.watchdog_fired,
             not_ready=self.not_ready,
         )
+        giving_up = end.exit_status == GAVE_UP_STATUS
+        if self.bridge is not None:  # its clients get EOF now, as agor gets it from a runner's stdout
+            self.bridge.finish(failed_line(cause, self.options.attempts) if giving_up else None)
         if end.after_stop:
             notify(end.status_line)
             log(end.record, end.priority)
@@ -1030,6 +1118,8 @@ class Supervisor:
             forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file())
             sys.exit(end.exit_status)
         self.hand_over_output()
+        if giving_up:
+            mark_given_up(self.options, self.bus, self.listen, cause)
         notify(end.status_line)
         log(end.record, end.priority)
         if end.exit_status is not None:
@@ -1098,9 +1188,61 @@ def fail_before_spawn(options: ParsedLauncherOptions, bus: ManagerBus | None, at
     if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
         attempt = ManagerBus(options.system).restart_count(options.unit)
     end = start_failure(cause, attempt, options.attempts)
+    if end.exit_status == GAVE_UP_STATUS:
+        mark_given_up(options, bus, socket_from_systemd(), cause)
     notify(end.status_line)
     log(end.record, end.priority)
     sys.exit(end.exit_status)
+
+
+def socket_from_systemd() -> int | None:
+    """agor-sidecar.socket's listening fd when systemd passed it (close-on-exec from here: the
+    sidecar never gets it), else None."""
+    if "LISTEN_FDS" not in os.environ:
+        return None
+    # import cost: ~1 ms (C modules only), and only a unit with the socket gets here
+    from agor_systemd.sidecar.bridge import listen_fd
+
+    fd = listen_fd(dict(os.environ), os.getpid())
+    if fd is not None:
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+    return fd
+
+
+def failed_line(cause: str, attempts: int) -> bytes:
+    """What a client of a given-up sidecar is told, as one JSON line."""
+    import json  # import cost: ~8 ms, only at a give-up
+
+    state = {"type": "supervisor", "state": "failed", "attempts": attempts, "last_error": cause}
+    return json.dumps({**state, "hint": "run `agor-units restart` to start it again"}).encode() + b"\n"
+
+
+def mark_given_up(options: ParsedLauncherOptions, bus: ManagerBus | None, listen: int | None, cause: str) -> None:
+    """Socket activation would start a given-up sidecar again at the next connection: leave the
+    cause in the manager's environment, where the next launcher finds it (answer_given_up)."""
+    if listen is None:
+        return
+    try:
+        (bus or ManagerBus(options.system)).manager_environment(b"SetEnvironment", f"{GAVE_UP_ENV}={cause}")
+    except OSError as e:
+        log(f"{e}; a client connecting to the socket will start the sidecar again", WARNING)
+
+
+def answer_given_up(options: ParsedLauncherOptions, listen: int, cause: str) -> None:
+    """A start after the give-up: a client's connection (socket activation) gets the state and EOF,
+    and the sidecar stays down; a start with nobody waiting is a user's restart and clears the mark."""
+    # import cost: none, socket_from_systemd loaded it
+    from agor_systemd.sidecar.bridge import connection_pending, respond_and_close
+
+    bus = ManagerBus(options.system)
+    if not connection_pending(listen):
+        bus.manager_environment(b"UnsetEnvironment", GAVE_UP_ENV)
+        return
+    bus.reset_failed(options.unit)  # else a reconnecting app hits the start limit, and the socket fails
+    answered = respond_and_close(listen, failed_line(cause, options.attempts))
+    notify(f"STATUS=gave up after {options.attempts} restarts; {CRASH_MARK}{cause}")
+    log(f"the sidecar gave up earlier ({cause}); told {answered} client(s), not starting it", NOTICE)
+    sys.exit(GAVE_UP_STATUS)
 
 
 def forget_earlier_starts(bus: ManagerBus, unit: str) -> None:
@@ -1126,6 +1268,9 @@ def run(options: ParsedLauncherOptions) -> None:
         _signal.signal(signum, stop_before_start)
     bus: ManagerBus | None = None
     attempt = 0
+    listen = socket_from_systemd()
+    if listen is not None and GAVE_UP_ENV in os.environ:
+        answer_given_up(options, listen, os.environ[GAVE_UP_ENV])
     if options.wait_schedule is not None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
@@ -1136,7 +1281,7 @@ def run(options: ParsedLauncherOptions) -> None:
     check_hardening(options.expect_hardening)
     sandbox = prepare_sandbox(options) if options.sandbox != "off" else None
     try:
-        supervisor = Supervisor.spawn(options, sandbox, bus, attempt)
+        supervisor = Supervisor.spawn(options, sandbox, bus, attempt, listen)
     except OSError as e:  # e.g. the program was removed after install
         fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}")
     if bus is None:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from agor_systemd.unitfile import Text
 
 SIDECAR_UNIT = "agor-sidecar.service"
+SIDECAR_SOCKET = "agor-sidecar.socket"  # the sidecar's stdio for agor (docs/socket.md)
+# in the manager's environment while a sidecar with a socket is given up (docs/socket.md)
+GAVE_UP_ENV = "AGOR_SIDECAR_GAVE_UP"
 
 # The launcher exits with this status after the last allowed crash; the unit lists it in
 # RestartPreventExitStatus=, so the unit goes `failed` at once instead of after one more
@@ -31,6 +34,10 @@ CRASH_MARK = "sidecar crashed: "
 
 # siginfo si_code values systemd reports as ExecMainCode
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
+
+
+BUFFER_BYTES = 4 * 1024 * 1024  # [socket] buffer_mib's default
+CLIENT_QUEUE_BYTES = 4 * 1024 * 1024  # [socket] client_queue_mib's default
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -72,6 +79,8 @@ _FLAGS: dict[str, tuple[str, Callable[[str], object], Callable[[Any], Text] | No
     "--expect-hardening": ("expect_hardening", _str_list, ",".join),
     "--working-directory": ("working_directory", str, _as_is),
     "--environment-file": ("environment_file", str, _as_is),
+    "--buffer-bytes": ("buffer_bytes", int, str),
+    "--client-queue-bytes": ("client_queue_bytes", int, str),
 }
 _LIST_FLAGS = {"--rw": "read_write", "--ro": "read_only"}  # repeated, one path each
 _REQUIRED = ("--unit", "--attempts", "--stability-window")
@@ -83,6 +92,8 @@ class LauncherOptions:
     __slots__ = (
         "activity_timeout_s",
         "attempts",
+        "buffer_bytes",
+        "client_queue_bytes",
         "command",
         "environment_file",
         "expect_hardening",
@@ -125,6 +136,8 @@ class LauncherOptions:
         expect_hardening: tuple[str, ...] = (),
         working_directory: Text | None = None,
         environment_file: Text | None = None,
+        buffer_bytes: int = BUFFER_BYTES,
+        client_queue_bytes: int = CLIENT_QUEUE_BYTES,
     ) -> None:
         self.unit = unit
         self.attempts = attempts
@@ -147,6 +160,9 @@ class LauncherOptions:
         # the unit's WorkingDirectory=-/EnvironmentFile=-: systemd skips them when missing, the launcher checks
         self.working_directory = working_directory
         self.environment_file = environment_file
+        # agor-sidecar.socket's bridge: stdout kept while no client is connected; one slow client's queue
+        self.buffer_bytes = buffer_bytes
+        self.client_queue_bytes = client_queue_bytes
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LauncherOptions) and all(

@@ -15,6 +15,7 @@ from agor_systemd.sandbox.policy import sandbox_paths
 from agor_systemd.sidecar.backoff import native_backoff, schedule
 from agor_systemd.sidecar.protocol import (
     GAVE_UP_STATUS,
+    SIDECAR_SOCKET,
     SIDECAR_UNIT,
     LauncherOptions,
     launcher_arguments,
@@ -33,6 +34,10 @@ from agor_systemd.unitfile import (
 # the RESTART_RESET=1 notify message in 258.
 NATIVE_BACKOFF_VERSION = 254
 RESTART_RESET_VERSION = 258
+
+# %t: $XDG_RUNTIME_DIR for a user manager, /run for the system one
+SOCKET_PATH = "%t/agor/sidecar.sock"
+MIB = 1024 * 1024
 
 # How the units start the launcher when rendered for packagers and for units/:
 # Debian's interpreter, with the package installed system-wide.
@@ -80,6 +85,8 @@ def sidecar_unit(
         expect_hardening=expected_effects(wanted_groups(systemd_version, hardening, system)),
         working_directory=config.sidecar.working_directory,
         environment_file=config.sidecar.environment_file,
+        buffer_bytes=round(config.socket.buffer_mib * MIB),
+        client_queue_bytes=round(config.socket.client_queue_mib * MIB),
     )
     if config.sandbox.enabled:
         read_write, read_only = sandbox_paths(config)
@@ -133,7 +140,31 @@ def sidecar_unit(
     # would SIGKILL the agents the moment the launcher exits.)
     unit.add("Service", "KillMode", "control-group")
     unit.add("Service", "SyslogIdentifier", "agor-sidecar")
+    if config.socket.enabled:
+        # the listening socket comes from agor-sidecar.socket (pulled in, and ordered before)
+        unit.add("Service", "Sockets", SIDECAR_SOCKET)
     for section, key, value in hardening_directives(config, systemd_version, hardening, system):
         unit.add(section, key, value)
     unit.add("Install", "WantedBy", "default.target")
+    return unit
+
+
+def sidecar_socket(config: Config, docs: str | None = PACKAGED_DOCS) -> UnitFile | None:
+    """agor-sidecar.socket: the sidecar's stdio as a unix socket that belongs to systemd, so it
+    outlives every launcher: connections made during a restart wait in its backlog (docs/socket.md).
+    None when [socket] enabled = false."""
+    if not config.socket.enabled:
+        return None
+    unit = UnitFile(SIDECAR_SOCKET, header=HEADER)
+    unit.add("Unit", "Description", "agor sidecar's stdin and stdout for agor (agor-units attach)")
+    if (pages := documentation(docs, "socket.md")) is not None:
+        unit.add("Unit", "Documentation", pages)
+    unit.add("Socket", "ListenStream", SOCKET_PATH)
+    unit.add("Socket", "SocketMode", "0600")
+    unit.add("Socket", "DirectoryMode", "0700")
+    unit.add("Socket", "FileDescriptorName", "sidecar")  # bridge.FD_NAME, in LISTEN_FDNAMES
+    unit.add("Socket", "Accept", "no")  # one launcher serves every client
+    unit.add("Socket", "RemoveOnStop", "yes")
+    unit.add("Socket", "Service", SIDECAR_UNIT)
+    unit.add("Install", "WantedBy", "sockets.target")
     return unit

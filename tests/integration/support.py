@@ -40,6 +40,11 @@ def health(mgr: UserManager) -> Sample:
     return Sample(before, after, json.loads(cp.stdout))
 
 
+def supervision_health(mgr: UserManager) -> dict[str, Any]:
+    """Health without the socket's part (clients, buffering_lines), which test_socket.py checks."""
+    return {k: v for k, v in health(mgr).health.items() if k not in ("clients", "buffering_lines")}
+
+
 @dataclass
 class Sidecar:
     """One installed fake sidecar: where it logs its starts and reads its plan."""

@@ -40,7 +40,8 @@ def assert_full_show(cp: subprocess.CompletedProcess[str], mode: str) -> None:
     after_restart = out.split("$ agor-units restart", 1)
     assert len(after_restart) == 2, out
     assert re.search(
-        r"^\s+[\d.]+s\s+healthy\s+\{\"status\": \"healthy\", \"sandbox\": \"(full|partial|none)\"\}",
+        r"^\s+[\d.]+s\s+healthy\s+\{\"status\": \"healthy\", \"sandbox\": \"(full|partial|none)\""
+        r", \"clients\": 0, \"buffering_lines\": \d+\}",  # nobody attached to agor-sidecar.socket
         after_restart[1],
         re.M,
     ), out

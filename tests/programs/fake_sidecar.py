@@ -28,6 +28,12 @@ start's number; the last line repeats), else BEHAVIOUR:
                   adds "N TERM" to file F; once both work, print "agents: working" and hang
     agents-crash:F  the same agents; exit with status 3 once both work
     count-term:F  add a line to file F for every SIGTERM; exit 0.5 s after the first
+    echo          answer every stdin line L with {"type":"answer","to":L,"pid":PID}; the line
+                  `emit N` with N lines {"type":"agent","n":I,...} of 200 bytes (I from 1), the
+                  line `pace N R` with the same N lines at R lines/s, the line `crash` with
+                  exit status 3; keeps running at stdin's end
+    emit:N        print those N lines at once, then echo
+    tick:S        print a numbered agent line every S seconds (n from 1), and echo
 """
 
 import json
@@ -104,6 +110,48 @@ def start_agents(flag_file):
     print("agents: working", flush=True)
 
 
+def agent_line(n):
+    """{"type":"agent","n":N,"pad":"..."} padded to 200 bytes with its newline."""
+    head = f'{{"type":"agent","n":{n},"pad":"'
+    return head + "x" * (200 - len(head) - 3) + '"}\n'
+
+
+def echo(kind, arg):
+    out = sys.stdout
+    if kind == "emit":
+        out.write("".join(agent_line(n) for n in range(1, int(arg) + 1)))
+        out.flush()
+    if kind == "tick":
+        import threading
+
+        def tick():
+            n = 0
+            while True:
+                time.sleep(float(arg))
+                n += 1
+                out.write(agent_line(n))
+                out.flush()
+
+        threading.Thread(target=tick, daemon=True).start()
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if line == "crash":
+            os._exit(3)
+        if line.startswith("pace "):  # pace N R: N agent lines at R lines/s, in batches of 20
+            count, rate = int(line.split()[1]), float(line.split()[2])
+            for first in range(1, count + 1, 20):
+                out.write("".join(agent_line(n) for n in range(first, min(first + 20, count + 1))))
+                out.flush()
+                time.sleep(20 / rate)
+        elif line.startswith("emit "):
+            out.write("".join(agent_line(n) for n in range(1, int(line.split()[1]) + 1)))
+        else:
+            out.write(json.dumps({"type": "answer", "to": line, "pid": os.getpid()}) + "\n")
+        out.flush()
+    while True:
+        time.sleep(3600)
+
+
 def act(behaviour):
     kind, _, arg = behaviour.partition(":")
     if kind == "exit":
@@ -173,6 +221,8 @@ def act(behaviour):
         os._exit(0)
     if kind == "agents-crash":
         os._exit(3)
+    if kind in ("echo", "emit", "tick"):
+        echo(kind, arg)
     if kind == "log":
         print("plain stdout line", flush=True)
         print("<3>stdout line marked as an error", flush=True)

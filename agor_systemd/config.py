@@ -620,25 +620,6 @@ def expand_home(value: Text, home: str) -> str:
     return value.expand(home) if isinstance(value, HomePath) else value
 
 
-def working_directory_problem(config: Config, home: str) -> str | None:
-    """Why the sandbox cannot take the working directory as it is, or None.
-
-    The working directory is read-write for the sidecar, so `~` (or `/`, or any parent of the
-    home directory) would hand it the whole home directory, ~/.ssh included."""
-    if not config.sandbox.enabled:
-        return None
-    path = os.path.normpath(expand_home(config.sidecar.working_directory, home))
-    home = os.path.normpath(home)
-    if path != home and not (home + "/").startswith(path.rstrip("/") + "/"):
-        return None
-    what = "the home directory" if path == home else f"{path}, which contains the home directory"
-    return (
-        f"[sidecar] working_directory is {what}: the sandbox makes the working directory writable, "
-        "which would open up every file in it (~/.ssh too); set it to a project directory "
-        '(e.g. working_directory = "~/agor"), or turn the sandbox off with [sandbox] enabled = false'
-    )
-
-
 def parse_config(data: dict[str, Any]) -> Config:
     config = Config()
     for table, values in data.items():

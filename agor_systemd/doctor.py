@@ -6,7 +6,7 @@ import getpass
 from dataclasses import dataclass
 from pathlib import Path
 
-from agor_systemd.config import DEFAULT_COMMAND, Config
+from agor_systemd.config import DEFAULT_COMMAND, Config, expand_home
 from agor_systemd.install import (
     InstallError,
     check_environment_file,
@@ -19,7 +19,7 @@ from agor_systemd.install import (
     unit_directory,
 )
 from agor_systemd.manager import BusError, Systemd, installed_systemd_version
-from agor_systemd.sandbox.check import broad_write_warnings, expand
+from agor_systemd.sandbox.check import broad_write_warnings
 from agor_systemd.sandbox.enforce import enforcement
 from agor_systemd.sandbox.hardening import probe
 from agor_systemd.sandbox.landlock import abi_version
@@ -220,7 +220,7 @@ def _sidecar_program(config: Config) -> Check:
             f"missing{placeholder}: {', '.join(missing)}",
             "set [sidecar] command in ~/.config/agor/units.toml",
         )
-    return Check("sidecar program", "ok", expand(command[0], home))
+    return Check("sidecar program", "ok", expand_home(command[0], home))
 
 
 def _broad_write_paths(config: Config) -> list[Check]:

@@ -16,14 +16,13 @@ from agor_systemd.config import (
     Config,
     dropped_environment_lines,
     expand_home,
-    working_directory_problem,
 )
 from agor_systemd.errors import AgorError
 from agor_systemd.files import atomic_write, digest
 from agor_systemd.manager import BusError, Systemd, installed_systemd_version
 from agor_systemd.sandbox.enforce import probe_start
 from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
-from agor_systemd.sandbox.policy import sandbox_paths
+from agor_systemd.sandbox.policy import sandbox_paths, working_directory_problem
 from agor_systemd.sidecar.protocol import GAVE_UP_ENV, SIDECAR_UNIT
 from agor_systemd.unitfile import HEADER, HomePath, Text
 from agor_systemd.units import render_units

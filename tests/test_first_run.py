@@ -17,7 +17,6 @@ from agor_systemd.config import (
     Config,
     SidecarConfig,
     parse_config,
-    working_directory_problem,
 )
 from agor_systemd.sandbox import landlock
 from agor_systemd.sandbox.enforce import (
@@ -28,7 +27,7 @@ from agor_systemd.sandbox.enforce import (
     readable_root,
 )
 from agor_systemd.sandbox.hardening import read_write_paths
-from agor_systemd.sandbox.policy import sandbox_paths
+from agor_systemd.sandbox.policy import sandbox_paths, working_directory_problem
 from agor_systemd.unitfile import HomePath, documentation
 from agor_systemd.units import render_units
 

@@ -13,6 +13,7 @@ import os
 
 from agor_systemd.errors import AgorError
 from agor_systemd.sandbox import landlock
+from agor_systemd.sandbox.paths import beneath, contains_home
 
 ALL_FS = tuple(landlock.FS_RIGHTS)
 READ_WRITE = tuple(r for r in ALL_FS if r != "ioctl_dev")  # ioctl on devices only for terminals
@@ -48,15 +49,6 @@ def enforcement(abi: int) -> tuple[str, list[str]]:
 # A directory holding one of these is the root of the program's project: node resolves packages
 # from node_modules beside or above the script, python from the project's own tree.
 PROJECT_MARKERS = ("package.json", "node_modules", "pyproject.toml")
-
-
-def _beneath(path: str, roots) -> bool:
-    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
-
-
-def _contains_home(path: str, home: str) -> bool:
-    """`path` is the home directory, / or a parent of the home directory."""
-    return _beneath(home, [path])
 
 
 def interpreter(path: str) -> str | None:
@@ -107,11 +99,11 @@ def readable_root(path: str, home: str) -> str:
     if os.path.basename(directory) == "bin":
         directory = os.path.dirname(directory)
     candidate = directory
-    while not _contains_home(candidate, home) and candidate != "/":
+    while not contains_home(candidate, home) and candidate != "/":
         if any(os.path.exists(os.path.join(candidate, marker)) for marker in PROJECT_MARKERS):
             return candidate
         candidate = os.path.dirname(candidate)
-    return path if _contains_home(directory, home) or directory == "/" else directory
+    return path if contains_home(directory, home) or directory == "/" else directory
 
 
 def command_paths(command: tuple[str, ...] | list[str], cwd: str, home: str, covered) -> list[str]:
@@ -121,7 +113,7 @@ def command_paths(command: tuple[str, ...] | list[str], cwd: str, home: str, cov
     paths: list[str] = []
     for file in command_files(command, cwd):
         root = readable_root(file, home)
-        if not _beneath(file, covered) and root not in paths:
+        if not beneath(file, covered) and root not in paths:
             paths.append(root)
     return paths
 
@@ -211,9 +203,9 @@ def denial_hint(line: bytes, read_write, read_only) -> str | None:
     read_only_fs = any(word in lower for word in _READ_ONLY_FS)
     for path in _quoted_or_bare_paths(text):
         path = os.path.normpath(path)
-        if _beneath(path, read_write):
+        if beneath(path, read_write):
             continue
-        if read_only_fs or _beneath(path, read_only):
+        if read_only_fs or beneath(path, read_only):
             what = "read-only file system" if read_only_fs else "permission denied"
             return (
                 f"{what}: {path} — not writable in the sandbox; add it (or its directory) to [sandbox] read_write_paths"

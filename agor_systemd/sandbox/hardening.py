@@ -36,6 +36,7 @@ import os
 import sys
 import time
 
+from agor_systemd.config import expand_home
 from agor_systemd.sandbox.effects import (
     EFFECT_BITS,
     EFFECT_TEXT,
@@ -130,7 +131,7 @@ def _table(config, systemd_version: int, system: bool) -> list[tuple[str, str, s
     rw = read_write_paths(config)
 
     def rw_bus(home: str) -> list[str]:
-        return ["-" + (p.expand(home) if hasattr(p, "expand") else p) for p in rw]
+        return ["-" + expand_home(p, home) for p in rw]
 
     rows = [
         ("always", "UMask", "0077", ("u", 0o077)),

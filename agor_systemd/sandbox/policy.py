@@ -6,7 +6,10 @@ ReadWritePaths= mirrors the read-write table (sandbox.hardening).
 
 from __future__ import annotations
 
-from agor_systemd.config import Config
+import os
+
+from agor_systemd.config import Config, expand_home
+from agor_systemd.sandbox.paths import contains_home
 from agor_systemd.unitfile import HomePath, Text
 
 # [sandbox] defaults, added to the configured lists (docs/sandbox.md)
@@ -51,3 +54,22 @@ def sandbox_paths(config: Config) -> tuple[tuple[Text, ...], tuple[Text, ...]]:
     if config.sidecar.working_directory not in read_write:
         read_write += (config.sidecar.working_directory,)
     return read_write, (*SANDBOX_READ_ONLY, *config.sandbox.read_only_paths)
+
+
+def working_directory_problem(config: Config, home: str) -> str | None:
+    """Why the sandbox cannot take the working directory as it is, or None.
+
+    The working directory is read-write for the sidecar, so `~` (or `/`, or any parent of the
+    home directory) would hand it the whole home directory, ~/.ssh included."""
+    if not config.sandbox.enabled:
+        return None
+    path = os.path.normpath(expand_home(config.sidecar.working_directory, home))
+    home = os.path.normpath(home)
+    if not contains_home(path, home):
+        return None
+    what = "the home directory" if path == home else f"{path}, which contains the home directory"
+    return (
+        f"[sidecar] working_directory is {what}: the sandbox makes the working directory writable, "
+        "which would open up every file in it (~/.ssh too); set it to a project directory "
+        '(e.g. working_directory = "~/agor"), or turn the sandbox off with [sandbox] enabled = false'
+    )

@@ -1183,13 +1183,15 @@ def missing_start_path(options: ParsedLauncherOptions) -> str | None:
     return None
 
 
-def fail_before_spawn(options: ParsedLauncherOptions, bus: ManagerBus | None, attempt: int, cause: str) -> NoReturn:
+def fail_before_spawn(
+    options: ParsedLauncherOptions, bus: ManagerBus | None, attempt: int, cause: str, listen: int | None = None
+) -> NoReturn:
     """End an attempt that cannot spawn the sidecar as a crash: the schedule and the budget apply."""
     if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
         attempt = ManagerBus(options.system).restart_count(options.unit)
     end = start_failure(cause, attempt, options.attempts)
     if end.exit_status == GAVE_UP_STATUS:
-        mark_given_up(options, bus, socket_from_systemd(), cause)
+        mark_given_up(options, bus, listen, cause)
     notify(end.status_line)
     log(end.record, end.priority)
     sys.exit(end.exit_status)
@@ -1277,13 +1279,13 @@ def run(options: ParsedLauncherOptions) -> None:
     notify(f"STATUS=starting (attempt {attempt}/{options.attempts})")
     missing = missing_start_path(options)
     if missing is not None:
-        fail_before_spawn(options, bus, attempt, missing)
+        fail_before_spawn(options, bus, attempt, missing, listen)
     check_hardening(options.expect_hardening)
     sandbox = prepare_sandbox(options) if options.sandbox != "off" else None
     try:
         supervisor = Supervisor.spawn(options, sandbox, bus, attempt, listen)
     except OSError as e:  # e.g. the program was removed after install
-        fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}")
+        fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}", listen)
     if bus is None:
         supervisor.count_attempt()
     if supervisor.bus is not None and supervisor.attempt == 0:

@@ -37,11 +37,10 @@ from dataclasses import asdict, dataclass
 from typing import NoReturn
 
 from agor_systemd import journal
-from agor_systemd.config import WalcheckConfig
+from agor_systemd.config import WalcheckConfig, expand_home
 from agor_systemd.console import run_main
 from agor_systemd.errors import UsageError
 from agor_systemd.sqlite import classify, sqlite_uri
-from agor_systemd.unitfile import HomePath
 
 PROG = "agor-walcheck"
 
@@ -349,9 +348,8 @@ def _checkpoint_open(
 
 
 def default_databases(home: str | None = None) -> list[str]:
-
     home = home or os.path.expanduser("~")
-    return [d.expand(home) if isinstance(d, HomePath) else d for d in WalcheckConfig().databases]
+    return [expand_home(d, home) for d in WalcheckConfig().databases]
 
 
 def exit_status(results: Sequence[CheckpointResult]) -> int:

@@ -50,8 +50,23 @@ class Sidecar:
     """One installed fake sidecar: where it logs its starts and reads its plan."""
 
     mgr: UserManager
+    fake: Path
     log: Path
     plan: Path
+
+    def command(self, extra_words: Sequence[str] = ()) -> list[str]:
+        """The sidecar's argv as install gives it: the fake sidecar with its log and plan."""
+        return [
+            "/usr/bin/python3",
+            "-I",
+            "-S",
+            str(self.fake),
+            "--log",
+            str(self.log),
+            "--plan",
+            str(self.plan),
+            *extra_words,
+        ]
 
     def starts(self) -> list[dict[str, Any]]:
         if not self.log.exists():
@@ -81,6 +96,7 @@ def install_sidecar(
     token = uuid.uuid4().hex[:8]
     plan_file = mgr.write_file(f"sidecar-data/plan-{token}.txt", "\n".join(plan) + "\n")
     log = plan_file.parent / f"sidecar-{token}.jsonl"  # the sandbox lets the sidecar write only here
+    sidecar = Sidecar(mgr, fake, log, plan_file)
     agor_units(
         mgr,
         "install",
@@ -92,18 +108,10 @@ def install_sidecar(
         f"--read-write-path={plan_file.parent}",
         *install_args,
         "--",
-        "/usr/bin/python3",
-        "-I",
-        "-S",
-        str(fake),
-        "--log",
-        str(log),
-        "--plan",
-        str(plan_file),
-        *extra_words,
+        *sidecar.command(extra_words),
         check=True,
     )
-    return Sidecar(mgr, log, plan_file)
+    return sidecar
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:

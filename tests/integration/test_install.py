@@ -55,17 +55,7 @@ def test_hostile_arguments_and_paths_reach_the_sidecar_verbatim(user_manager, fa
         install_args=[f"--working-directory={workdir}", f"--environment-file={envfile}"],
     )
     wait_health(user_manager, "healthy", timeout=10)
-    intended = [
-        "/usr/bin/python3",
-        "-I",
-        "-S",
-        str(fake_sidecar_path),
-        "--log",
-        str(sidecar.log),
-        "--plan",
-        str(sidecar.plan),
-        *HOSTILE_WORDS,
-    ]
+    intended = sidecar.command(HOSTILE_WORDS)
 
     start = sidecar.starts()[-1]
     assert [bytes.fromhex(h).decode() for h in start["argv"]] == intended[3:]  # python's argv[0] is the script

@@ -120,17 +120,7 @@ def test_install_does_not_overwrite_a_hand_edited_unit_without_force(user_manage
 def test_install_says_the_running_sidecar_keeps_its_old_settings(user_manager, fake_sidecar_path):
     sidecar = install_sidecar(user_manager, fake_sidecar_path, ["hang"])
     wait_health(user_manager, "healthy", timeout=15)
-    command = [
-        "--",
-        "/usr/bin/python3",
-        "-I",
-        "-S",
-        str(fake_sidecar_path),
-        "--log",
-        str(sidecar.log),
-        "--plan",
-        str(sidecar.plan),
-    ]
+    command = ["--", *sidecar.command()]
     base = ["install", "--base-s=0.2", f"--read-write-path={sidecar.plan.parent}"]
 
     changed = agor_units(user_manager, *base, "--attempts=7", *command, check=True)

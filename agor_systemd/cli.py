@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from agor_systemd import __version__
-from agor_systemd.config import SETTINGS, Config, Setting, apply_overrides, load_config
+from agor_systemd.btmsg.sweep import health_summary
+from agor_systemd.config import SETTINGS, Config, Setting, apply_overrides, expand_home, load_config
 from agor_systemd.console import call, run_main
 from agor_systemd.doctor import MINIMUM_VERSION, run_checks
 from agor_systemd.errors import AgorError
@@ -298,12 +299,29 @@ def health(ctx, as_json):
     {"status": "restarting", "attempt": 2, "next_retry_s": 1.4}
     {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
     {"status": "stopped"}
-    Exit status: 0 healthy, 3 starting/restarting, 4 failed, 5 stopped, 1 error.
+    With [btmsg] on, "agents" adds agent health from btmsg.db: counts by state, dead letters
+    (queued, parked) and agor's attention queue (score, reason), or why it cannot be read.
+    Exit status (the sidecar's): 0 healthy, 3 starting/restarting, 4 failed, 5 stopped, 1 error.
     """
-    state = read_health(SIDECAR_UNIT, ctx.obj["system"])
+    config = load_config(ctx.obj["config_path"])
+    state: dict = dict(read_health(SIDECAR_UNIT, ctx.obj["system"]))
     details = ", ".join(f"{k} {v}" for k, v in state.items() if k != "status")
-    emit(state, as_json, state["status"] + (f" ({details})" if details else ""))
+    text = state["status"] + (f" ({details})" if details else "")
+    if config.btmsg.enabled:
+        state["agents"] = agents = health_summary(expand_home(config.btmsg.database, str(Path.home())))
+        text += "\nagents: " + agents_text(agents)
+    emit(state, as_json, text)
     sys.exit(HEALTH_EXIT[state["status"]])
+
+
+def agents_text(agents: dict) -> str:
+    if "error" in agents:
+        return agents["error"]
+    counts = ", ".join(f"{n} {state}" for state, n in agents["counts"].items())
+    letters = agents["dead_letters"]
+    lines = [f"{counts}; dead letters: {letters['queued']} queued, {letters['parked']} parked"]
+    lines += [f"  {item['score']:>3}  {item['agent']}: {item['reason']}" for item in agents["attention"]]
+    return "\n".join(lines)
 
 
 @main.command()

@@ -115,6 +115,19 @@ class SocketConfig:
 
 
 @dataclass(frozen=True)
+class BtmsgConfig:
+    """[btmsg]: agent health in agor's btmsg.db and agor-btmsg-sweep.timer (docs/btmsg.md), on by default."""
+
+    enabled: bool = True
+    database: Text = HomePath(f"{AGOR_DATA}/btmsg.db")
+    interval_s: float = 30.0
+    stale_after_s: float = 300.0  # agor's dead-letter rule
+    stall_threshold_min: float = 15.0  # agor's stallThresholdMin
+    max_deliver: int = 5
+    max_message_kib: float = 256.0
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -122,6 +135,7 @@ class Config:
     walcheck: WalcheckConfig = field(default_factory=WalcheckConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
+    btmsg: BtmsgConfig = field(default_factory=BtmsgConfig)
 
 
 def config_home() -> Path:
@@ -385,6 +399,13 @@ TABLES = {
         "([socket.md](socket.md)).",
         None,
     ),
+    "btmsg": Table(
+        BtmsgConfig,
+        "Agent health in agor's btmsg.db: heartbeats, stale and stalled agents, dead letters that are "
+        "redelivered, and agor-btmsg-sweep.timer ([btmsg.md](btmsg.md)). The thresholds reach every sender "
+        "through the database, where each sweep stores them.",
+        None,
+    ),
 }
 
 # in the order of the dataclasses' fields (a test checks), of the flags in --help and of docs/settings.md;
@@ -570,6 +591,49 @@ SETTINGS = (
         "MiB",
         "Output queued for one slow client before its lines are dropped (and it is told how many)",
         (0.0625, 1024.0),
+    ),
+    Setting("btmsg", "enabled", _switch, "true or false", "Install agor-btmsg-sweep.timer"),
+    Setting("btmsg", "database", _path, "path", "agor's btmsg.db, which the sweep watches"),
+    Setting(
+        "btmsg",
+        "interval_s",
+        _number,
+        "seconds",
+        "How often agor-btmsg-sweep.timer runs, counted from the end of the previous run",
+        (0.2, 86400.0),
+    ),
+    Setting(
+        "btmsg",
+        "stale_after_s",
+        _number,
+        "seconds",
+        "No heartbeat for this long: the agent is stale and messages to it become dead letters (agor: 300)",
+        (1.0, 7 * 86400.0),
+    ),
+    Setting(
+        "btmsg",
+        "stall_threshold_min",
+        _number,
+        "minutes",
+        "No heartbeat, message sent or message read for this long: the agent is stalled, attention 100 "
+        "(agor's slider: 5 to 60)",
+        (0.01, 7 * 1440.0),
+    ),
+    Setting(
+        "btmsg",
+        "max_deliver",
+        _number,
+        "whole number",
+        "Deliveries of a message that is never read before it is parked for good",
+        (1, 1000),
+    ),
+    Setting(
+        "btmsg",
+        "max_message_kib",
+        _number,
+        "KiB",
+        "The largest message `btmsg send` accepts",
+        (1.0, 65536.0),
     ),
 )
 

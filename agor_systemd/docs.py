@@ -1,7 +1,7 @@
 """The docs that restate code, generated from it (tests/test_docs.py fails when they drift).
 
     docs/settings.md   every units.toml setting, from config.SETTINGS
-    docs/cli.md        every --help of agor-units, agor-sandbox and agor-walcheck
+    docs/cli.md        every --help of agor-units, agor-sandbox, agor-walcheck and btmsg
 
 `python -m agor_systemd.docs [DIR]` rewrites them under DIR (default: the current directory, the
 repository's root).
@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from agor_systemd.btmsg.cli import argument_parser as btmsg_parser
 from agor_systemd.cli import main as units_main
 from agor_systemd.cli import sandbox_main
 from agor_systemd.config import SETTINGS, TABLES, Setting
@@ -105,8 +106,20 @@ def click_helps(command: click.Command, name: str, parent: click.Context | None 
 
 
 def argparse_help(parser: argparse.ArgumentParser) -> str:
-    parser.formatter_class = partial(argparse.RawDescriptionHelpFormatter, width=HELP_WIDTH)
+    # wrapping or not as the parser chose, at a fixed width
+    raw = issubclass(parser.formatter_class, argparse.RawDescriptionHelpFormatter)  # type: ignore[arg-type]
+    kind = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
+    parser.formatter_class = partial(kind, width=HELP_WIDTH)
     return parser.format_help()
+
+
+def argparse_helps(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """(command path, --help text) for a parser and each of its subcommands."""
+    helps = [(parser.prog, argparse_help(parser))]
+    for action in parser._actions:  # argparse keeps its subcommands here, with no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            helps += [(sub.prog, argparse_help(sub)) for sub in action.choices.values()]
+    return helps
 
 
 def program_helps() -> list[tuple[str, str]]:
@@ -115,6 +128,7 @@ def program_helps() -> list[tuple[str, str]]:
         *click_helps(units_main, "agor-units"),
         *click_helps(sandbox_main, "agor-sandbox"),
         ("agor-walcheck", argparse_help(walcheck_parser())),
+        *argparse_helps(btmsg_parser()),
     ]
 
 

@@ -26,7 +26,6 @@ from agor_systemd.sandbox.policy import sandbox_paths, working_directory_problem
 from agor_systemd.sidecar.protocol import GAVE_UP_ENV, SIDECAR_UNIT
 from agor_systemd.unitfile import HEADER, HomePath, Text
 from agor_systemd.units import render_units
-from agor_systemd.walcheck.units import WALCHECK_TIMER
 
 MANIFEST = ".agor-units.json"  # in the unit directory; systemd ignores files without a unit suffix
 # what the manifest may name: unit files in the unit directory, never a path elsewhere
@@ -325,8 +324,9 @@ def install(
             # a fresh start with a full restart budget, running the units just written
             fresh_start(manager)
             report.actions.append(f"restart {SIDECAR_UNIT}")
-            manager.restart(WALCHECK_TIMER)  # (re)arms it with the timer just written
-            report.actions.append(f"restart {WALCHECK_TIMER}")
+            for timer in (name for name in units if name.endswith(".timer")):
+                manager.restart(timer)  # (re)arms it with the timer just written
+                report.actions.append(f"restart {timer}")
         else:
             note_running_old_settings(manager, report)
     return report

@@ -164,6 +164,11 @@ def usec_text(usec: int) -> str:
 PACKAGED_DOCS = "/usr/share/doc/agor-systemd"
 
 
+def seconds_text(value: float) -> str:
+    """Seconds as an exact systemd time span (at least 1 µs: 0 would mean "off" to systemd)."""
+    return usec_text(max(1, round(value * 1e6)))
+
+
 def documentation(docs: str | None, *pages: str) -> str | None:
     """A Documentation= value: file: URIs of the installed docs (percent-encoded, with `%` then
     doubled for systemd's specifier expansion); None when the docs are not installed."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agor_systemd.btmsg.units import sweep_units
 from agor_systemd.config import Config
 from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
@@ -32,6 +33,7 @@ def render_units(
     if (socket := sidecar_socket(config, docs)) is not None:
         units.append(socket)
     units += walcheck_units(config, [launcher[0], "-I"], docs)
+    units += sweep_units(config, [launcher[0], "-I"], docs)
     return {unit.name: unit.render() for unit in units}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from agor_systemd.btmsg.units import SWEEP_SERVICE, SWEEP_TIMER
 from agor_systemd.cli import main
 from agor_systemd.config import Config, SidecarConfig
 from agor_systemd.install import MANIFEST, current_launcher
@@ -16,7 +17,7 @@ from agor_systemd.sandbox.policy import sandbox_paths
 from agor_systemd.sidecar.protocol import SIDECAR_SOCKET, SIDECAR_UNIT
 from agor_systemd.walcheck.units import WALCHECK_SERVICE, WALCHECK_TIMER
 
-WALCHECK_UNITS = [WALCHECK_SERVICE, WALCHECK_TIMER]
+TIMER_UNITS = [WALCHECK_SERVICE, WALCHECK_TIMER, SWEEP_SERVICE, SWEEP_TIMER]
 SIDECAR_UNITS = [SIDECAR_UNIT, SIDECAR_SOCKET]
 
 COMMANDS = ["render", "install", "uninstall", "health", "restart", "verify", "doctor", "demo"]
@@ -129,7 +130,7 @@ def test_render_json(env):
     result = run(env, "render", "--systemd-version", "254", "--json", "--", "/bin/true", "a b")
     assert result.exit_code == 0, result.output
     units = json.loads(result.stdout)
-    assert list(units) == [*SIDECAR_UNITS, *WALCHECK_UNITS]
+    assert list(units) == [*SIDECAR_UNITS, *TIMER_UNITS]
     assert '"--" "/bin/true" "a b"\n' in units[SIDECAR_UNIT]
     assert units[SIDECAR_UNIT].endswith("[Install]\nWantedBy=default.target\n")
 
@@ -224,12 +225,12 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
     first = run(env, "install", "--output", str(out), "--systemd-version", "252", "--", "/bin/true")
     assert first.exit_code == 0, first.output
     assert first.stdout.splitlines() == [
-        *(f"wrote {out / name}" for name in [*SIDECAR_UNITS, *WALCHECK_UNITS]),
+        *(f"wrote {out / name}" for name in [*SIDECAR_UNITS, *TIMER_UNITS]),
         "systemd 252: restart backoff launcher fallback, delays 1s, 2s, 4s, 8s, 16s",
         "systemd hardening: always, seccomp, userns, mounts (not probed: --output renders every group)",
     ]
     # no temp files, and no hidden manifest in a package directory
-    assert sorted(p.name for p in out.iterdir()) == sorted([*SIDECAR_UNITS, *WALCHECK_UNITS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SIDECAR_UNITS, *TIMER_UNITS])
     text = (out / SIDECAR_UNIT).read_text()
     assert f"ExecStart={launcher_prefix()}" in text and '"--" "/bin/true"\n' in text
     assert oct((out / SIDECAR_UNIT).stat().st_mode & 0o777) == oct(0o644)
@@ -240,7 +241,7 @@ def test_install_output_writes_atomically_and_is_idempotent(env, tmp_path):
     assert second.stdout.splitlines()[0] == f"unchanged {out / SIDECAR_UNIT}"
     assert not any(line.startswith("wrote ") for line in second.stdout.splitlines())
     assert (out / SIDECAR_UNIT).stat().st_mtime_ns == unit_before
-    assert sorted(p.name for p in out.iterdir()) == sorted([*SIDECAR_UNITS, *WALCHECK_UNITS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SIDECAR_UNITS, *TIMER_UNITS])
 
 
 def test_install_output_native_report(env, tmp_path):
@@ -271,7 +272,7 @@ def test_install_output_json(env, tmp_path):
     assert report == {
         "directory": str(out),
         "systemd_version": 254,
-        "written": [*SIDECAR_UNITS, *WALCHECK_UNITS],
+        "written": [*SIDECAR_UNITS, *TIMER_UNITS],
         "unchanged": [],
         "removed": [],
         "kept": [],

@@ -2,7 +2,7 @@
 
     core          errors journal notify console files sqlite unitfile config manager (and __init__)
     sandbox       sandbox/*
-    capabilities  sidecar/*, walcheck/*        (never each other)
+    capabilities  sidecar/*, walcheck/*, btmsg/*  (never each other)
     composition   units install verify doctor cli api docs _launch
     lab           lab/*                        (the test bed and the demo: nothing imports it)
 
@@ -44,7 +44,7 @@ COMPOSITION = {
     "agor_systemd.docs",
     "agor_systemd._launch",
 }
-CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck")
+CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck", "agor_systemd.btmsg")
 
 
 def module_name(path: Path) -> str:
@@ -223,7 +223,7 @@ def test_programs_systemd_runs_do_not_load_click_or_pystemd(entry):
     code = f"import sys; sys.path.insert(0, sys.argv[1]); import {entry}; print(' '.join(sorted(sys.modules)))"
     cp = subprocess.run([sys.executable, "-I", "-c", code, str(REPO)], capture_output=True, text=True, check=True)
     loaded = set(cp.stdout.split())
-    assert {"click", "pystemd", "sqlite_utils"} & loaded == set()
+    assert {"click", "pystemd"} & loaded == set()
 
 
 def test_the_readme_module_map_names_every_module():

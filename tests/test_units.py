@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agor_systemd.btmsg.units import SWEEP_SERVICE, SWEEP_TIMER
 from agor_systemd.config import Config, RestartPolicy, SidecarConfig, SocketConfig, WatchdogConfig
 from agor_systemd.sidecar.protocol import SIDECAR_SOCKET, SIDECAR_UNIT
 from agor_systemd.sidecar.units import (
@@ -18,6 +19,8 @@ from agor_systemd.sidecar.units import (
 from agor_systemd.unitfile import HomePath, usec_text
 from agor_systemd.units import REFERENCE_VERSIONS, render_units
 from agor_systemd.verify import verify_units
+
+SWEEP_UNITS = [SWEEP_SERVICE, SWEEP_TIMER]
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = ["/usr/bin/python3", "-I", "-m", "agor_systemd.sidecar.launcher"]
@@ -101,7 +104,7 @@ def config(*, command=None, working_directory=None, environment_file=None, **res
 
 def render(cfg: Config, version: int, **kwargs) -> str:
     units = render_units(cfg, version, kwargs.pop("launcher", LAUNCHER), **kwargs)
-    assert list(units) == [SIDECAR_UNIT, SIDECAR_SOCKET, "agor-walcheck.service", "agor-walcheck.timer"]
+    assert list(units) == [SIDECAR_UNIT, SIDECAR_SOCKET, "agor-walcheck.service", "agor-walcheck.timer", *SWEEP_UNITS]
     return units[SIDECAR_UNIT]
 
 

@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import sqlite_utils
 
 from agor_systemd.config import Config, ConfigError, WalcheckConfig, parse_config
 from agor_systemd.unitfile import HomePath
@@ -49,17 +48,23 @@ class WalDb:
 
     def __init__(self, path: Path, rows: int = 200, blob: int = 500):
         self.path = path
-        self.db = sqlite_utils.Database(sqlite3.connect(str(path), isolation_level=None))
-        self.db.enable_wal()
+        self.db = sqlite3.connect(str(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA wal_autocheckpoint=0")
-        self.db["t"].insert_all(({"id": i, "b": os.urandom(blob)} for i in range(rows)), pk="id")
+        self.db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB)")
+        with self.db:
+            self.db.executemany("INSERT INTO t VALUES (?, ?)", ((i, os.urandom(blob)) for i in range(rows)))
 
     @property
     def wal_size(self) -> int:
         return os.path.getsize(f"{self.path}-wal")
 
     def count(self) -> int:
-        return self.db["t"].count
+        return self.db.execute("SELECT count(*) FROM t").fetchone()[0]
+
+    def insert(self, rows: list[tuple[int, bytes]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT INTO t VALUES (?, ?)", rows)
 
     def close(self) -> None:
         self.db.close()
@@ -137,7 +142,7 @@ def test_missing_database_is_skipped_and_not_created(tmp_path):
 
 def test_not_in_wal_mode_is_reported_and_left_alone(tmp_path):
     path = tmp_path / "rollback.db"
-    sqlite_utils.Database(path)["t"].insert({"x": 1})
+    new_table(path, wal=False)
     digest = sha(path)
     result = checkpoint(path)
     assert (result.outcome, result.exit_status, result.journal_mode) == ("not-wal", EXIT_OK, "delete")
@@ -148,14 +153,14 @@ def test_not_in_wal_mode_is_reported_and_left_alone(tmp_path):
     result = checkpoint(path, ensure_wal=True)
     assert (result.outcome, result.switched_to_wal, result.journal_mode) == ("truncated", True, "wal")
     assert header_journal_mode(path) == "wal"
-    assert sqlite_utils.Database(path)["t"].count == 1
+    assert sqlite3.connect(str(path)).execute("SELECT count(*) FROM t").fetchone() == (1,)
 
 
 def test_a_reader_blocks_truncate_then_the_next_run_truncates(waldb):
     reader = sqlite3.connect(str(waldb.path), isolation_level=None)
     reader.execute("BEGIN")
     assert reader.execute("SELECT count(*) FROM t").fetchone() == (200,)  # snapshot pins the WAL
-    waldb.db["t"].insert({"id": 1000, "b": b"x"})
+    waldb.insert([(1000, b"x")])
     sleeps = []
     result = checkpoint(waldb.path, busy_timeout_s=0.3, retry_delays_s=FAST, sleep=sleeps.append)
     assert (result.outcome, result.exit_status, result.busy, result.attempts) == ("busy", EXIT_TEMPFAIL, 1, 3)
@@ -226,7 +231,7 @@ def test_library_call_keeps_the_callers_writer_locks(waldb):
     assert checkpoint(waldb.path).outcome == "truncated"
     assert count_elsewhere(waldb.path) == 200
     assert os.path.exists(f"{waldb.path}-wal") and os.path.exists(f"{waldb.path}-shm")
-    waldb.db["t"].insert_all({"id": 1000 + i, "b": b"after"} for i in range(20))
+    waldb.insert([(1000 + i, b"after") for i in range(20)])
     assert count_elsewhere(waldb.path) == 220
 
 
@@ -249,10 +254,7 @@ sys.stdin.read()
 
 def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_timeout(tmp_path):
     path = tmp_path / "sessions.db"
-    db = sqlite_utils.Database(path)
-    db.enable_wal()
-    db["t"].insert({"b": b"x"})
-    db.close()
+    new_table(path, wal=True)
     reader = subprocess.Popen(
         [sys.executable, "-c", PINNING_READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -280,12 +282,19 @@ def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_time
 # --- bad inputs: one line, non-zero, the file untouched -------------------------------------------
 
 
-def make_truncated(path: Path, wal: bool) -> None:
-    db = sqlite_utils.Database(path)
+def new_table(path: Path, wal: bool, rows: int = 1, blob: int = 1) -> None:
+    """Table t (id, b) with `rows` rows; closed, so its WAL (if any) is checkpointed and removed."""
+    db = sqlite3.connect(str(path), isolation_level=None)
     if wal:
-        db.enable_wal()
-    db["t"].insert_all(({"id": i, "b": os.urandom(2000)} for i in range(300)), pk="id")
-    db.close()  # checkpoints and removes the WAL
+        db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB)")
+    with db:
+        db.executemany("INSERT INTO t VALUES (?, ?)", ((i, os.urandom(blob)) for i in range(rows)))
+    db.close()
+
+
+def make_truncated(path: Path, wal: bool) -> None:
+    new_table(path, wal, rows=300, blob=2000)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
@@ -508,7 +517,7 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
     try:
         kills = 0
         for round_ in range(6):
-            db.db["t"].insert({"id": 100_000 + round_, "b": b"marker"})
+            db.insert([(100_000 + round_, b"marker")])
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agor_systemd.walcheck", str(db.path)],
                 cwd=REPO,
@@ -522,7 +531,7 @@ def test_checkpointer_killed_at_random_points_loses_nothing(tmp_path):
             proc.wait()
             assert integrity(db.path) == "ok"
             # the same writer connection carries on through every kill
-            db.db["t"].insert_all({"id": 200_000 + round_ * 1000 + i, "b": os.urandom(4000)} for i in range(500))
+            db.insert([(200_000 + round_ * 1000 + i, os.urandom(4000)) for i in range(500)])
         assert kills >= 2
         assert checkpoint(db.path).outcome == "truncated"
         assert integrity(db.path) == "ok"

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 
 from agor_systemd.config import Config
-from agor_systemd.unitfile import HEADER, UnitFile, documentation, exec_line, usec_text
+from agor_systemd.unitfile import HEADER, UnitFile, documentation, exec_line, seconds_text
 from agor_systemd.walcheck import RETRY_DELAYS_S
 
 WALCHECK_SERVICE = "agor-walcheck.service"
@@ -18,10 +18,6 @@ WALCHECK_TIMER = "agor-walcheck.timer"
 
 # the first run after the user manager starts (login): soon, but not in the middle of the login
 FIRST_RUN_S = 60.0
-
-
-def seconds_text(value: float) -> str:
-    return usec_text(max(1, round(value * 1e6)))
 
 
 def worst_case_s(config: Config) -> float:

@@ -8,6 +8,7 @@ telemetry is flushed. Import-light (the launcher's `main` goes through here).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from agor_systemd import journal
@@ -49,13 +50,25 @@ def call(prog: str, function: Callable[..., T], *args: object, **kwargs: object)
         fail(prog, os_error_text(e))
 
 
-def run_main(prog: str, main: Callable[[], int | None]) -> NoReturn:
-    """A program's entry point: its exit status, one-line errors, Ctrl-C as 130, the at_exit hooks."""
+def run_main(prog: str, main: Callable[[], int | None], quick_exit: bool = False) -> NoReturn:
+    """A program's entry point: its exit status, one-line errors, Ctrl-C as 130, the at_exit hooks.
+
+    `quick_exit`: end without the interpreter's teardown, for short programs called often. An SQLite
+    connection left open then keeps its committed WAL for the next opener instead of checkpointing
+    it on close — an fsync'd copy that would cost `btmsg heartbeat` more than its own work."""
     try:
         status = call(prog, main)
     except KeyboardInterrupt:
         status = 130
+    except SystemExit as e:  # call() exits with the error's status after printing it
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if not quick_exit:
+            raise
     finally:
         for hook in _at_exit:
             hook()
+    if quick_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 0)
     sys.exit(status or 0)

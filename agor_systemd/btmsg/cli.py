@@ -309,17 +309,26 @@ def argument_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, leave_open: bool = False) -> int:
+    """`leave_open`: do not close btmsg.db — the program then ends without checkpointing it (run())."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ["heartbeat"]:  # the hot path, without argparse
         agent = identity_of(None)
-        with open_store() as db:
+        db = open_store()
+        try:
             return heartbeat(db, agent, False)
+        finally:
+            if not leave_open:
+                db.close()
     args = argument_parser().parse_args(argv)
-    with open_store(args.db, create=args.command == "register") as db:
+    db = open_store(args.db, create=args.command == "register")
+    try:
         return COMMANDS[args.command](db, args)
+    finally:
+        if not leave_open:
+            db.close()
 
 
 def run() -> None:
     """The btmsg program (and `python -m agor_systemd.btmsg`)."""
-    run_main(PROG, main)
+    run_main(PROG, lambda: main(leave_open=True), quick_exit=True)

@@ -157,7 +157,9 @@ def _sweep(store: Store, now: float) -> Report:
     newest = conn.execute("SELECT coalesce(max(rowid), 0) FROM messages").fetchone()[0]
     since = watermark[0] if watermark and watermark[0] <= newest else 0  # a VACUUM may renumber rows
     senders = conn.execute(
-        "SELECT from_agent, max(unixepoch(created_at)), count(*) FROM messages WHERE rowid > ? GROUP BY from_agent",
+        # NOT INDEXED: a rowid range over the new rows, not a walk of idx_messages_from over all of them
+        "SELECT from_agent, max(unixepoch(created_at)), count(*) FROM messages NOT INDEXED WHERE rowid > ? "
+        "GROUP BY from_agent",
         (since,),
     ).fetchall()
     conn.executemany(
@@ -165,7 +167,9 @@ def _sweep(store: Store, now: float) -> Report:
         "DO UPDATE SET last_sent_at = max(coalesce(last_sent_at, 0), excluded.last_sent_at)",
         [(sender, sent_at) for sender, sent_at, _ in senders],
     )
-    recipients = {row[0] for row in conn.execute("SELECT DISTINCT to_agent FROM messages WHERE rowid > ?", (since,))}
+    recipients = {
+        row[0] for row in conn.execute("SELECT DISTINCT to_agent FROM messages NOT INDEXED WHERE rowid > ?", (since,))
+    }
 
     result = assess(store, now)
     result.new_messages = sum(count for _, _, count in senders)

@@ -171,7 +171,8 @@ def bench_sweep(work: Path, agents: int, messages: int) -> dict[str, object]:
         for round_ in range(5):
             # a little traffic since the last sweep, as between two timer runs
             store.conn.executemany(
-                "INSERT INTO messages (id, from_agent, to_agent, content, read, group_id) VALUES (?, ?, ?, 'y', 1, 'g')",
+                "INSERT INTO messages (id, from_agent, to_agent, content, read, group_id) "
+                "VALUES (?, ?, ?, 'y', 1, 'g')",
                 ((f"n{round_}-{i}", f"a{i + 1}", f"a{i + 2}") for i in range(20)),
             )
             start = time.perf_counter()

@@ -228,8 +228,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def configure(conn: sqlite3.Connection) -> None:
     """agor's per-connection pragmas, and `synchronous=NORMAL`: in WAL mode a commit survives any
-    crash of a process (it is not fsync'd until the checkpoint, so a power cut can lose the last ones)."""
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    crash of a process (it is not fsync'd until the checkpoint, so a power cut can lose the last ones).
+    Only for a database check_version() accepted: switching to WAL writes the file's header."""
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -247,22 +247,27 @@ def schema_version(conn: sqlite3.Connection) -> int | None:
     return None
 
 
+def check_version(version: int | None, path: str) -> int:
+    """The applied steps of a database this code may use; refuse any other, before it is touched."""
+    if version is None:
+        raise DatabaseError(
+            f"{path}: an SQLite database, but not agor's btmsg.db (no agents and messages tables); left untouched",
+            EXIT_DATAERR,
+        )
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{path}: its schema (step {version}) is newer than this agor-systemd knows (step "
+            f"{SCHEMA_VERSION}); upgrade agor-systemd. Left untouched",
+            EXIT_DATAERR,
+        )
+    return version
+
+
 def migrate(conn: sqlite3.Connection, path: str) -> None:
     """Bring the schema to SCHEMA_VERSION in one transaction, or refuse a file this code must not touch."""
     conn.execute("BEGIN IMMEDIATE")  # a second process migrating at the same time waits, then sees it done
     try:
-        version = schema_version(conn)
-        if version is None:
-            raise DatabaseError(
-                f"{path}: an SQLite database, but not agor's btmsg.db (no agents and messages tables); left untouched",
-                EXIT_DATAERR,
-            )
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"{path}: its schema (step {version}) is newer than this agor-systemd knows (step "
-                f"{SCHEMA_VERSION}); upgrade agor-systemd. Left untouched",
-                EXIT_DATAERR,
-            )
+        version = check_version(schema_version(conn), path)
         if version < SCHEMA_VERSION:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (version INTEGER PRIMARY KEY, applied_at TEXT)")
             for step in range(version, SCHEMA_VERSION):
@@ -315,8 +320,10 @@ def connect(path: str, create: bool = False) -> sqlite3.Connection:
 def _open(path: str, mode: str) -> sqlite3.Connection:
     conn = sqlite3.connect(sqlite_uri(path, f"mode={mode}"), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        version = check_version(schema_version(conn), path)  # reads page 1: not SQLite, corrupt
         configure(conn)
-        if schema_version(conn) != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION:
             migrate(conn, path)
     except BaseException:
         conn.close()

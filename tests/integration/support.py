@@ -28,7 +28,8 @@ def agor_units(mgr: UserManager, *args: str | bytes, check: bool = False, timeou
 class Sample:
     before: float  # CLOCK_MONOTONIC around the health query
     after: float
-    health: dict[str, Any]
+    health: dict[str, Any]  # the sidecar's part
+    agents: dict[str, Any] | None = None  # btmsg.db's summary (test_btmsg.py checks it)
 
 
 def health(mgr: UserManager) -> Sample:
@@ -37,7 +38,8 @@ def health(mgr: UserManager) -> Sample:
     after = time.clock_gettime(time.CLOCK_MONOTONIC)
     if cp.returncode not in (0, 3, 4, 5):
         raise AssertionError(f"agor-units health exited {cp.returncode}: {cp.stderr.strip()}")
-    return Sample(before, after, json.loads(cp.stdout))
+    state = json.loads(cp.stdout)
+    return Sample(before, after, state, state.pop("agents", None))
 
 
 def supervision_health(mgr: UserManager) -> dict[str, Any]:

@@ -34,7 +34,8 @@ AGOR_TABLES = [
 AGOR_STATEMENTS = [
     ("INSERT OR IGNORE INTO agents (id, name, role, group_id, tier) VALUES ('admin', 'Operator', 'admin', 'g', 0)", ()),
     (
-        "INSERT INTO agents (id, name, role, group_id, tier, status) VALUES ('p1', 'Project', 'project', 'g', 2, 'active')",
+        "INSERT INTO agents (id, name, role, group_id, tier, status) "
+        "VALUES ('p1', 'Project', 'project', 'g', 2, 'active')",
         (),
     ),
     ("INSERT INTO contacts (agent_id, contact_id) VALUES ('admin', 'p1')", ()),
@@ -104,7 +105,8 @@ def make_agor_db(path: Path) -> None:
     conn.execute("INSERT INTO agents (id, name, role, group_id, tier) VALUES ('admin', 'Operator', 'admin', 'g', 0)")
     conn.execute("INSERT INTO agents (id, name, role, group_id, tier) VALUES ('mgr', 'Manager', 'manager', 'g', 1)")
     conn.execute(
-        "INSERT INTO messages (id, from_agent, to_agent, content, group_id) VALUES ('agor-m1', 'admin', 'mgr', 'hi', 'g')"
+        "INSERT INTO messages (id, from_agent, to_agent, content, group_id) "
+        "VALUES ('agor-m1', 'admin', 'mgr', 'hi', 'g')"
     )
     conn.execute(
         "INSERT INTO dead_letter_queue (from_agent, to_agent, content, error) VALUES ('mgr', 'admin', 'old', 'stale')"

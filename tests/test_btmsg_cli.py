@@ -119,6 +119,8 @@ def test_an_oversize_message_is_refused(data):
 def test_database_problems(tmp_path):
     missing = btmsg("inbox", data=tmp_path / "none", check=66)
     assert "no such database" in missing.stderr and not (tmp_path / "none").exists()
+    early = btmsg("sweep", data=tmp_path / "none", check=0)  # the timer before agor's first start
+    assert "nothing to sweep" in early.stderr and not (tmp_path / "none").exists()
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "btmsg.db").write_bytes(b"not a database" * 100)
     assert "not an SQLite database" in btmsg("heartbeat", data=tmp_path / "junk", check=65).stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from agor_systemd.btmsg.store import EXIT_DEAD_LETTER, Store, UnknownAgent, open_store
+from agor_systemd.btmsg.store import EXIT_DEAD_LETTER, Store, UnknownAgent, default_path, open_store
 from agor_systemd.console import run_main
 from agor_systemd.errors import UsageError
 
@@ -321,6 +321,10 @@ def main(argv: Sequence[str] | None = None, leave_open: bool = False) -> int:
             if not leave_open:
                 db.close()
     args = argument_parser().parse_args(argv)
+    if args.command == "sweep" and not os.path.lexists(path := os.path.expanduser(args.db or default_path())):
+        # the timer is installed before agor has ever run: not a failure of the unit
+        sys.stderr.write(f"{PROG}: no database at {path} yet: nothing to sweep\n")
+        return 0
     db = open_store(args.db, create=args.command == "register")
     try:
         return COMMANDS[args.command](db, args)

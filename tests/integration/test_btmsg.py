@@ -5,7 +5,10 @@ the journal says so with priorities, dead letters come back when agor's UI write
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sqlite3
+from pathlib import Path
 
 from agor_systemd.lab.testbed import OPT_ROOT
 
@@ -16,6 +19,11 @@ SERVICE, TIMER = "agor-btmsg-sweep.service", "agor-btmsg-sweep.timer"
 IDENTIFIER = "agor-btmsg-sweep"
 STALE_S, STALL_MIN, INTERVAL_S = 2.0, 0.1, 0.25  # stalled after 6 s
 DB = ".local/share/agor/btmsg.db"
+
+
+def fresh(mgr) -> None:
+    """No btmsg.db from an earlier test (the test user and its home outlive tests)."""
+    shutil.rmtree(mgr.home / ".local/share/agor", ignore_errors=True)
 
 
 def btmsg(mgr, *args: str, agent: str | None = None, status: int = 0):
@@ -40,6 +48,7 @@ def wait_state(mgr, agent: str, state: str, timeout: float) -> tuple:
 
 def test_states_flip_on_the_timer_and_dead_letters_come_back(user_manager):
     mgr = user_manager
+    fresh(mgr)
     project = mgr.home / "projects" / "shop"
     mgr.write_file("projects/shop/README", "an agent's project\n")
     mgr.write_file(
@@ -96,3 +105,25 @@ def test_states_flip_on_the_timer_and_dead_letters_come_back(user_manager):
     assert "dead letter(s) redelivered to dev" in "\n".join(mgr.journal_lines(SERVICE, identifier=IDENTIFIER))
     agor_units(mgr, "uninstall", check=True)
     assert TIMER not in mgr.systemctl("list-timers", "--all").stdout
+
+
+def readme_example() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Agent health in btmsg.db.**") :]
+    return re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1)  # type: ignore[union-attr]
+
+
+def test_the_readme_example_as_written(user_manager):
+    """The README's btmsg lines, run by the user's shell from a project directory."""
+    mgr = user_manager
+    fresh(mgr)
+    mgr.write_file("projects/shop/.keep", "")
+    script = f"cd ~/projects/shop && {readme_example()}"
+    env = {"PATH": f"{OPT_ROOT / 'venv' / 'bin'}:/usr/bin:/bin", "AGOR_DATA_DIR": ""}
+    cp = mgr.run(["bash", "-c", script], env=env, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert "Recipient 'manager' is stale" in cp.stderr  # the send's dead letter, told
+    agents = json.loads(cp.stdout[cp.stdout.index("{") :])
+    assert {a["id"]: a["state"] for a in agents["agents"]} == {"manager": "stale", "tester-1": "healthy"}
+    assert agents["dead_letters"] == {"queued": 1, "parked": 0}
+    assert (mgr.home / DB).exists()

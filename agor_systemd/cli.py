@@ -299,16 +299,17 @@ def health(ctx, as_json):
     {"status": "restarting", "attempt": 2, "next_retry_s": 1.4}
     {"status": "failed", "attempts": 5, "last_error": "exited with status 3"}
     {"status": "stopped"}
-    With [btmsg] on, "agents" adds agent health from btmsg.db: counts by state, dead letters
-    (queued, parked) and agor's attention queue (score, reason), or why it cannot be read.
+    With [btmsg] on and btmsg.db present, "agents" adds agent health: counts by state, dead
+    letters (queued, parked) and agor's attention queue (score, reason), or why it cannot be read.
     Exit status (the sidecar's): 0 healthy, 3 starting/restarting, 4 failed, 5 stopped, 1 error.
     """
     config = load_config(ctx.obj["config_path"])
     state: dict = dict(read_health(SIDECAR_UNIT, ctx.obj["system"]))
     details = ", ".join(f"{k} {v}" for k, v in state.items() if k != "status")
     text = state["status"] + (f" ({details})" if details else "")
-    if config.btmsg.enabled:
-        state["agents"] = agents = health_summary(expand_home(config.btmsg.database, str(Path.home())))
+    agents = health_summary(expand_home(config.btmsg.database, str(Path.home()))) if config.btmsg.enabled else None
+    if agents is not None:
+        state["agents"] = agents
         text += "\nagents: " + agents_text(agents)
     emit(state, as_json, text)
     sys.exit(HEALTH_EXIT[state["status"]])

@@ -167,8 +167,9 @@ class _ManagerPool:
             old = self.managers.get(build.version)
             user = old.user if old is not None else self._user_name(build)
             mgr = UserManager(user, build, self.ns)
-            # leftovers of an earlier session that died without cleaning up
+            # leftovers of an earlier session (perhaps of another checkout, with other settings)
             shutil.rmtree(mgr.unit_dir, ignore_errors=True)
+            mgr.config_file.unlink(missing_ok=True)
             mgr.start()
             self.managers[build.version] = mgr
         return mgr

@@ -14,6 +14,7 @@ anything needs attention: a stalled agent or a parked letter.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -202,9 +203,11 @@ def _sweep(store: Store, now: float) -> Report:
     return result
 
 
-def health_summary(path: str, now: float | None = None) -> dict[str, object]:
-    """`agor-units health`'s "agents": counts by state, dead letters, the attention queue; or the
-    one-line reason btmsg.db cannot be read (e.g. agor has not created it yet)."""
+def health_summary(path: str, now: float | None = None) -> dict[str, object] | None:
+    """`agor-units health`'s "agents": counts by state, dead letters, the attention queue; the
+    one-line reason when btmsg.db cannot be read; None before agor (or btmsg) has created it."""
+    if not os.path.lexists(path):
+        return None
     try:
         with open_store(path) as store:
             return {"database": path, **report(store, now).summary()}

@@ -773,6 +773,11 @@ class UserManager:
         """``~/.config/systemd/user`` of the user."""
         return self.home / ".config" / "systemd" / "user"
 
+    @property
+    def config_file(self) -> Path:
+        """``~/.config/agor/units.toml`` of the user (agor-units' settings)."""
+        return self.home / ".config" / "agor" / "units.toml"
+
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -1147,7 +1152,7 @@ class UserManager:
 
         Stops every unit defined in ``~/.config/systemd/user`` and every loaded unit matching
         *unit_globs* (transient ``systemd-run`` units are ``run-*``), removes
-        ``~/.config/systemd/user``, resets failed units and reloads.
+        ``~/.config/systemd/user`` and ``~/.config/agor/units.toml``, resets failed units and reloads.
         """
         names: set[str] = set()
         if self.unit_dir.is_dir():
@@ -1164,6 +1169,7 @@ class UserManager:
         if names:
             self.systemctl("stop", *sorted(names), timeout=30)
         shutil.rmtree(self.unit_dir, ignore_errors=True)
+        self.config_file.unlink(missing_ok=True)
         self.systemctl("reset-failed", timeout=15)
         self.systemctl("daemon-reload", check=True, timeout=30)
         return sorted(names)

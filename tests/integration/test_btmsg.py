@@ -26,6 +26,13 @@ def fresh(mgr) -> None:
     shutil.rmtree(mgr.home / ".local/share/agor", ignore_errors=True)
 
 
+def journal_since(mgr, priority: str, marks: dict[str, int] | None = None) -> list[str]:
+    """The sweep's journal lines up to `priority`, after `marks` (the journal outlives tests)."""
+    mgr.namespace.sync_journal()
+    lines = mgr.journalctl("--user", "-t", IDENTIFIER, "-p", priority, "-o", "cat").stdout.splitlines()
+    return [line for line in lines if line != "-- No entries --"][(marks or {}).get(priority, 0) :]
+
+
 def btmsg(mgr, *args: str, agent: str | None = None, status: int = 0):
     env = {"BTMSG_AGENT_ID": agent} if agent else None
     cp = mgr.run([BTMSG, *args], env=env, timeout=30)
@@ -49,6 +56,7 @@ def wait_state(mgr, agent: str, state: str, timeout: float) -> tuple:
 def test_states_flip_on_the_timer_and_dead_letters_come_back(user_manager):
     mgr = user_manager
     fresh(mgr)
+    marks = {priority: len(journal_since(mgr, priority)) for priority in ("warning", "notice")}
     project = mgr.home / "projects" / "shop"
     mgr.write_file("projects/shop/README", "an agent's project\n")
     mgr.write_file(
@@ -83,12 +91,11 @@ def test_states_flip_on_the_timer_and_dead_letters_come_back(user_manager):
     assert (item["agent"], item["score"]) == ("dev", 100) and item["reason"].startswith("Stalled — ")
 
     # the journal: one line per change, stalled as a warning (priority 4), stale as a notice
-    mgr.namespace.sync_journal()
-    warnings = mgr.journalctl("--user", "-t", IDENTIFIER, "-p", "warning", "-o", "cat").stdout
-    assert "agent dev is stalled (Stalled — 0 min since last activity)" in warnings
-    assert "is stale" not in warnings
-    notices = mgr.journalctl("--user", "-t", IDENTIFIER, "-p", "notice", "-o", "cat").stdout
-    assert notices.count("agent dev is stale") == 1
+    warnings = journal_since(mgr, "warning", marks)
+    assert warnings == ["btmsg: agent dev is stalled (Stalled — 0 min since last activity)"]
+    notices = journal_since(mgr, "notice", marks)
+    assert [line for line in notices if "agent dev is" in line] == [warnings[0], notices[0]][::-1]
+    assert notices[0].startswith("btmsg: agent dev is stale (last activity ")
 
     # agor's UI records a heartbeat (its own SQL, as its Rust app does): the sweep redelivers
     with sqlite3.connect(str(mgr.home / DB)) as conn:

@@ -24,7 +24,14 @@ from .support import (
     wait_health,
 )
 
-ALL_UNITS = [UNIT, "agor-sidecar.socket", "agor-walcheck.service", "agor-walcheck.timer"]
+ALL_UNITS = [
+    UNIT,
+    "agor-sidecar.socket",
+    "agor-walcheck.service",
+    "agor-walcheck.timer",
+    "agor-btmsg-sweep.service",
+    "agor-btmsg-sweep.timer",
+]
 MANIFEST = ".agor-units.json"
 
 # A sidecar with a graceful shutdown: on SIGTERM it takes STOP_S seconds, then exits 1 (failed).

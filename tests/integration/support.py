@@ -13,6 +13,15 @@ from typing import Any
 from agor_systemd.lab.testbed import OPT_ROOT, UserManager
 
 UNIT = "agor-sidecar.service"
+# every unit `agor-units install` writes with the default settings, in its order
+ALL_UNITS = [
+    UNIT,
+    "agor-sidecar.socket",
+    "agor-walcheck.service",
+    "agor-walcheck.timer",
+    "agor-btmsg-sweep.service",
+    "agor-btmsg-sweep.timer",
+]
 LOG_ID = "agor-sidecar"  # its SyslogIdentifier=: selects the launcher's lines even when it exited right after
 
 

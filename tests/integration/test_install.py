@@ -9,16 +9,8 @@ import pytest
 
 from agor_systemd.lab.testbed import OPT_ROOT
 
-from .support import UNIT, agor_units, health, install_sidecar, wait_health
+from .support import ALL_UNITS, UNIT, agor_units, health, install_sidecar, wait_health
 
-ALL_UNITS = [
-    UNIT,
-    "agor-sidecar.socket",
-    "agor-walcheck.service",
-    "agor-walcheck.timer",
-    "agor-btmsg-sweep.service",
-    "agor-btmsg-sweep.timer",
-]
 HOSTILE_WORDS = [
     "plain",
     "two words",

@@ -16,7 +16,7 @@ import pytest
 
 from agor_systemd.lab.testbed import OPT_ROOT
 
-from .support import (
+from .support import ALL_UNITS, (
     UNIT,
     agor_units,
     install_sidecar,
@@ -24,14 +24,6 @@ from .support import (
     wait_health,
 )
 
-ALL_UNITS = [
-    UNIT,
-    "agor-sidecar.socket",
-    "agor-walcheck.service",
-    "agor-walcheck.timer",
-    "agor-btmsg-sweep.service",
-    "agor-btmsg-sweep.timer",
-]
 MANIFEST = ".agor-units.json"
 
 # A sidecar with a graceful shutdown: on SIGTERM it takes STOP_S seconds, then exits 1 (failed).

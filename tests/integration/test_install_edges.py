@@ -16,7 +16,8 @@ import pytest
 
 from agor_systemd.lab.testbed import OPT_ROOT
 
-from .support import ALL_UNITS, (
+from .support import (
+    ALL_UNITS,
     UNIT,
     agor_units,
     install_sidecar,

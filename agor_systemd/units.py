@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agor_systemd.config import Config
+from agor_systemd.relay.units import relay_unit
 from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
     PACKAGED_LAUNCHER,
@@ -32,6 +33,8 @@ def render_units(
     if (socket := sidecar_socket(config, docs)) is not None:
         units.append(socket)
     units += walcheck_units(config, [launcher[0], "-I"], docs)
+    if (relay := relay_unit(config, [launcher[0], "-I"], docs)) is not None:
+        units.append(relay)
     return {unit.name: unit.render() for unit in units}
 
 

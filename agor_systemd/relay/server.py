@@ -8,7 +8,6 @@ controller's connection from `ready` to close), `Relay.run_command` (every contr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http
 import secrets
 import signal
@@ -76,13 +75,24 @@ class Link:
         self.closing = False
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
-    def send(self, frame: Outbound) -> None:
+    def send(self, frame: Outbound, replayed: bool = False) -> None:
+        """Queue `frame`. Over the reader's limit, terminal output holds its PTYs back (their programs
+        wait, as on a slow terminal); any other frame closes the connection with 1013 — agent messages
+        are never dropped, the session keeps them for state_sync. A replayed frame is bounded by the
+        replay buffer already and does not count against the limit."""
         if self.closing:
             self.session.replay.extend([frame])
             return
-        if not self.queue.push(frame):
-            # too slow a reader: never drop agent messages; close with 1013, state_sync replays
-            self.close(CLOSE_TRY_AGAIN_LATER, "reader too slow; reconnect to resume the session")
+        if not self.queue.push(frame) and not replayed:
+            if frame.type == "pty_data":
+                self.session.hold_ptys(True)
+            else:
+                log(
+                    f"{self.connection.remote_address[0]}: reader too slow ({self.queue.bytes} bytes queued), "
+                    f"closed with {CLOSE_TRY_AGAIN_LATER}; session {self.session.id[:8]} keeps its output",
+                    journal.WARNING,
+                )
+                self.close(CLOSE_TRY_AGAIN_LATER, "reader too slow; reconnect to resume the session")
         self.wakeup.set()
 
     def close(self, code: int, reason: str) -> None:
@@ -100,6 +110,8 @@ class Link:
                 await self.wakeup.wait()
                 continue
             await self.connection.send(frame.text())
+            if self.queue.bytes <= self.queue.limit_bytes // 2:
+                self.session.hold_ptys(False)
 
 
 class Session:
@@ -111,8 +123,16 @@ class Session:
         self.link: Link | None = None
         self.replay = ReplayBuffer(relay.settings.replay_bytes)
         self.linger: asyncio.TimerHandle | None = None
+        self.ptys_held = False
         spec = relay.settings.sidecar
         self.sidecar = Sidecar(spec, self.emit) if spec is not None else None
+
+    def hold_ptys(self, held: bool) -> None:
+        """Stop (or resume) reading the PTYs while the controller's queue is full."""
+        if held != self.ptys_held:
+            self.ptys_held = held
+            for pty in self.ptys.values():
+                pty.hold(held)
 
     def emit(self, frame: Outbound) -> None:
         if self.link is not None:
@@ -134,12 +154,13 @@ class Session:
             sidecar = self.sidecar.state if self.sidecar is not None else "none"
             link.send(state_sync(self.id, ptys, sidecar, len(frames), lost))
             for frame in frames:
-                link.send(frame)
+                link.send(frame, replayed=True)
 
     def detach(self, link: Link) -> None:
         link.close(1000, "")
         if self.link is link:
             self.link = None
+            self.hold_ptys(False)  # while detached their output goes to the replay buffer
             loop = asyncio.get_running_loop()
             self.linger = loop.call_later(self.relay.settings.session_linger_s, self.relay.end_session, self)
 
@@ -326,6 +347,4 @@ class Relay:
             notify("STOPPING=1")
             heartbeat.cancel()
             server.close(code=1001, reason="relay stopping")
-            for session in list(self.sessions.values()):
-                with contextlib.suppress(Exception):
-                    await session.close()
+            await asyncio.gather(*(session.close() for session in self.sessions.values()), return_exceptions=True)

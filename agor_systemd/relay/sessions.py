@@ -35,6 +35,7 @@ from agor_systemd.relay.protocol import Outbound, sidecar_restart_delay_s
 Emit = Callable[[Outbound], None]
 READ_CHUNK = 64 * 1024
 PENDING_LIMIT_BYTES = 4 * 1024 * 1024  # controller input held while the sidecar (re)starts
+STOP_TIMEOUT_S = 10.0  # a sidecar's time to end after SIGTERM, as agor-sidecar.service's stop gives it
 # the relay's own variables never reach what it starts (the token's credential least of all)
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 PRIVATE_ENV_PREFIXES = ("CREDENTIALS_DIRECTORY", "AGOR_RELAY_")
@@ -123,6 +124,16 @@ class Pty:
         os.close(self.master)
         self.emit(Outbound("pty_exit", self.id, {"exitCode": self.exit_code}))
 
+    def hold(self, held: bool) -> None:
+        """Stop reading its output for now (a full queue), or read again."""
+        if not self.alive:
+            return
+        loop = asyncio.get_running_loop()
+        if held:
+            loop.remove_reader(self.master)
+        else:
+            loop.add_reader(self.master, self._readable)
+
     def write(self, data: str) -> None:
         if not self.alive:
             raise ValueError(f"PTY {self.id} has exited")
@@ -192,6 +203,7 @@ class Sidecar:
         self.writer: asyncio.StreamWriter | None = None
         self.pending: list[bytes] = []  # input while the sidecar (re)starts
         self.pending_bytes = 0
+        self.output_closed = asyncio.Event()  # the bridge's EOF: the sidecar itself has ended
         self.directory = tempfile.mkdtemp(prefix="agor-relay-sidecar.")  # mode 0700
         self.task = asyncio.get_running_loop().create_task(self._supervise())
 
@@ -229,6 +241,7 @@ class Sidecar:
                 reader = await self._start()
                 self.state = "running"
                 await self._forward(reader)
+                self.output_closed.set()
                 code = await self.process.wait() if self.process else -1
             except OSError as e:
                 code = -1
@@ -271,13 +284,22 @@ class Sidecar:
             )
 
     async def stop(self) -> None:
+        """SIGTERM to the launcher, which stops the sidecar; once the sidecar's output has ended
+        the launcher is killed if still there: after a stop it waits until it is alone in its
+        unit's cgroup, which, started by the relay, holds the relay itself."""
         self.state = "stopped"
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()  # the launcher stops the sidecar and waits for it
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            ended = [asyncio.ensure_future(self.output_closed.wait()), asyncio.ensure_future(process.wait())]
+            await asyncio.wait(ended, timeout=STOP_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in ended:
+                waiter.cancel()
             try:
-                await asyncio.wait_for(self.process.wait(), 10)
+                await asyncio.wait_for(process.wait(), 0.5)
             except TimeoutError:
-                self.process.kill()
+                process.kill()
+                await process.wait()
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task

@@ -168,6 +168,8 @@ def sidecar_spec(config: Config) -> SidecarSpec:
         f"{watchdog.ready_timeout_s:g}",
         "--working-directory",
         expand_home(config.sidecar.working_directory, home()),
+        "--client-queue-bytes",  # the relay is its bridge's one client
+        str(round(config.socket.client_queue_mib * MIB)),
     ]
     if sandbox.enabled:
         read_write, read_only = sandbox_paths(config)

@@ -107,14 +107,17 @@ class Outbound:
     type: str
     session_id: str | None = None
     payload: Any = None
+    _text: str | None = field(default=None, compare=False, repr=False)  # encoded once
 
     def text(self) -> str:
-        frame: dict[str, Any] = {"type": self.type}
-        if self.session_id is not None:
-            frame["sessionId"] = self.session_id
-        if self.payload is not None:
-            frame["payload"] = self.payload
-        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+        if self._text is None or self.type == "pty_data":  # coalescing changes pty_data's payload
+            frame: dict[str, Any] = {"type": self.type}
+            if self.session_id is not None:
+                frame["sessionId"] = self.session_id
+            if self.payload is not None:
+                frame["payload"] = self.payload
+            self._text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+        return self._text
 
     def size(self) -> int:
         """What the frame costs in a queue, close enough: its data for pty_data, else its text."""

@@ -1,6 +1,7 @@
 """A sidecar for the relay's tests and benchmark: says ready, then answers every NDJSON line with
-{"type": "echo", "message": <the line's object>} (agor's runners answer a query with events); a query
-whose prompt is "crash" makes it exit with status 3, "flood:N:MBPS" answers with N events of 1 KiB at about MBPS MB/s."""
+{"type": "echo", "message": <the line's object>} (agor's runners answer a query with events). A query
+whose prompt is "crash" makes it exit with status 3; "flood:N:MBPS" answers with N events of 1 KiB
+at about MBPS MB/s first."""
 
 import json
 import os

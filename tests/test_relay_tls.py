@@ -15,7 +15,7 @@ import pytest
 
 from agor_systemd.config import Config, ConfigError, parse_config
 from agor_systemd.errors import UsageError
-from agor_systemd.relay.program import main, read_token_file
+from agor_systemd.relay.program import argument_parser, main, read_token_file, subcommand_parsers
 from agor_systemd.relay.tls import (
     KnownHosts,
     ReloadableContext,
@@ -202,3 +202,16 @@ def test_install_names_the_missing_files_first(tmp_path):
 def test_relay_settings_are_checked(toml, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(tomllib.loads("[relay]\n" + toml))
+
+
+def test_the_readme_table_names_every_agor_relay_command_and_flag():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = " ".join(line for line in readme.splitlines() if line.startswith("| `agor-relay"))
+    missing = [
+        f"{name} {flag}"
+        for name, parser in subcommand_parsers(argument_parser()).items()
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag not in ("-h", "--help") and (f"agor-relay {name}" not in rows and name != "serve" or flag not in rows)
+    ]
+    assert missing == []

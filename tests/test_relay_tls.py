@@ -212,6 +212,6 @@ def test_the_readme_table_names_every_agor_relay_command_and_flag():
         for name, parser in subcommand_parsers(argument_parser()).items()
         for action in parser._actions
         for flag in action.option_strings
-        if flag not in ("-h", "--help") and (f"agor-relay {name}" not in rows and name != "serve" or flag not in rows)
+        if flag not in ("-h", "--help") and ((f"agor-relay {name}" not in rows and name != "serve") or flag not in rows)
     ]
     assert missing == []

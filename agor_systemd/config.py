@@ -24,6 +24,7 @@ a working directory that would open up the whole home directory is refused.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -128,6 +129,26 @@ class BtmsgConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """[relay]: agor-relay, the TLS WebSocket relay for agor's controller on another machine
+    (docs/relay.md). Off by default: a network listener is opt-in."""
+
+    enabled: bool = False
+    port: int = 9750  # agor's
+    bind: str = ""  # every address, as agor
+    tls_cert: Text = HomePath(".config/agor/relay-cert.pem")
+    tls_key: Text = HomePath(".config/agor/relay-key.pem")
+    token_file: Text = HomePath(".config/agor/relay-token")  # LoadCredential='s source, 0600
+    sidecar_command: tuple[Text, ...] | None = None  # None: [sidecar] command
+    session_linger_s: float = 600.0
+    max_connections: int = 128
+    max_frame_mib: float = 4.0
+    ping_timeout_s: float = 15.0
+    client_queue_mib: float = 4.0
+    replay_mib: float = 4.0
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -136,6 +157,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
     btmsg: BtmsgConfig = field(default_factory=BtmsgConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
 
 def config_home() -> Path:
@@ -276,24 +298,24 @@ def _ports(setting: Setting, value: Any) -> tuple[int, ...]:
 def _command(setting: Setting, value: Any) -> tuple[Text, ...]:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         raise ConfigError(f'{setting.label} must be a list of strings, e.g. ["/usr/bin/node", "runner.mjs"]')
-    return resolve_command(value)
+    return resolve_command(value, setting.label)
 
 
-def resolve_command(argv: list[str]) -> tuple[Text, ...]:
+def resolve_command(argv: list[str], label: str = "[sidecar] command") -> tuple[Text, ...]:
     """Validate the sidecar argv; a bare program name is looked up on PATH now, so the unit
     names the exact binary it will run."""
     if not argv:
-        raise ConfigError("[sidecar] command is empty: give the program and its arguments")
+        raise ConfigError(f"{label} is empty: give the program and its arguments")
     words = [home_text(a) for a in argv]
     for i, word in enumerate(words):
-        _checked(lambda: check_text(str(word), f"[sidecar] command argument {i}"))  # noqa: B023 - called at once
+        _checked(lambda: check_text(str(word), f"{label} argument {i}"))  # noqa: B023 - called at once
     program = words[0]
     if isinstance(program, str) and not program.startswith("/"):
         if "/" in program:
-            raise ConfigError(f"[sidecar] command {program!r} is a relative path; give an absolute path")
+            raise ConfigError(f"{label} {program!r} is a relative path; give an absolute path")
         found = shutil.which(program)
         if found is None:
-            raise ConfigError(f"[sidecar] command {program!r} was not found on PATH; give an absolute path")
+            raise ConfigError(f"{label} {program!r} was not found on PATH; give an absolute path")
         words[0] = os.path.abspath(found)  # PATH may hold relative entries
     return tuple(words)
 
@@ -338,6 +360,16 @@ def _ready(setting: Setting, value: Any) -> str:
 
 def _probe(setting: Setting, value: Any) -> str:
     return check_endpoint(setting.key, value, (), PROBE_MODES)
+
+
+def _bind_address(setting: Setting, value: Any) -> str:
+    if value == "":
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f'{setting.label} must be an IP address, or "" for every address; got {value!r}') from None
+    return str(value)
 
 
 def check_restart(policy: RestartPolicy) -> None:
@@ -404,6 +436,14 @@ TABLES = {
         "Agent health in agor's btmsg.db: heartbeats, stale and stalled agents, dead letters that are "
         "redelivered, and agor-btmsg-sweep.timer ([btmsg.md](btmsg.md)). The thresholds reach every sender "
         "through the database, where each sweep stores them.",
+        None,
+    ),
+    "relay": Table(
+        RelayConfig,
+        "agor-relay, the TLS WebSocket relay for agor's controller on another machine ([relay.md](relay.md)). "
+        "Off by default; `agor-units install --relay` turns it on for one install. The token is read by systemd "
+        "from `token_file` (LoadCredential=), never put in the unit. Each controller's session runs its sidecar "
+        "with the launcher, [sandbox], [restart] and [watchdog] of agor-sidecar.service.",
         None,
     ),
 }
@@ -634,6 +674,69 @@ SETTINGS = (
         "KiB",
         "The largest message `btmsg send` accepts",
         (1.0, 65536.0),
+    ),
+    Setting(
+        "relay",
+        "enabled",
+        _switch,
+        "true or false",
+        "Install agor-relay.service, a network listener for agor's controller",
+        flag="--relay/--no-relay",
+    ),
+    Setting("relay", "port", _number, "whole number", "The TCP port the relay listens on", (1, 65535)),
+    Setting("relay", "bind", _bind_address, "IP address", 'The address it listens on; "" for every address'),
+    Setting("relay", "tls_cert", _path, "path", "The certificate (PEM); make one with `agor-relay cert`"),
+    Setting("relay", "tls_key", _path, "path", "Its private key (PEM), mode 0600"),
+    Setting(
+        "relay",
+        "token_file",
+        _path,
+        "path",
+        "The file that holds the token (mode 0600), handed to the relay as the credential relay-token",
+    ),
+    Setting(
+        "relay",
+        "sidecar_command",
+        _command,
+        "list of strings",
+        "The sidecar each controller session runs",
+        unset="[sidecar] command",
+    ),
+    Setting(
+        "relay",
+        "session_linger_s",
+        _number,
+        "seconds",
+        "How long a session's PTYs and sidecar outlive their controller's connection, waiting for it to resume",
+        (0.0, 7 * 86400.0),
+    ),
+    Setting(
+        "relay", "max_connections", _number, "whole number", "Connections at most, all clients together", (1, 100000)
+    ),
+    Setting("relay", "max_frame_mib", _number, "MiB", "The largest frame a controller may send", (0.0625, 16.0)),
+    Setting(
+        "relay",
+        "ping_timeout_s",
+        _number,
+        "seconds",
+        "A peer is pinged this often and dropped when it does not answer within as long again",
+        (1.0, 3600.0),
+    ),
+    Setting(
+        "relay",
+        "client_queue_mib",
+        _number,
+        "MiB",
+        "Output queued for one slow controller before it is closed with 1013 (its session replays the rest)",
+        (0.0625, 1024.0),
+    ),
+    Setting(
+        "relay",
+        "replay_mib",
+        _number,
+        "MiB",
+        "A session's output kept while no controller is attached; past it the oldest goes, counted in state_sync",
+        (0.0625, 1024.0),
     ),
 )
 

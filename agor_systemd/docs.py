@@ -1,7 +1,7 @@
 """The docs that restate code, generated from it (tests/test_docs.py fails when they drift).
 
     docs/settings.md   every units.toml setting, from config.SETTINGS
-    docs/cli.md        every --help of agor-units, agor-sandbox, agor-walcheck and btmsg
+    docs/cli.md        every --help of agor-units, agor-sandbox, agor-walcheck, btmsg and agor-relay
 
 `python -m agor_systemd.docs [DIR]` rewrites them under DIR (default: the current directory, the
 repository's root).
@@ -23,6 +23,8 @@ from agor_systemd.cli import main as units_main
 from agor_systemd.cli import sandbox_main
 from agor_systemd.config import SETTINGS, TABLES, Setting
 from agor_systemd.files import atomic_write
+from agor_systemd.relay.program import argument_parser as relay_parser
+from agor_systemd.relay.program import subcommand_parsers
 from agor_systemd.unitfile import HomePath
 from agor_systemd.walcheck import argument_parser as walcheck_parser
 
@@ -129,6 +131,8 @@ def program_helps() -> list[tuple[str, str]]:
         *click_helps(sandbox_main, "agor-sandbox"),
         ("agor-walcheck", argparse_help(walcheck_parser())),
         *argparse_helps(btmsg_parser()),
+        ("agor-relay", argparse_help(relay_parser())),
+        *((f"agor-relay {name}", argparse_help(sub)) for name, sub in subcommand_parsers(relay_parser()).items()),
     ]
 
 

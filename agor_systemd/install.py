@@ -20,6 +20,7 @@ from agor_systemd.config import (
 from agor_systemd.errors import AgorError
 from agor_systemd.files import atomic_write, digest
 from agor_systemd.manager import BusError, Systemd, installed_systemd_version
+from agor_systemd.relay.units import RELAY_UNIT, relay_files_missing
 from agor_systemd.sandbox.enforce import probe_start
 from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
 from agor_systemd.sandbox.policy import sandbox_paths, working_directory_problem
@@ -302,6 +303,8 @@ def install(
 
     check_sidecar(config)
     check_environment_file(config)
+    if (missing := relay_files_missing(config, str(Path.home()))) is not None:
+        raise InstallError(missing)
     directory = unit_directory(system)
     manifest = read_manifest(directory)  # a broken one stops us before probing
     with Systemd(system) as manager:
@@ -327,6 +330,9 @@ def install(
             for timer in (name for name in units if name.endswith(".timer")):
                 manager.restart(timer)  # (re)arms it with the timer just written
                 report.actions.append(f"restart {timer}")
+            if RELAY_UNIT in units:
+                manager.restart(RELAY_UNIT)
+                report.actions.append(f"restart {RELAY_UNIT}")
         else:
             note_running_old_settings(manager, report)
     return report

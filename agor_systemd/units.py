@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from agor_systemd.btmsg.units import sweep_units
 from agor_systemd.config import Config
+from agor_systemd.relay.units import relay_unit
 from agor_systemd.sidecar.units import (
     NATIVE_BACKOFF_VERSION,
     PACKAGED_LAUNCHER,
@@ -34,6 +35,8 @@ def render_units(
         units.append(socket)
     units += walcheck_units(config, [launcher[0], "-I"], docs)
     units += sweep_units(config, [launcher[0], "-I"], docs)
+    if (relay := relay_unit(config, [launcher[0], "-I"], docs)) is not None:
+        units.append(relay)
     return {unit.name: unit.render() for unit in units}
 
 

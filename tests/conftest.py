@@ -121,6 +121,11 @@ def escape_corpus_path() -> Path:
     return _support_copy("sandbox_escape.py")
 
 
+@pytest.fixture(scope="session")
+def echo_sidecar_path() -> Path:
+    return _support_copy("echo_sidecar.py")
+
+
 # ---------------------------------------------------------------------------------------------
 # lab namespace and managers
 # ---------------------------------------------------------------------------------------------

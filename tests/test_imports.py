@@ -1,8 +1,8 @@
 """The package's layering, read from its source: lowest layer first, nothing imports upward.
 
-    core          errors journal notify console files sqlite unitfile config manager (and __init__)
+    core          errors journal notify console files sqlite unitfile config manager usage (and __init__)
     sandbox       sandbox/*
-    capabilities  sidecar/*, walcheck/*, btmsg/*  (never each other)
+    capabilities  sidecar/*, walcheck/*, btmsg/*, relay/*  (never each other)
     composition   units install verify doctor cli api docs _launch
     lab           lab/*                        (the test bed and the demo: nothing imports it)
 
@@ -33,6 +33,7 @@ CORE = {
     "agor_systemd.unitfile",
     "agor_systemd.config",
     "agor_systemd.manager",
+    "agor_systemd.usage",
 }
 COMPOSITION = {
     "agor_systemd.units",
@@ -44,7 +45,7 @@ COMPOSITION = {
     "agor_systemd.docs",
     "agor_systemd._launch",
 }
-CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck", "agor_systemd.btmsg")
+CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck", "agor_systemd.btmsg", "agor_systemd.relay")
 
 
 def module_name(path: Path) -> str:

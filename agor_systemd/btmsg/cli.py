@@ -22,7 +22,6 @@ TYPE_CHECKING = False  # import cost: argparse and typing are loaded only off th
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
-    from typing import NoReturn
 
 
 def identity(args: argparse.Namespace) -> str:
@@ -234,9 +233,7 @@ exit statuses:
 def argument_parser() -> argparse.ArgumentParser:
     import argparse  # import cost: ~4 ms, which `btmsg heartbeat` does not pay
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> NoReturn:  # one line, not usage + error
-            raise UsageError(f"{message} (see --help)")
+    from agor_systemd.usage import ArgumentParser as Parser  # import cost: argparse and typing, as above
 
     common = Parser(add_help=False)
     common.add_argument(

@@ -34,13 +34,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import NoReturn
 
 from agor_systemd import journal
 from agor_systemd.config import WalcheckConfig, expand_home
 from agor_systemd.console import run_main
-from agor_systemd.errors import UsageError
 from agor_systemd.sqlite import classify, sqlite_uri
+from agor_systemd.usage import ArgumentParser
 
 PROG = "agor-walcheck"
 
@@ -383,13 +382,8 @@ outcomes and exit statuses (with several databases the first listed here that oc
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not usage + error
-        raise UsageError(f"{message} (see --help)")
-
-
 def argument_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog=PROG,
         description="Checkpoint and truncate the WAL of agor's SQLite databases.",
         epilog=HELP,

@@ -1,0 +1,3 @@
+from agor_systemd.relay.program import run
+
+run()

@@ -1,0 +1,68 @@
+"""agor-relay.service from a Config: pure, like the other capabilities' units. None while [relay] is off.
+
+The token reaches the relay as the credential `relay-token` (LoadCredential=, in user units since
+systemd 247; read from $CREDENTIALS_DIRECTORY): never in the unit, the command line or the
+environment. Encrypted credentials (LoadCredentialEncrypted=) work in user units only from 258.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from agor_systemd.config import Config, expand_home
+from agor_systemd.relay.program import CREDENTIAL
+from agor_systemd.unitfile import HEADER, Text, UnitFile, documentation, exec_line, path_value
+
+RELAY_UNIT = "agor-relay.service"
+WATCHDOG_S = 30
+
+
+def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -> UnitFile | None:
+    """`python`: the interpreter argv (e.g. ["/usr/bin/python3", "-I"])."""
+    relay = config.relay
+    if not relay.enabled:
+        return None
+    unit = UnitFile(RELAY_UNIT, header=HEADER)
+    unit.add("Unit", "Description", "agor relay: TLS WebSocket relay for agor's controller on another machine")
+    if (pages := documentation(docs, "relay.md")) is not None:
+        unit.add("Unit", "Documentation", pages)
+    unit.add("Service", "Type", "notify")
+    unit.add("Service", "NotifyAccess", "main")
+    argv: list[Text] = [*python, "-m", "agor_systemd.relay", "serve", "--port", str(relay.port)]
+    if relay.bind:
+        argv += ["--bind", relay.bind]
+    argv += ["--tls-cert", relay.tls_cert, "--tls-key", relay.tls_key]
+    unit.add("Service", "ExecStart", exec_line(argv))
+    # the certificate is read again on SIGHUP (a bad pair is refused and the old one kept)
+    unit.add("Service", "ExecReload", "/bin/kill -HUP $MAINPID")
+    unit.add("Service", "LoadCredential", f"{CREDENTIAL}:{path_value(relay.token_file, '[relay] token_file')}")
+    # the relay pings systemd from its event loop: a loop stuck this long is killed and restarted
+    unit.add("Service", "WatchdogSec", f"{WATCHDOG_S}s")
+    unit.add("Service", "Restart", "on-failure")
+    unit.add("Service", "RestartSec", "1s")
+    # sessions' terminals and sidecars are the relay's children: they end with it
+    unit.add("Service", "KillMode", "control-group")
+    unit.add("Service", "TimeoutStopSec", "20s")
+    unit.add("Service", "SyslogIdentifier", "agor-relay")
+    unit.add("Install", "WantedBy", "default.target")
+    return unit
+
+
+def relay_files_missing(config: Config, home: str) -> str | None:
+    """What agor-relay.service would fail on at start (a credential or certificate file that is not
+    there), worded with the command that makes it; None when all are there or the relay is off."""
+    relay = config.relay
+    if not relay.enabled:
+        return None
+    token = expand_home(relay.token_file, home)
+    if not os.path.isfile(token):
+        return (
+            f"[relay] token_file {token} does not exist: make it with "
+            f"`head -c 32 /dev/urandom | base64 > {token}; chmod 600 {token}`"
+        )
+    for value, key in ((relay.tls_cert, "tls_cert"), (relay.tls_key, "tls_key")):
+        path = expand_home(value, home)
+        if not os.path.isfile(path):
+            return f"[relay] {key} {path} does not exist: make the pair with `agor-relay cert --host NAME`"
+    return None

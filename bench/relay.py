@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""agor-relay benchmark: the real program on loopback TLS, websockets clients as agor's controller.
+
+Run outside systemd (no root needed)::
+
+    /opt/agor-systemd/venv/bin/python bench/relay.py [--seconds 5] [--clients 100] [--idle 1000] [--json]
+
+The relay runs as `agor-relay serve` with a certificate from `agor-relay cert` (tests/relay_support.py
+starts it exactly as the tests do); the load generator runs in this process, on the same cores.
+
+1. Connect: TLS handshake + WebSocket upgrade + the `ready` frame, sequential, median and p99.
+2. Round trips, one client: `ping` → `pong`, one in flight (the relay's own cost per frame).
+3. Relayed frames, `--clients` TLS clients: each keeps `--window` pings in flight; frames/s through
+   the relay and p50/p99 round trip; then the same clients paced at half that rate, p50/p99.
+4. Agent messages through the sidecar: `agent_query` with a 1 KiB prompt → launcher → echo sidecar
+   → `sidecar_message`, one client (one session, one sidecar), `--window` in flight; messages/s, p99.
+5. Memory: relay RSS with `--idle` idle TLS connections (--no-sidecar relay), per connection.
+
+Output: a table; with --json, the table goes to stderr and a JSON document to stdout.
+Exit status: 0 issue 11's targets met (≥ 10,000 relayed frames/s with the clients, p99 ≤ 10 ms at half
+that rate, ≤ 350 MiB for 1,000 idle connections), 1 a target missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from relay_support import RunningRelay, controller, next_frame, start_relay
+
+PROMPT = "x" * 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def connect_times(relay: RunningRelay, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        connection = await controller(relay)
+        await next_frame(connection, "ready")
+        times.append(time.perf_counter() - started)
+        await connection.close()
+    return times
+
+
+async def pinger(connection, seconds: float, window: int, interval: float, latencies: list[float]) -> int:
+    """Keep `window` pings in flight (or send one every `interval` s); returns pongs received."""
+    sent: list[float] = []
+    done = 0
+    deadline = time.perf_counter() + seconds
+    in_flight = asyncio.Semaphore(window)
+
+    async def receive() -> None:
+        nonlocal done
+        while True:
+            frame = json.loads(await connection.recv())
+            if frame["type"] == "pong":
+                latencies.append(time.perf_counter() - sent[done])
+                done += 1
+                in_flight.release()
+
+    receiver = asyncio.create_task(receive())
+    next_send = time.perf_counter()
+    while (now := time.perf_counter()) < deadline:
+        if interval:
+            if now < next_send:
+                await asyncio.sleep(next_send - now)
+            next_send += interval
+        else:
+            await in_flight.acquire()
+        sent.append(time.perf_counter())
+        await connection.send('{"id":"b","type":"ping"}')
+    await asyncio.sleep(0.5)
+    receiver.cancel()
+    return done
+
+
+async def relayed(relay: RunningRelay, clients: int, seconds: float, window: int, rate: float = 0) -> dict:
+    connections = [await controller(relay) for _ in range(clients)]
+    for connection in connections:
+        await next_frame(connection, "ready")
+    latencies: list[float] = []
+    interval = clients / rate if rate else 0
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(pinger(c, seconds, window, interval, latencies) for c in connections))
+    elapsed = time.perf_counter() - started - 0.5
+    for connection in connections:
+        await connection.close()
+    return {
+        "frames_per_s": sum(counts) / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+async def agent_messages(relay: RunningRelay, seconds: float, window: int) -> dict:
+    connection = await controller(relay)
+    await next_frame(connection, "ready")
+    await next_frame(connection, "sidecar_message")  # the sidecar is up
+    sent: list[float] = []
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    in_flight = asyncio.Semaphore(window)
+
+    async def receive() -> None:
+        while True:
+            frame = json.loads(await connection.recv())
+            if frame["type"] == "sidecar_message" and frame["payload"]["type"] == "echo":
+                latencies.append(time.perf_counter() - sent[len(latencies)])
+                in_flight.release()
+
+    receiver = asyncio.create_task(receive())
+    started = time.perf_counter()
+    query = json.dumps({"id": "q", "type": "agent_query", "payload": {"prompt": PROMPT}})
+    while time.perf_counter() < deadline:
+        await in_flight.acquire()
+        sent.append(time.perf_counter())
+        await connection.send(query)
+    while len(latencies) < len(sent) and time.perf_counter() < deadline + 10:
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    receiver.cancel()
+    await connection.close()
+    return {
+        "messages_per_s": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+async def idle_memory(relay: RunningRelay, count: int) -> dict:
+    before = rss_mib(relay.process.pid)
+    connections = []
+    for _ in range(count):
+        connections.append(await controller(relay, ping_interval=None))
+        await next_frame(connections[-1], "ready")
+    await asyncio.sleep(1)
+    after = rss_mib(relay.process.pid)
+    for connection in connections:
+        await connection.close()
+    return {"connections": count, "rss_mib": after, "per_connection_kib": (after - before) * 1024 / count}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--connects", type=int, default=200)
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = sys.stderr if args.json else sys.stdout
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="agor-relay-bench.") as tmp:
+        cap = str(max(args.clients, args.idle) + 16)
+        relay = start_relay(Path(tmp, "sidecar"), "--max-connections", cap)
+        try:
+            results["agent_messages"] = asyncio.run(agent_messages(relay, args.seconds, args.window))
+        finally:
+            relay.stop()
+        relay = start_relay(Path(tmp, "plain"), "--max-connections", cap, sidecar=False)
+        try:
+            times = asyncio.run(connect_times(relay, args.connects))
+            results["connect"] = {
+                "median_ms": statistics.median(times) * 1000,
+                "p99_ms": percentile(times, 0.99) * 1000,
+            }
+            results["round_trip_1_client"] = asyncio.run(relayed(relay, 1, args.seconds, 1))
+            full = asyncio.run(relayed(relay, args.clients, args.seconds, args.window))
+            results[f"relayed_{args.clients}_clients"] = full
+            half = asyncio.run(relayed(relay, args.clients, args.seconds, 1, rate=full["frames_per_s"] / 2))
+            results[f"relayed_{args.clients}_clients_half_rate"] = half
+            results["idle"] = asyncio.run(idle_memory(relay, args.idle))
+        finally:
+            relay.stop()
+    for name, values in results.items():
+        print(f"{name:34} " + "  ".join(f"{k} {v:,.2f}" for k, v in values.items()), file=out)
+    full, half = results[f"relayed_{args.clients}_clients"], results[f"relayed_{args.clients}_clients_half_rate"]
+    targets = {  # issue 11's
+        "relayed frames/s >= 10,000": full["frames_per_s"] >= 10_000,
+        "p99 at half rate <= 10 ms": half["p99_ms"] <= 10,
+        "1,000 idle connections <= 350 MiB": results["idle"]["rss_mib"] * 1000 / args.idle <= 350,
+    }
+    for target, met in targets.items():
+        print(f"{'met' if met else 'MISSED':7} {target}", file=out)
+    if args.json:
+        print(json.dumps({**results, "targets": targets}))
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -137,7 +137,9 @@ def bash_completion(program: str, sections: list[tuple[str, str]]) -> str:
     cases = [f'        "") words="{" ".join([*commands, *options(sections[0][1])])}" ;;']
     cases += [f'        {path.split(" ", 1)[1]}) words="{" ".join(options(text))}" ;;' for path, text in sections[1:]]
     # the first word that is not an option is the command; after `--` comes the sidecar's command line
-    find_command = " case ${COMP_WORDS[i]} in -*) ;; *) command=${COMP_WORDS[i]}; break ;; esac" if commands else ""
+    find_command = (
+        ' case ${COMP_WORDS[i]} in -*) ;; *) [ -n "$command" ] || command=${COMP_WORDS[i]} ;; esac' if commands else ""
+    )
     return "\n".join(
         [
             f"# bash completion for {program}, generated from its --help by agor_systemd.distfiles",
@@ -150,7 +152,7 @@ def bash_completion(program: str, sections: list[tuple[str, str]]) -> str:
             *cases,
             '        *) words="" ;;',
             "    esac",
-            '    if [[ $cur == -* || ( -z $command && -n "' + " ".join(commands) + '" ) ]]; then',
+            f"    if [[ $cur == -*{' || -z $command' if commands else ''} ]]; then",
             '        mapfile -t COMPREPLY < <(compgen -W "$words" -- "$cur")',
             "    fi",
             "}",

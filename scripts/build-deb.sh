@@ -64,10 +64,11 @@ CHANGELOG
 
 cd "$src"
 if ! unmet=$(dpkg-checkbuilddeps 2>&1); then
-  pkgs=$(printf '%s\n' "$unmet" | sed -n 's/.*Unmet build dependencies: //p' | sed 's/([^)]*)//g; s/|[^ ]*//g')
+  pkgs=$(printf '%s\n' "$unmet" | sed -n 's/.*nmet build dependencies: //p' | sed 's/([^)]*)//g; s/|[^ ]*//g; s/:native//g')
   [ -n "$pkgs" ] || die "dpkg-checkbuilddeps: $unmet"
   [ "$(id -u)" -eq 0 ] || die "missing Build-Depends (install them as root): $pkgs"
   say "installing Build-Depends: $pkgs"
+  [ -n "$(ls /var/lib/apt/lists/ | grep _Packages 2>/dev/null)" ] || apt-get update -q >&2
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs >&2 \
     || die "apt-get install of the Build-Depends failed"

@@ -36,6 +36,10 @@ APT_PACKAGES=(
   nodejs              # the README's example sidecar is a node runner: tests run it as written
   sqlite3             # the sqlite3 CLI: bench/walcheck.py compares agor-walcheck against it
   git                 # tests/integration/test_hardening.py: an agent's git commit inside the hardened unit
+  # packaging: scripts/build-deb.sh (packaging/debian/control's Build-Depends), scripts/build-dist.sh,
+  # and tests/packaging (clean Debian roots, lintian, pipx, man pages)
+  build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click
+  python3-build twine lintian mmdebstrap pipx man-db
 )
 
 say() { printf '[setup] %s\n' "$*"; }

@@ -13,12 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agor_systemd import distfiles
+from agor_systemd.config import Config
 from agor_systemd.lab.testbed import USER_LOCKS, LabNamespace, UserManager, claim_name, ensure_user
+from agor_systemd.units import render_units
 
 REPO = Path(__file__).resolve().parents[2]
 # Debian's tools, never a pyenv or virtualenv that happens to be first on PATH
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-PROGRAMS_PEOPLE_RUN = ("agor-units", "agor-sandbox", "agor-walcheck")
+# everything derives from pyproject.toml and the generator: a program or unit added there is checked too
+PROGRAMS_PEOPLE_RUN = tuple(
+    p for p in distfiles.entry_points(REPO / "pyproject.toml") if p not in distfiles.INTERNAL_PROGRAMS
+)
+UNITS = tuple(sorted(render_units(Config(), 252)))  # what install writes (the names are the same on every version)
 
 
 def entry_points() -> list[str]:
@@ -57,6 +63,29 @@ def build_deb(out: Path, version: str | None = None, lintian: bool = True) -> Pa
     argv += ["--version", version] if version else []
     argv += [] if lintian else ["--no-lintian"]
     return Path(run(argv).stdout.strip().splitlines()[-1])
+
+
+def build_depends() -> list[str]:
+    """The packages packaging/debian/control's Build-Depends names (versions left to apt)."""
+    control = (REPO / "packaging/debian/control").read_text()
+    field = re.search(r"^Build-Depends:(.*?)^\S", control, re.M | re.S)
+    assert field, "no Build-Depends in packaging/debian/control"
+    names = [re.sub(r"\(.*?\)", "", item).strip() for item in field.group(1).split(",")]
+    return ["debhelper" if n == "debhelper-compat" else n for n in names if n]
+
+
+def copy_tree(target: Path) -> None:
+    """The repository's files (as a clean clone has them) into `target`."""
+    target.mkdir(parents=True)
+    files = run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).stdout
+    existing = "\0".join(f for f in files.split("\0") if f and (REPO / f).exists())
+    pack = subprocess.run(
+        ["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", "-"],
+        input=existing.encode(),
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-C", str(target), "-xf", "-"], input=pack.stdout, check=True)
 
 
 def make_root(suite: str, directory: Path, include: tuple[str, ...] = ()) -> Path:
@@ -125,6 +154,13 @@ def doctor(mgr: UserManager, bin_dir: str) -> dict[str, dict]:
     return {check["name"]: check for check in json.loads(cp.stdout)}
 
 
+def verify_shipped_units(mgr: UserManager) -> None:
+    """`systemd-analyze --user verify` of the package's units, by the user manager's own systemd
+    (lintian does not look at user units)."""
+    cp = mgr.run(["systemd-analyze", "--user", "verify", *(f"/usr/lib/systemd/user/{unit}" for unit in UNITS)])
+    assert cp.returncode == 0 and "agor-" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+
+
 def smoke(mgr: UserManager, bin_dir: str, fake_sidecar: Path) -> int:
     """What a user does first, through the installed programs: doctor, install --now, health
     healthy, the walcheck timer armed and its service run; the sidecar's MainPID."""
@@ -159,10 +195,5 @@ def smoke(mgr: UserManager, bin_dir: str, fake_sidecar: Path) -> int:
 def uninstall(mgr: UserManager, bin_dir: str) -> None:
     cp = program(mgr, bin_dir, "agor-units", "uninstall", "--json")
     assert cp.returncode == 0, cp.stderr
-    assert sorted(json.loads(cp.stdout)["removed"]) == [
-        "agor-sidecar.service",
-        "agor-sidecar.socket",
-        "agor-walcheck.service",
-        "agor-walcheck.timer",
-    ]
+    assert sorted(json.loads(cp.stdout)["removed"]) == sorted(UNITS)
     assert mgr.unit_property("agor-sidecar.service", "ActiveState") == "inactive"

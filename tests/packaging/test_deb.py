@@ -19,6 +19,8 @@ import pytest
 
 from agor_systemd.lab.testbed import UserManager, host_build
 from tests.packaging.support import (
+    PROGRAMS_PEOPLE_RUN,
+    UNITS,
     apt_install,
     doctor,
     entry_points,
@@ -30,12 +32,12 @@ from tests.packaging.support import (
     program,
     smoke,
     uninstall,
+    verify_shipped_units,
     wait_for,
 )
 
 pytestmark = pytest.mark.packaging
 USR_BIN = "/usr/bin"
-UNITS = ("agor-sidecar.service", "agor-sidecar.socket", "agor-walcheck.service", "agor-walcheck.timer")
 
 
 def test_deb_install_upgrade_remove_purge_on_debian_12(debs, tmp_path, fake_sidecar_path):
@@ -46,7 +48,7 @@ def test_deb_install_upgrade_remove_purge_on_debian_12(debs, tmp_path, fake_side
     for name in entry_points():
         assert (root / "usr/bin" / name).is_file()
         assert (root / f"usr/share/man/man1/{name}.1.gz").is_file(), f"no man page for {name}"
-    for name in ("agor-units", "agor-sandbox", "agor-walcheck"):
+    for name in PROGRAMS_PEOPLE_RUN:
         assert (root / "usr/share/bash-completion/completions" / name).is_file()
     for unit in UNITS:
         text = (root / "usr/lib/systemd/user" / unit).read_text()
@@ -56,9 +58,7 @@ def test_deb_install_upgrade_remove_purge_on_debian_12(debs, tmp_path, fake_side
     assert not list((root / "etc/systemd/user").glob("*/agor-*")), "a user unit was enabled for every user"
 
     with packaged_lab(root) as ns, lab_user("agorpkg") as user, UserManager(user, host_build(), ns) as mgr:
-        shipped = [f"/usr/lib/systemd/user/{unit}" for unit in UNITS]
-        verify = mgr.run(["systemd-analyze", "--user", "verify", *shipped], timeout=60)
-        assert verify.returncode == 0 and "agor-" not in verify.stdout + verify.stderr, verify.stderr
+        verify_shipped_units(mgr)
         assert mgr.systemctl("is-enabled", "agor-sidecar.service").stdout.strip() == "disabled"
         mgr.write_file(".config/systemd/user/mine.service", "[Service]\nExecStart=/bin/true\n")
 

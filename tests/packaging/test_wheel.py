@@ -13,7 +13,7 @@ import pytest
 
 from agor_systemd import __version__
 from agor_systemd.lab.testbed import OPT_ROOT, UserManager, host_build
-from tests.packaging.support import REPO, entry_points, lab_user, run, smoke, uninstall
+from tests.packaging.support import PROGRAMS_PEOPLE_RUN, REPO, entry_points, lab_user, run, smoke, uninstall
 
 pytestmark = pytest.mark.packaging
 
@@ -84,7 +84,7 @@ def test_wheel_in_a_fresh_venv_and_pipx(dists, readable_dir, lab_namespace, fake
         )
         assert cp.returncode == 0, cp.stderr
         try:
-            for name in ("agor-units", "agor-sandbox", "agor-walcheck"):
+            for name in PROGRAMS_PEOPLE_RUN:
                 cp = mgr.run([str(mgr.home / ".local/bin" / name), "--help"])
                 assert cp.returncode == 0 and "usage" in cp.stdout.lower(), (name, cp.stderr)
             version = mgr.run([str(mgr.home / ".local/bin/agor-units"), "--version"]).stdout

@@ -6,6 +6,7 @@ import getpass
 from dataclasses import dataclass
 from pathlib import Path
 
+from agor_systemd import __version__
 from agor_systemd.config import DEFAULT_COMMAND, Config, expand_home
 from agor_systemd.install import (
     InstallError,
@@ -13,6 +14,7 @@ from agor_systemd.install import (
     current_launcher,
     digest,
     installed_docs,
+    manifest_version,
     missing_sidecar_files,
     read_manifest,
     start_path_problems,
@@ -177,6 +179,8 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
     except InstallError as e:
         checks.append(Check("units installed", "error", str(e), f"rm {directory / '.agor-units.json'}"))
         return checks
+    if manifest:
+        checks.append(generator_check(manifest_version(directory), __version__))
     if version is None:
         # what install would write depends on the manager's probe: without it, only what is there
         installed_units = ", ".join(sorted(manifest)) or "none"
@@ -207,6 +211,47 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
             )
         )
     return checks
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """'0.1.0' → (0, 1, 0); a suffix such as '+deb1' or 'rc1' ends the numbers."""
+    numbers = []
+    for part in version.split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:
+            break
+    return tuple(numbers)
+
+
+def generator_check(written: str | None, installed: str) -> Check:
+    """Units written by another agor-systemd than the installed one (an upgrade since install):
+    the running sidecar keeps the launcher it started with until its next start."""
+    name, fix = "units generator", "agor-units install --now"
+    if written == installed:
+        return Check(name, "ok", f"units written by this agor-systemd ({installed})")
+    if written is None:
+        return Check(
+            name,
+            "warn",
+            f"units written by an older agor-systemd (the manifest names no version; this is {installed})",
+            fix,
+        )
+    if version_key(written) > version_key(installed):
+        return Check(name, "warn", f"units written by agor-systemd {written}, newer than this {installed}", fix)
+    return Check(
+        name,
+        "warn",
+        f"units written by agor-systemd {written}, older than the installed {installed}; "
+        "the running sidecar keeps the old code until it restarts",
+        fix,
+    )
 
 
 def _sidecar_program(config: Config) -> Check:

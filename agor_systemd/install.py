@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agor_systemd import __version__
 from agor_systemd.config import (
     AGOR_DATA,
     DEFAULT_COMMAND,
@@ -95,8 +96,12 @@ def installed_docs() -> str | None:
     for file in files:
         if file.name == "supervision.md" and file.parent.name == "agor-systemd":
             path = Path(str(file.locate())).resolve()
-            return str(path.parent) if path.is_file() else None
-    return None
+            if path.is_file():
+                return str(path.parent)
+    # Debian's RECORD names the data files where the wheel had them (../data/...); they are under
+    # the interpreter's prefix (/usr/share/doc/agor-systemd, unitfile.PACKAGED_DOCS)
+    shared = Path(sys.prefix) / "share" / "doc" / "agor-systemd"
+    return str(shared) if (shared / "supervision.md").is_file() else None
 
 
 def read_manifest(directory: Path) -> dict[str, str]:
@@ -122,9 +127,22 @@ def read_manifest(directory: Path) -> dict[str, str]:
     return dict(units)
 
 
+def manifest_version(directory: Path) -> str | None:
+    """The agor-systemd version that last wrote the units (None: no manifest, or one written
+    before the manifest named it)."""
+    try:
+        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return version if isinstance(version, str) else None
+
+
 def write_manifest(directory: Path, units: dict[str, str]) -> None:
+    """The units' digests, and the version that wrote them (doctor: units older than the generator)."""
     if units:
-        atomic_write(directory / MANIFEST, json.dumps({"units": units}, indent=2, sort_keys=True) + "\n")
+        text = json.dumps({"units": units, "version": __version__}, indent=2, sort_keys=True) + "\n"
+        atomic_write(directory / MANIFEST, text)
     else:
         (directory / MANIFEST).unlink(missing_ok=True)
 
@@ -257,7 +275,8 @@ def write_units(
                 atomic_write(path, text)
         if manifest is not None:
             manifest[name] = digest(text)
-    if manifest is not None and not report.dry_run and report.written:
+    # the same text from a newer agor-systemd: the manifest records the version that wrote it
+    if manifest is not None and not report.dry_run and (report.written or manifest_version(directory) != __version__):
         write_manifest(directory, manifest)
 
 

@@ -36,6 +36,10 @@ APT_PACKAGES=(
   nodejs              # the README's example sidecar is a node runner: tests run it as written
   sqlite3             # the sqlite3 CLI: bench/walcheck.py compares agor-walcheck against it
   git                 # tests/integration/test_hardening.py: an agent's git commit inside the hardened unit
+  # packaging: scripts/build-deb.sh (packaging/debian/control's Build-Depends), scripts/build-dist.sh,
+  # and tests/packaging (clean Debian roots, lintian, pipx, man pages)
+  build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click
+  python3-build twine lintian mmdebstrap pipx man-db
 )
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -194,8 +198,8 @@ tar -C "$REPO" --exclude=.git --exclude=build --exclude='*.egg-info' --exclude=_
 if "$VENV/bin/python" -m pip show -q agor-systemd >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip uninstall -y -q agor-systemd >/dev/null
 fi
-say "venv: pip install $REPO[test] (non-editable)"
-"$VENV/bin/python" -m pip install -q "$src[test]" || { rm -rf "$src"; die "pip install of the project failed"; }
+say "venv: pip install $REPO[test,relay] (non-editable)"
+"$VENV/bin/python" -m pip install -q "$src[test,relay]" || { rm -rf "$src"; die "pip install of the project failed"; }
 rm -rf "$src"
 "$VENV/bin/python" -c 'import agor_systemd, click, pystemd, pytest, xdist, ruff, mypy' \
   || die "the venv is missing a module after pip install"

@@ -5,6 +5,18 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 "$here/setup.sh"
 cd "$here/.."
+pytest=("${AGOR_PREFIX:-/opt/agor-systemd}/venv/bin/python" -m pytest -n 2 -p no:cacheprovider)
 # Two workers: the integration tests mostly wait on timers, and each worker runs its own
 # user managers (one per systemd build), so the two long schedule tests run side by side.
-exec "${AGOR_PREFIX:-/opt/agor-systemd}"/venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@"
+for arg in "$@"; do
+  case $arg in -m|-m*) exec "${pytest[@]}" "$@" ;; esac  # the caller selects by marker
+done
+# The packaging tests (tests/packaging: package builds, Debian roots made by mmdebstrap) run after
+# the rest: their CPU and disk load would make the supervision tests' restart timing late.
+status=0
+"${pytest[@]}" -m "not packaging" "$@" || status=$?
+packaging=0
+"${pytest[@]}" -m packaging "$@" || packaging=$?
+[ "$packaging" -eq 5 ] && packaging=0  # 5: the arguments selected no packaging test
+[ "$status" -ne 0 ] && exit "$status"
+exit "$packaging"

@@ -42,6 +42,7 @@ COMPOSITION = {
     "agor_systemd.doctor",
     "agor_systemd.cli",
     "agor_systemd.api",
+    "agor_systemd.distfiles",
     "agor_systemd.docs",
     "agor_systemd._launch",
 }

@@ -29,6 +29,8 @@ from agor_systemd.relay.tls import (
 from agor_systemd.relay.units import RELAY_UNIT, relay_files_missing, relay_unit
 from agor_systemd.units import render_units
 
+REPO = Path(__file__).resolve().parent.parent
+
 AGOR_RELAY = [sys.executable, "-m", "agor_systemd.relay"]
 
 
@@ -215,3 +217,21 @@ def test_the_readme_table_names_every_agor_relay_command_and_flag():
         if flag not in ("-h", "--help") and ((f"agor-relay {name}" not in rows and name != "serve") or flag not in rows)
     ]
     assert missing == []
+
+
+def test_without_websockets_serve_and_connect_say_what_to_install(tmp_path):
+    """websockets is the optional [relay] extra (Debian 12's is too old): one line, exit 69."""
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    for argv in (
+        ["serve", "--insecure", "--token-file", str(token)],
+        ["connect", "wss://h:1", "--token-file", str(token)],
+    ):
+        code = (
+            "import sys; sys.modules['websockets'] = None; sys.argv = ['agor-relay', *sys.argv[1:]]; "
+            "from agor_systemd.relay.program import run; run()"
+        )
+        cp = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO)
+        assert cp.returncode == 69, cp.stderr
+        assert cp.stderr.startswith("agor-relay: error: agor-relay needs websockets 14 or newer")
+        assert cp.stderr.count("\n") == 1

@@ -18,14 +18,13 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from agor_systemd.errors import AgorError
-from agor_systemd.relay.protocol import DEFAULT_PORT, SESSION_HEADER
+from agor_systemd.relay.protocol import SESSION_HEADER, relay_address
 from agor_systemd.relay.tls import KnownHosts, Pin, certificate_pin, pinned_client_context, probe_context, spki_pin
 
 PIN_MISMATCH_STATUS = 3
@@ -46,14 +45,6 @@ class Refused(AgorError):
     """The relay answered the upgrade with an HTTP error (401 wrong token, 429 locked out, 503 full)."""
 
     exit_status = REFUSED_STATUS
-
-
-def relay_address(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of a ws:// or wss:// URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise AgorError(f"{url!r} is not a relay URL like wss://HOST:{DEFAULT_PORT}")
-    return parts.scheme, parts.hostname, parts.port or DEFAULT_PORT
 
 
 async def peer_certificate(host: str, port: int, timeout_s: float = 10.0) -> bytes:

@@ -14,7 +14,7 @@ from agor_systemd import journal
 from agor_systemd.config import Config, expand_home, load_config
 from agor_systemd.console import run_main
 from agor_systemd.errors import AgorError, UsageError
-from agor_systemd.relay.protocol import DEFAULT_PORT, token_digest
+from agor_systemd.relay.protocol import DEFAULT_PORT, relay_address, token_digest
 from agor_systemd.relay.sessions import SidecarSpec, launcher_program
 from agor_systemd.relay.tls import (
     KnownHosts,
@@ -185,7 +185,23 @@ def sidecar_spec(config: Config) -> SidecarSpec:
     return SidecarSpec(tuple(argv), policy.base_s, policy.cap_s, policy.attempts, policy.stability_window_s)
 
 
+def need_websockets() -> None:
+    """websockets 14+ (its asyncio API), or one line saying how to get it (an optional dependency)."""
+    try:
+        import websockets.asyncio  # noqa: F401  # import cost: ~50 ms, only for serve and connect
+    except ImportError:
+        raise WebsocketsMissing(
+            "agor-relay needs websockets 14 or newer (Debian 12 has 10.4): pipx install 'agor-systemd[relay]', "
+            "or pip install 'websockets>=14' into the environment that runs agor-relay"
+        ) from None
+
+
+class WebsocketsMissing(AgorError):
+    exit_status = 69  # sysexits' EX_UNAVAILABLE
+
+
 def serve(args: argparse.Namespace) -> int:
+    need_websockets()
     # import cost: websockets (~50 ms); cert, fingerprint and connect --forget do not need it
     from agor_systemd.relay.server import Relay, RelaySettings
 
@@ -259,9 +275,6 @@ def fingerprint(args: argparse.Namespace) -> int:
 
 
 def connect(args: argparse.Namespace) -> int:
-    # import cost: websockets (~50 ms), only when connecting
-    from agor_systemd.relay.client import PinMismatch, connect, relay_address
-
     _, host, port = relay_address(args.url)
     known = KnownHosts(args.known_hosts)
     if args.forget:
@@ -271,6 +284,9 @@ def connect(args: argparse.Namespace) -> int:
     if args.token_file is None:
         raise UsageError("give --token-file FILE")
     token = read_token_file(args.token_file)
+    need_websockets()
+    # import cost: websockets (~50 ms), only when connecting
+    from agor_systemd.relay.client import PinMismatch, connect
 
     def told(pin, how: str) -> None:
         warn(f"[{host}]:{port} {how}: {pin.spki} (certificate sha256 {pin.certificate}) in {known.path}:{pin.line}")

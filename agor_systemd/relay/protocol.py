@@ -15,6 +15,9 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from agor_systemd.errors import AgorError
 
 DEFAULT_PORT = 9750  # agor's
 
@@ -284,3 +287,11 @@ def sidecar_restart_delay_s(restarts: int, base_s: float, cap_s: float, attempts
     if restarts > attempts:
         return None
     return min(base_s * 2.0 ** min(restarts - 1, 1023), cap_s)
+
+
+def relay_address(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a ws:// or wss:// URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise AgorError(f"{url!r} is not a relay URL like wss://HOST:{DEFAULT_PORT}")
+    return parts.scheme, parts.hostname, parts.port or DEFAULT_PORT

@@ -115,6 +115,25 @@ class SocketConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """[telemetry]: OTLP/HTTP traces from the units' programs (docs/telemetry.md), off by default."""
+
+    otlp_endpoint: str | None = None  # None: $AGOR_OTLP_ENDPOINT when install runs; "": off
+    flush_timeout_s: float = 0.3  # the most a program waits for the collector at its end
+
+
+def telemetry_environment(telemetry: TelemetryConfig) -> dict[str, str]:
+    """The variables every unit gets with tracing on (tracing.ENDPOINT_ENV, FLUSH_TIMEOUT_ENV);
+    none when off. Units do not inherit install's environment: install resolves the endpoint."""
+    if not telemetry.otlp_endpoint:
+        return {}
+    return {
+        "AGOR_OTLP_ENDPOINT": telemetry.otlp_endpoint,
+        "AGOR_OTLP_FLUSH_TIMEOUT_S": f"{telemetry.flush_timeout_s:g}",
+    }
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -122,6 +141,7 @@ class Config:
     walcheck: WalcheckConfig = field(default_factory=WalcheckConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def config_home() -> Path:
@@ -326,6 +346,18 @@ def _probe(setting: Setting, value: Any) -> str:
     return check_endpoint(setting.key, value, (), PROBE_MODES)
 
 
+def _otlp_endpoint(setting: Setting, value: Any) -> str:
+    """An http:// or https:// base URL (/v1/traces is added), or "" for off."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{setting.label} must be a URL string, got {value!r}")
+    if value and (
+        not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        raise ConfigError(f'{setting.label} must be an http:// or https:// URL (or "" for off), got {value!r}')
+    _checked(lambda: check_text(value, setting.label))
+    return value
+
+
 def check_restart(policy: RestartPolicy) -> None:
     if policy.cap_s < policy.base_s:
         raise ConfigError(f"[restart] cap_s ({policy.cap_s:g}) is smaller than base_s ({policy.base_s:g})")
@@ -383,6 +415,12 @@ TABLES = {
         SocketConfig,
         "agor-sidecar.socket: the sidecar's stdin and stdout on a unix socket, for agor and `agor-units attach` "
         "([socket.md](socket.md)).",
+        None,
+    ),
+    "telemetry": Table(
+        TelemetryConfig,
+        "OTLP/HTTP traces from agor-units, the launcher and agor-walcheck ([telemetry.md](telemetry.md)): the "
+        "endpoint reaches every unit as `Environment=AGOR_OTLP_ENDPOINT=…`.",
         None,
     ),
 }
@@ -571,6 +609,24 @@ SETTINGS = (
         "Output queued for one slow client before its lines are dropped (and it is told how many)",
         (0.0625, 1024.0),
     ),
+    Setting(
+        "telemetry",
+        "otlp_endpoint",
+        _otlp_endpoint,
+        "URL",
+        'The OTLP/HTTP collector, e.g. http://localhost:4318 (spans go to its /v1/traces); "" turns tracing off',
+        flag="--otlp-endpoint",
+        metavar="URL",
+        unset="$AGOR_OTLP_ENDPOINT when install runs, else off",
+    ),
+    Setting(
+        "telemetry",
+        "flush_timeout_s",
+        _number,
+        "seconds",
+        "The most a program waits at its end for the collector; spans not sent by then are counted as dropped",
+        (0.05, 5.0),
+    ),
 )
 
 
@@ -655,6 +711,16 @@ def load_config(path: Path | None = None) -> Config:
         return parse_config(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def with_endpoint_from_environment(config: Config) -> Config:
+    """[telemetry] otlp_endpoint left out of units.toml: $AGOR_OTLP_ENDPOINT of whoever installs
+    (units do not inherit it), else off."""
+    if config.telemetry.otlp_endpoint is not None:
+        return config
+    found = os.environ.get("AGOR_OTLP_ENDPOINT", "").strip()
+    setting = next(s for s in SETTINGS if s.name == "telemetry_otlp_endpoint")
+    return replace(config, telemetry=replace(config.telemetry, otlp_endpoint=setting.parse(setting, found)))
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

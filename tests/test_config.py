@@ -311,7 +311,8 @@ def test_cap_equal_to_base_is_fine():
         ),
         (
             '[service]\nType = "simple"',
-            "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox], [socket])",
+            "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox], [socket], "
+            "[telemetry])",
         ),
         ("sidecar = 1", "'sidecar' must be a table like [sidecar]"),
         ("attempts = 5", "'attempts' must be a table like [attempts]"),

@@ -1,9 +1,9 @@
 """The package's layering, read from its source: lowest layer first, nothing imports upward.
 
-    core          errors journal notify console files sqlite unitfile config manager (and __init__)
+    core          errors journal notify console files sqlite unitfile config manager tracing otlp (and __init__)
     sandbox       sandbox/*
     capabilities  sidecar/*, walcheck/*        (never each other)
-    composition   units install verify doctor cli api docs _launch
+    composition   units install verify doctor cli api docs _launch logbridge
     lab           lab/*                        (the test bed and the demo: nothing imports it)
 
 Also: no import cycle, a function-level import only with an `import cost:` comment, and the
@@ -33,6 +33,8 @@ CORE = {
     "agor_systemd.unitfile",
     "agor_systemd.config",
     "agor_systemd.manager",
+    "agor_systemd.tracing",
+    "agor_systemd.otlp",
 }
 COMPOSITION = {
     "agor_systemd.units",
@@ -43,6 +45,7 @@ COMPOSITION = {
     "agor_systemd.api",
     "agor_systemd.docs",
     "agor_systemd._launch",
+    "agor_systemd.logbridge",
 }
 CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck")
 

@@ -96,6 +96,7 @@ OVERRIDE_FLAGS = {
     "--sandbox-required": "BOOLEAN",
     "--read-write-path": "TEXT",
     "--read-only-path": "TEXT",
+    "--otlp-endpoint": "TEXT",
 }
 
 

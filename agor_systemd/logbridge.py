@@ -111,8 +111,9 @@ class Bridge:
         self.stderr = stderr
         self.journal_socket = journal_socket
         self.to_journal = os.path.exists(journal_socket)  # else: one line each on stderr
-        self.handled = 0
-        self.dropped = 0  # the queue was full, or journald could not take a record at once
+        self.handled = 0  # records taken from the stream (or the command line) and sent on
+        self.overflowed = 0  # dropped: the queue was full
+        self.refused = 0  # dropped: journald could not take the record at once
         self.span: tracing.Span | tracing.NoSpan = tracing.NO_SPAN
         self.span_events = 0
         self.span_ends = 0.0
@@ -123,7 +124,11 @@ class Bridge:
         if not self.to_journal:
             self.stderr.write(journal.line(IDENTIFIER, message(record), LEVELS[record.level]))
         elif not journal.send(journal_entry(record, trace), self.journal_socket):
-            self.dropped += 1
+            self.refused += 1
+
+    @property
+    def dropped(self) -> int:
+        return self.overflowed + self.refused
 
     def trace_event(self, record: Record) -> dict[str, str]:
         """The record as an event of the current agor.log span; its ids for the journal."""
@@ -151,8 +156,8 @@ class Bridge:
         self.stderr.flush()
 
 
-def log_one(record: Record, stderr: TextIO = sys.stderr) -> Bridge:
-    bridge = Bridge(stderr)
+def log_one(record: Record, stderr: TextIO = sys.stderr, journal_socket: str = journal.JOURNAL_SOCKET) -> Bridge:
+    bridge = Bridge(stderr, journal_socket)
     bridge.emit(record)
     bridge.close()
     if bridge.dropped:
@@ -160,10 +165,15 @@ def log_one(record: Record, stderr: TextIO = sys.stderr) -> Bridge:
     return bridge
 
 
-def log_stream(stdin: BinaryIO, stderr: TextIO = sys.stderr, queue_records: int = QUEUE_RECORDS) -> Bridge:
+def log_stream(
+    stdin: BinaryIO,
+    stderr: TextIO = sys.stderr,
+    queue_records: int = QUEUE_RECORDS,
+    journal_socket: str = journal.JOURNAL_SOCKET,
+) -> Bridge:
     """Handle JSON lines from `stdin` until its end. A reader thread only reads and queues, so
     the writer is never held up by the journal or the export; a full queue drops (counted)."""
-    bridge = Bridge(stderr)
+    bridge = Bridge(stderr, journal_socket)
     lines: queue.Queue[tuple[int, bytes] | None] = queue.Queue(queue_records)
     full = 0
 
@@ -189,6 +199,6 @@ def log_stream(stdin: BinaryIO, stderr: TextIO = sys.stderr, queue_records: int 
             continue
         bridge.emit(record)
     reader.join()
-    bridge.dropped += full
+    bridge.overflowed = full
     bridge.close()
     return bridge

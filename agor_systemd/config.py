@@ -119,7 +119,7 @@ class TelemetryConfig:
     """[telemetry]: OTLP/HTTP traces from the units' programs (docs/telemetry.md), off by default."""
 
     otlp_endpoint: str | None = None  # None: $AGOR_OTLP_ENDPOINT when install runs; "": off
-    flush_timeout_s: float = 0.3  # the most a program waits for the collector at its end
+    flush_timeout_s: float = 0.25  # the most a program waits for the collector at its end
 
 
 def telemetry_environment(telemetry: TelemetryConfig) -> dict[str, str]:

@@ -17,7 +17,7 @@ Off (the endpoint unset or empty), `span()` returns one shared do-nothing object
 are recorded here as plain objects (ids from os.urandom, so journal fields and TRACEPARENT are
 known at once) and handed to a background thread, which loads the SDK (agor_systemd.otlp) and
 exports them. The program never waits for the SDK or the collector except at its end, and then
-at most AGOR_OTLP_FLUSH_TIMEOUT_S (default 0.3 s): spans not sent by then are counted and
+at most AGOR_OTLP_FLUSH_TIMEOUT_S (default 0.25 s): spans not sent by then are counted and
 reported in one line. A program's first span with TRACEPARENT in its environment joins that
 trace (the OpenTelemetry environment carrier).
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 ENDPOINT_ENV = "AGOR_OTLP_ENDPOINT"
 FLUSH_TIMEOUT_ENV = "AGOR_OTLP_FLUSH_TIMEOUT_S"
 TRACEPARENT_ENV = "TRACEPARENT"
-DEFAULT_FLUSH_TIMEOUT_S = 0.3
+DEFAULT_FLUSH_TIMEOUT_S = 0.25
 QUEUE_MAX = 2048  # spans waiting for export; more are dropped (and counted)
 EXPORT_DELAY_S = 1.0  # a long-running program sends what it has at least this often
 TRACES_PATH = "/v1/traces"
@@ -242,6 +242,7 @@ class Tracer:
         with self.lock:
             if len(self.queue) >= QUEUE_MAX or (self.closing and not self.worker.is_alive()):
                 self.dropped += 1
+                self.problem = self.problem or f"more than {QUEUE_MAX} spans waiting: the export could not keep up"
                 return
             self.queue.append(span)
             if self.worker.ident is None:
@@ -318,14 +319,14 @@ _configured = False
 
 
 def start(
-    service: str | None = None, *, journal_identifier: str | None = None, prefetch_sdk: bool = True, **resource: Any
+    service: str | None = None, *, journal_identifier: str | None = None, prefetch_sdk: bool = False, **resource: Any
 ) -> bool:
     """Switch tracing on for this process if $AGOR_OTLP_ENDPOINT is set: `service` is its
     service.name (default: the program's name), `resource` more resource attributes. With
     `journal_identifier` (the unit's SyslogIdentifier=), the program's journal lines carry
-    TRACE_ID= and SPAN_ID= of the current span. `prefetch_sdk`: load the SDK in the background
-    now (a short command: it is needed soon), else at the first ended span (a program that forks
-    first: no thread yet). Idempotent; True when tracing is on."""
+    TRACE_ID= and SPAN_ID= of the current span. The SDK loads in the background at the first
+    ended span (or at `prefetch()`), not while the program starts: under the GIL it would only
+    slow the program down. `prefetch_sdk`: load it now. Idempotent; True when tracing is on."""
     global _tracer, _configured
     if _configured:
         return _tracer is not None

@@ -11,8 +11,8 @@
 #      /opt/agor-systemd/systemd-254. The test bed runs it side by side with the host's systemd.
 #   3. A virtualenv at /opt/agor-systemd/venv built from Debian's /usr/bin/python3 (unprivileged test
 #      users must be able to execute it), with this project and its test extras installed (pytest,
-#      and the linters tests/test_linters.py runs: ruff, mypy; the [otel] extra and opentelemetry-proto
-#      for the telemetry tests' OTLP receiver).
+#      and the linters tests/test_linters.py runs: ruff, mypy; the [otel] extra, opentelemetry-proto
+#      for the telemetry tests' OTLP receiver and PyYAML for the Tempo stack's static check).
 #
 # Environment knobs:
 #   AGOR_PREFIX       install prefix (default /opt/agor-systemd)

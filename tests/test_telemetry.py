@@ -112,7 +112,7 @@ def test_every_unit_gets_the_endpoint_through_the_encoder(version):
     expected = 'Environment="AGOR_OTLP_ENDPOINT=http://h:4318/a%%b\\"c\\\\d$e"'
     assert expected in units["agor-sidecar.service"].splitlines()
     assert expected in units["agor-walcheck.service"].splitlines()
-    assert 'Environment="AGOR_OTLP_FLUSH_TIMEOUT_S=0.3"' in units["agor-walcheck.service"].splitlines()
+    assert 'Environment="AGOR_OTLP_FLUSH_TIMEOUT_S=0.25"' in units["agor-walcheck.service"].splitlines()
     # the launcher keeps the run's trace context in %t/agor, read-only under ProtectSystem=strict
     assert 'ReadWritePaths="-%t/agor"' in units["agor-sidecar.service"].splitlines()
     assert not any("Environment=" in line for line in render_units(Config(), version)["agor-sidecar.service"].split())

@@ -120,7 +120,10 @@ class Receiver:
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(answer)
+                try:
+                    self.wfile.write(answer)
+                except OSError:
+                    pass  # the client gave up waiting (a slow collector's usual fate)
 
             def log_message(self, *args: object) -> None:
                 pass

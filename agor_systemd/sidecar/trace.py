@@ -117,10 +117,8 @@ class AttemptTrace:
     def __init__(self, unit: str, system: bool) -> None:
         self.done = False
         console.at_exit(self.end_unfinished)  # before tracing's own hook, which sends the spans
-        # no export thread before the spawn: the sandboxed spawn forks
-        tracing.start(
-            "agor-launch", journal_identifier=JOURNAL_IDENTIFIER, prefetch_sdk=False, **{"systemd.unit": unit}
-        )
+        # no export thread before the spawn (the sandboxed spawn forks): running() starts it
+        tracing.start("agor-launch", journal_identifier=JOURNAL_IDENTIFIER, **{"systemd.unit": unit})
         self.path = run_file(system)
         run = read_run(self.path)
         cause = run.pop("cause", None)

@@ -30,7 +30,7 @@ def exit_status_of(outcomes: list[str]) -> int:
 def test_a_crash_loop_give_up_and_manual_restart_are_one_trace(user_manager, fake_sidecar_path):
     with Receiver() as receiver:
         env = {"AGOR_OTLP_ENDPOINT": receiver.endpoint, "AGOR_OTLP_FLUSH_TIMEOUT_S": "5"}
-        # the default flush timeout (0.3 s) is for a collector that is down; on a loaded test
+        # the default flush timeout (0.25 s) is for a collector that is down; on a loaded test
         # machine the SDK alone may take longer to load, and this test counts spans, not time
         user_manager.write_file(".config/agor/units.toml", "[telemetry]\nflush_timeout_s = 5\n")
         sidecar = install_sidecar(
@@ -114,7 +114,7 @@ def test_two_hundred_cli_invocations_deliver_every_span(tmp_path):
         env = {
             **os.environ,
             "AGOR_OTLP_ENDPOINT": receiver.endpoint,
-            # the default 0.3 s is for a collector that is down; a test machine under load may
+            # the default 0.25 s is for a collector that is down; a test machine under load may
             # need longer to load the SDK, and this test counts spans, not time
             "AGOR_OTLP_FLUSH_TIMEOUT_S": "10",
             "XDG_CONFIG_HOME": str(tmp_path),

@@ -24,6 +24,8 @@ from agor_systemd import console, tracing
 
 TYPE_CHECKING = False  # import cost: `typing` is ~6 ms
 if TYPE_CHECKING:
+    from typing import Any
+
     from agor_systemd.tracing import NoSpan, Span
 
 RUN_FILE = "sidecar.trace"
@@ -118,7 +120,8 @@ class AttemptTrace:
         self.done = False
         console.at_exit(self.end_unfinished)  # before tracing's own hook, which sends the spans
         # no export thread before the spawn (the sandboxed spawn forks): running() starts it
-        tracing.start("agor-launch", journal_identifier=JOURNAL_IDENTIFIER, **{"systemd.unit": unit})
+        resource: dict[str, Any] = {"systemd.unit": unit}
+        tracing.start("agor-launch", journal_identifier=JOURNAL_IDENTIFIER, **resource)
         self.path = run_file(system)
         run = read_run(self.path)
         cause = run.pop("cause", None)

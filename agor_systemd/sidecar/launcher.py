@@ -1081,10 +1081,10 @@ class Supervisor:
         kill.start()
 
     def report_hang(self) -> None:
+        if TRACE is not None:  # before the trigger: systemd's SIGTERM may come at once
+            TRACE.event("watchdog.trigger", reason=self.hung or "")
         notify(f"STATUS=hung: {self.hung}; pid {self.pid}; asking systemd's watchdog to restart it", "WATCHDOG=trigger")
         log(f"sidecar (pid {self.pid}) is hung: {self.hung}; no more watchdog pings", ERR)
-        if TRACE is not None:
-            TRACE.event("watchdog.trigger", reason=self.hung or "")
 
     def reset_budget(self) -> None:
         """Stable for the window: the next crash starts the schedule again with a full budget."""

@@ -165,3 +165,52 @@ def test_walcheck_run_by_its_unit_traces_each_database(user_manager):
     assert root.attributes["exit.status"] == exit_status_of([s.attributes["outcome"] for s in checks])
     assert (root.status == 2) == (root.attributes["exit.status"] != 0)
     assert len(root.resource["systemd.invocation_id"]) == 32  # run by systemd: journalctl _SYSTEMD_INVOCATION_ID=
+
+
+def test_a_watchdog_trigger_is_an_event_of_its_attempt(user_manager, fake_sidecar_path):
+    with Receiver() as receiver:
+        user_manager.write_file(".config/agor/units.toml", "[telemetry]\nflush_timeout_s = 5\n")
+        install_sidecar(
+            user_manager,
+            fake_sidecar_path,
+            ["stop-self:0.5", "hang"],
+            install_args=[f"--otlp-endpoint={receiver.endpoint}", "--watchdog-s=1"],
+        )
+        spans = receiver.wait_for(lambda s: any(x.name == "sidecar.attempt" for x in s), timeout=15)
+        wait_health(user_manager, "healthy", timeout=10)
+    (hung,) = [s for s in spans if s.name == "sidecar.attempt"]
+    events = [name for name, _ in hung.events]
+    assert events == ["ready", "watchdog.trigger", "watchdog.timeout", "crash"], hung.events
+    assert dict(hung.events)["watchdog.trigger"] == {"reason": "stopped (T state)"}
+    assert hung.status_message == "watchdog timeout (stopped (T state))"
+
+
+def test_the_log_bridge_writes_to_the_journal_with_priorities_and_trace_ids(user_manager):
+    with Receiver() as receiver:
+        env = {"AGOR_OTLP_ENDPOINT": receiver.endpoint, "AGOR_OTLP_FLUSH_TIMEOUT_S": "5"}
+        agor_units(user_manager, "log", "warn", "context-pressure", "sessionId=s1", "percent=91", check=True, env=env)
+        records = [
+            '{"level": "info", "event": "agent-started", "attrs": {"sessionId": "s2", "provider": "claude"}}',
+            "{broken",
+            '{"level": "error", "event": "sidecar-crash", "attrs": {"restartAttempts": 3}}',
+        ]
+        cp = user_manager.run(
+            [str(OPT_ROOT / "venv" / "bin" / "agor-units"), "log", "--stream"], input="\n".join(records) + "\n", env=env
+        )
+        assert cp.returncode == 0 and cp.stderr.startswith("agor-units: log: line 2: not JSON"), cp.stderr
+        spans = receiver.wait_for(lambda s: sum(x.name == "agor.log" for x in s) >= 2, timeout=10)
+    user_manager.namespace.sync_journal()
+    journal = user_manager.journalctl("--user", "-t", "agor", "-o", "json", timeout=30)
+    entries = [json.loads(line) for line in journal.stdout.splitlines() if line.strip()][-3:]
+    assert [(e["PRIORITY"], e["AGOR_EVENT"], e["MESSAGE"]) for e in entries] == [
+        ("4", "context-pressure", "context-pressure sessionId=s1 percent=91"),
+        ("6", "agent-started", "agent-started sessionId=s2 provider=claude"),
+        ("3", "sidecar-crash", "sidecar-crash restartAttempts=3"),
+    ]
+    logs = {s.span_id: s for s in spans if s.name == "agor.log"}
+    assert {e["SPAN_ID"] for e in entries} == set(logs)
+    assert sorted(name for s in logs.values() for name, _ in s.events) == [
+        "agent-started",
+        "context-pressure",
+        "sidecar-crash",
+    ]

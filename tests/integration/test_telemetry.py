@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from agor_systemd.lab.otlp_receiver import Receiver
 from agor_systemd.lab.testbed import OPT_ROOT
@@ -22,17 +25,25 @@ from .support import LOG_ID, UNIT, agor_units, install_sidecar, wait_health
 ATTEMPTS = 2  # restarts before the give-up: 3 starts crash
 
 
+@pytest.fixture
+def units_toml(user_manager) -> Iterator[Callable[[str], object]]:
+    """Write the test user's units.toml; removed afterwards (the user, and later tests, live on)."""
+    path = user_manager.home / ".config/agor/units.toml"
+    yield lambda text: user_manager.write_file(".config/agor/units.toml", text)
+    path.unlink(missing_ok=True)
+
+
 def exit_status_of(outcomes: list[str]) -> int:
     statuses = [OUTCOMES[o] for o in outcomes]
     return next((s for s in SEVERITY if s in statuses), 0)
 
 
-def test_a_crash_loop_give_up_and_manual_restart_are_one_trace(user_manager, fake_sidecar_path):
+def test_a_crash_loop_give_up_and_manual_restart_are_one_trace(user_manager, fake_sidecar_path, units_toml):
     with Receiver() as receiver:
         env = {"AGOR_OTLP_ENDPOINT": receiver.endpoint, "AGOR_OTLP_FLUSH_TIMEOUT_S": "5"}
         # the default flush timeout (0.25 s) is for a collector that is down; on a loaded test
         # machine the SDK alone may take longer to load, and this test counts spans, not time
-        user_manager.write_file(".config/agor/units.toml", "[telemetry]\nflush_timeout_s = 5\n")
+        units_toml("[telemetry]\nflush_timeout_s = 5\n")
         sidecar = install_sidecar(
             user_manager,
             fake_sidecar_path,
@@ -145,11 +156,10 @@ def test_two_hundred_cli_invocations_deliver_every_span(tmp_path):
     assert set(receiver.paths) == {"/v1/traces"}
 
 
-def test_walcheck_run_by_its_unit_traces_each_database(user_manager):
+def test_walcheck_run_by_its_unit_traces_each_database(user_manager, units_toml):
     """The timer's service carries the endpoint (Environment=), a span per database arrives."""
     with Receiver() as receiver:
-        toml = f'[telemetry]\notlp_endpoint = "{receiver.endpoint}"\nflush_timeout_s = 5\n'
-        user_manager.write_file(".config/agor/units.toml", toml)
+        units_toml(f'[telemetry]\notlp_endpoint = "{receiver.endpoint}"\nflush_timeout_s = 5\n')
         agor_units(user_manager, "install", "--", "/bin/sleep", "infinity", check=True)
         user_manager.systemctl("start", "agor-walcheck.service", timeout=60)
         spans = receiver.wait_for(lambda s: sum(x.name == "walcheck.checkpoint" for x in s) >= 2, timeout=15)
@@ -167,9 +177,9 @@ def test_walcheck_run_by_its_unit_traces_each_database(user_manager):
     assert len(root.resource["systemd.invocation_id"]) == 32  # run by systemd: journalctl _SYSTEMD_INVOCATION_ID=
 
 
-def test_a_watchdog_trigger_is_an_event_of_its_attempt(user_manager, fake_sidecar_path):
+def test_a_watchdog_trigger_is_an_event_of_its_attempt(user_manager, fake_sidecar_path, units_toml):
     with Receiver() as receiver:
-        user_manager.write_file(".config/agor/units.toml", "[telemetry]\nflush_timeout_s = 5\n")
+        units_toml("[telemetry]\nflush_timeout_s = 5\n")
         install_sidecar(
             user_manager,
             fake_sidecar_path,

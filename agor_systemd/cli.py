@@ -7,14 +7,22 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
-from agor_systemd import __version__
+from agor_systemd import __version__, tracing
 from agor_systemd.btmsg.sweep import health_summary
-from agor_systemd.config import SETTINGS, Config, Setting, apply_overrides, expand_home, load_config
+from agor_systemd.config import (
+    SETTINGS,
+    Config,
+    Setting,
+    apply_overrides,
+    expand_home,
+    load_config,
+    with_endpoint_from_environment,
+)
 from agor_systemd.console import call, run_main
 from agor_systemd.doctor import MINIMUM_VERSION, run_checks
 from agor_systemd.errors import AgorError
@@ -26,6 +34,7 @@ from agor_systemd.install import (
 )
 from agor_systemd.install import install as do_install
 from agor_systemd.install import uninstall as do_uninstall
+from agor_systemd.logbridge import log_one, log_stream, parse_arguments
 from agor_systemd.manager import BusError, Systemd, installed_systemd_version
 from agor_systemd.sandbox.check import sandbox_report
 from agor_systemd.sidecar.backoff import schedule
@@ -77,6 +86,13 @@ class OneLineUsageGroup(click.Group):
     def invoke(self, ctx: click.Context):
         with self._one_line_usage():
             return super().invoke(ctx)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:  # the program's span is named after the command (docs/telemetry.md)
+            tracing.current().rename(f"{self.prog} {command.name}")
+            tracing.current().set(command=command.name)
+        return name, command, rest
 
 
 def config_path_option(func):
@@ -159,6 +175,8 @@ def effective_config(
     """units.toml (or, with user_config=False and no --config, the defaults) with the flags applied."""
     config_path = chosen_config_path(ctx, command_config_path)
     config = load_config(config_path) if user_config or config_path is not None else Config()
+    if user_config:
+        config = with_endpoint_from_environment(config)
     given = {name: value for name, value in flag_values.items() if value is not None and value != ()}
     # click gives a repeated flag (and the words after --) as a tuple; units.toml has lists
     return apply_overrides(
@@ -366,7 +384,7 @@ def verify(ctx, systemd_version, **overrides):
 @friendly_errors
 def doctor(ctx, command_config_path, as_json):
     """Check systemd version and features, the user manager, lingering and the install."""
-    config = load_config(chosen_config_path(ctx, command_config_path))
+    config = with_endpoint_from_environment(load_config(chosen_config_path(ctx, command_config_path)))
     checks = run_checks(config, ctx.obj["system"])
     marks = {"ok": "ok  ", "warn": "warn", "error": "FAIL"}
     lines = [f"[{marks[c.status]}] {c.name}: {c.detail}" + (f"\n       fix: {c.fix}" if c.fix else "") for c in checks]
@@ -517,14 +535,60 @@ def attach(ctx, as_json):
     sys.exit(4 if gave_up else 0)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("level", required=False)
+@click.argument("event", required=False)
+@click.argument("attributes", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--stream", is_flag=True, help='Read JSON lines {"level", "event", "attrs"} on stdin until its end.')
+@friendly_errors
+def log(level, event, attributes, stream):
+    """The log bridge for agor's frontend: records to the journal (and the trace).
+
+    \b
+      agor-units log info agent-started sessionId=s1 provider=claude
+      agor-units log --stream < records.jsonl     # one process for many records
+    LEVEL is error, warn, info, debug or trace: the journal priority (journalctl --user -t agor).
+    With AGOR_OTLP_ENDPOINT set, each record is also an event in the trace. --stream never holds
+    the writer up: records it cannot keep up with are dropped and counted; a malformed line gets
+    a one-line complaint and the stream goes on.
+    """
+    if stream:
+        if level is not None:
+            raise click.UsageError("--stream reads the records on stdin: give no LEVEL or EVENT")
+        bridge = log_stream(sys.stdin.buffer)
+        if bridge.dropped:
+            click.echo(
+                f"agor-units: log: {bridge.dropped} of {bridge.handled + bridge.dropped} records dropped", err=True
+            )
+        return
+    if level is None or event is None:
+        raise click.UsageError("give LEVEL and EVENT (or --stream)")
+    try:
+        record = parse_arguments(level, event, attributes)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    log_one(record)
+
+
+def traced(prog: str, program: Callable[[], object]) -> Callable[[], None]:
+    """`program` inside the span of this invocation (named after its command once known)."""
+
+    def main() -> None:
+        tracing.start(prog)
+        with tracing.span(prog):
+            program()
+
+    return main
+
+
 def run_units() -> None:
     """The agor-units program."""
-    run_main("agor-units", main)
+    run_main("agor-units", traced("agor-units", main))
 
 
 def run_sandbox() -> None:
     """The agor-sandbox program."""
-    run_main("agor-sandbox", sandbox_main)
+    run_main("agor-sandbox", traced("agor-sandbox", sandbox_main))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,25 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """[telemetry]: OTLP/HTTP traces from the units' programs (docs/telemetry.md), off by default."""
+
+    otlp_endpoint: str | None = None  # None: $AGOR_OTLP_ENDPOINT when install runs; "": off
+    flush_timeout_s: float = 0.25  # the most a program waits for the collector at its end
+
+
+def telemetry_environment(telemetry: TelemetryConfig) -> dict[str, str]:
+    """The variables every unit gets with tracing on (tracing.ENDPOINT_ENV, FLUSH_TIMEOUT_ENV);
+    none when off. Units do not inherit install's environment: install resolves the endpoint."""
+    if not telemetry.otlp_endpoint:
+        return {}
+    return {
+        "AGOR_OTLP_ENDPOINT": telemetry.otlp_endpoint,
+        "AGOR_OTLP_FLUSH_TIMEOUT_S": f"{telemetry.flush_timeout_s:g}",
+    }
+
+
+@dataclass(frozen=True)
 class Config:
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -158,6 +177,7 @@ class Config:
     socket: SocketConfig = field(default_factory=SocketConfig)
     btmsg: BtmsgConfig = field(default_factory=BtmsgConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def config_home() -> Path:
@@ -372,6 +392,18 @@ def _bind_address(setting: Setting, value: Any) -> str:
     return str(value)
 
 
+def _otlp_endpoint(setting: Setting, value: Any) -> str:
+    """An http:// or https:// base URL (/v1/traces is added), or "" for off."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{setting.label} must be a URL string, got {value!r}")
+    if value and (
+        not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        raise ConfigError(f'{setting.label} must be an http:// or https:// URL (or "" for off), got {value!r}')
+    _checked(lambda: check_text(value, setting.label))
+    return value
+
+
 def check_restart(policy: RestartPolicy) -> None:
     if policy.cap_s < policy.base_s:
         raise ConfigError(f"[restart] cap_s ({policy.cap_s:g}) is smaller than base_s ({policy.base_s:g})")
@@ -444,6 +476,12 @@ TABLES = {
         "Off by default; `agor-units install --relay` turns it on for one install. The token is read by systemd "
         "from `token_file` (LoadCredential=), never put in the unit. Each controller's session runs its sidecar "
         "with the launcher, [sandbox], [restart] and [watchdog] of agor-sidecar.service.",
+        None,
+    ),
+    "telemetry": Table(
+        TelemetryConfig,
+        "OTLP/HTTP traces from agor-units, the launcher and agor-walcheck ([telemetry.md](telemetry.md)): the "
+        "endpoint reaches every unit as `Environment=AGOR_OTLP_ENDPOINT=…`.",
         None,
     ),
 }
@@ -738,6 +776,24 @@ SETTINGS = (
         "A session's output kept while no controller is attached; past it the oldest goes, counted in state_sync",
         (0.0625, 1024.0),
     ),
+    Setting(
+        "telemetry",
+        "otlp_endpoint",
+        _otlp_endpoint,
+        "URL",
+        'The OTLP/HTTP collector, e.g. http://localhost:4318 (spans go to its /v1/traces); "" turns tracing off',
+        flag="--otlp-endpoint",
+        metavar="URL",
+        unset="$AGOR_OTLP_ENDPOINT when install runs, else off",
+    ),
+    Setting(
+        "telemetry",
+        "flush_timeout_s",
+        _number,
+        "seconds",
+        "The most a program waits at its end for the collector; spans not sent by then are counted as dropped",
+        (0.05, 5.0),
+    ),
 )
 
 
@@ -822,6 +878,16 @@ def load_config(path: Path | None = None) -> Config:
         return parse_config(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def with_endpoint_from_environment(config: Config) -> Config:
+    """[telemetry] otlp_endpoint left out of units.toml: $AGOR_OTLP_ENDPOINT of whoever installs
+    (units do not inherit it), else off."""
+    if config.telemetry.otlp_endpoint is not None:
+        return config
+    found = os.environ.get("AGOR_OTLP_ENDPOINT", "").strip()
+    setting = next(s for s in SETTINGS if s.name == "telemetry_otlp_endpoint")
+    return replace(config, telemetry=replace(config.telemetry, otlp_endpoint=setting.parse(setting, found)))
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

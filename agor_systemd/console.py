@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 _at_exit: list[Callable[[], None]] = []
+failure: str | None = None  # the message of the one-line error the program ended with (telemetry reads it)
 
 
 def at_exit(hook: Callable[[], None]) -> None:
@@ -34,6 +35,8 @@ def os_error_text(error: OSError) -> str:
 
 
 def fail(prog: str, message: str, status: int = 1) -> NoReturn:
+    global failure
+    failure = message
     sys.stdout.flush()
     sys.stderr.write(journal.line(prog, f"error: {message}", journal.ERR))
     sys.stderr.flush()

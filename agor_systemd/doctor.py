@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from agor_systemd.sandbox.enforce import enforcement
 from agor_systemd.sandbox.hardening import probe
 from agor_systemd.sandbox.landlock import abi_version
 from agor_systemd.sidecar.units import NATIVE_BACKOFF_VERSION, uses_native_backoff
+from agor_systemd.tracing import SDK_MISSING, traces_url
 from agor_systemd.units import render_units
 
 # version → what it gates for agor-systemd
@@ -210,6 +212,7 @@ def run_checks(config: Config, system: bool = False) -> list[Check]:
                 "agor-units install --now" if stale else "",
             )
         )
+    checks.append(_telemetry(config))
     return checks
 
 
@@ -252,6 +255,17 @@ def generator_check(written: str | None, installed: str) -> Check:
         "the running sidecar keeps the old code until it restarts",
         fix,
     )
+
+
+def _telemetry(config: Config) -> Check:
+    """Whether the units send traces, and whether they can (the SDK is an optional extra)."""
+    endpoint = config.telemetry.otlp_endpoint
+    if not endpoint:
+        return Check("telemetry", "ok", "off (set [telemetry] otlp_endpoint, or AGOR_OTLP_ENDPOINT when installing)")
+    url = traces_url(endpoint)
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        return Check("telemetry", "warn", f"on ({url}), but {SDK_MISSING}", "pip install 'agor-systemd[otel]'")
+    return Check("telemetry", "ok", f"on: spans go to {url}")
 
 
 def _sidecar_program(config: Config) -> Check:

@@ -26,6 +26,7 @@ from agor_systemd.sandbox.enforce import probe_start
 from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
 from agor_systemd.sandbox.policy import sandbox_paths, working_directory_problem
 from agor_systemd.sidecar.protocol import GAVE_UP_ENV, SIDECAR_UNIT
+from agor_systemd.sidecar.trace import begin_run, mark_manual_restart
 from agor_systemd.unitfile import HEADER, HomePath, Text
 from agor_systemd.units import render_units
 
@@ -343,7 +344,9 @@ def install(
         manager.enable([str(directory / name) for name in units])
         report.actions += ["daemon-reload", "enable " + " ".join(units)]
         if now:
-            # a fresh start with a full restart budget, running the units just written
+            # a fresh start with a full restart budget, running the units just written; with
+            # tracing on, the sidecar's new run is in this command's trace
+            begin_run(system)
             fresh_start(manager)
             report.actions.append(f"restart {SIDECAR_UNIT}")
             for timer in (name for name in units if name.endswith(".timer")):
@@ -453,6 +456,8 @@ def fresh_start(manager) -> None:
 
 
 def manual_restart(system: bool = False) -> None:
-    """The 'manual restart' button: clear failed state and budget, start afresh."""
+    """The 'manual restart' button: clear failed state and budget, start afresh. With tracing on,
+    the sidecar's run goes on in the same trace, its next attempt linked to this command."""
     with Systemd(system) as manager:
+        mark_manual_restart(system)
         fresh_start(manager)

@@ -97,6 +97,14 @@ def exec_line(argv: list[Text]) -> str:
     return ":" + " ".join(exec_word(a, f"argument {i}") for i, a in enumerate(argv))
 
 
+def environment_assignment(name: str, value: str) -> str:
+    """One Environment= word, `"NAME=value"`: systemd unquotes it, undoes the C escapes, then
+    expands specifiers (so `%` is doubled); `$` means nothing there."""
+    if not name or not (name[0].isalpha() or name[0] == "_") or not all(c.isalnum() or c == "_" for c in name):
+        raise UnitValueError(f"{name!r} is not an environment variable name")
+    return exec_word(f"{name}={value}", f"the value of {name}")
+
+
 def path_value(value: Text, what: str) -> str:
     """A path for settings that take the rest of the line unquoted (WorkingDirectory=, ...).
 

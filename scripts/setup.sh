@@ -11,7 +11,8 @@
 #      /opt/agor-systemd/systemd-254. The test bed runs it side by side with the host's systemd.
 #   3. A virtualenv at /opt/agor-systemd/venv built from Debian's /usr/bin/python3 (unprivileged test
 #      users must be able to execute it), with this project and its test extras installed (pytest,
-#      and the linters tests/test_linters.py runs: ruff, mypy).
+#      and the linters tests/test_linters.py runs: ruff, mypy; the [otel] extra, opentelemetry-proto
+#      for the telemetry tests' OTLP receiver and PyYAML for the Tempo stack's static check).
 #
 # Environment knobs:
 #   AGOR_PREFIX       install prefix (default /opt/agor-systemd)
@@ -201,7 +202,7 @@ fi
 say "venv: pip install $REPO[test,relay] (non-editable)"
 "$VENV/bin/python" -m pip install -q "$src[test,relay]" || { rm -rf "$src"; die "pip install of the project failed"; }
 rm -rf "$src"
-"$VENV/bin/python" -c 'import agor_systemd, click, pystemd, pytest, xdist, ruff, mypy' \
+"$VENV/bin/python" -c 'import agor_systemd, click, pystemd, pytest, xdist, ruff, mypy, opentelemetry.sdk, opentelemetry.proto' \
   || die "the venv is missing a module after pip install"
 
 chmod -R a+rX "$PREFIX"

@@ -312,7 +312,7 @@ def test_cap_equal_to_base_is_fine():
         (
             '[service]\nType = "simple"',
             "unknown table [service] (known: [sidecar], [restart], [watchdog], [walcheck], [sandbox], [socket], "
-            "[btmsg], [relay])",
+            "[btmsg], [relay], [telemetry])",
         ),
         ("sidecar = 1", "'sidecar' must be a table like [sidecar]"),
         ("attempts = 5", "'attempts' must be a table like [attempts]"),

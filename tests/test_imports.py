@@ -1,9 +1,10 @@
 """The package's layering, read from its source: lowest layer first, nothing imports upward.
 
-    core          errors journal notify console files sqlite unitfile config manager usage (and __init__)
+    core          errors journal notify console files sqlite unitfile config manager usage tracing otlp
+                  (and __init__)
     sandbox       sandbox/*
     capabilities  sidecar/*, walcheck/*, btmsg/*, relay/*  (never each other)
-    composition   units install verify doctor cli api docs _launch
+    composition   units install verify doctor cli api docs _launch logbridge distfiles
     lab           lab/*                        (the test bed and the demo: nothing imports it)
 
 Also: no import cycle, a function-level import only with an `import cost:` comment, and the
@@ -34,6 +35,8 @@ CORE = {
     "agor_systemd.config",
     "agor_systemd.manager",
     "agor_systemd.usage",
+    "agor_systemd.tracing",
+    "agor_systemd.otlp",
 }
 COMPOSITION = {
     "agor_systemd.units",
@@ -45,6 +48,7 @@ COMPOSITION = {
     "agor_systemd.distfiles",
     "agor_systemd.docs",
     "agor_systemd._launch",
+    "agor_systemd.logbridge",
 }
 CAPABILITIES = ("agor_systemd.sidecar", "agor_systemd.walcheck", "agor_systemd.btmsg", "agor_systemd.relay")
 

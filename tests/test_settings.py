@@ -97,6 +97,7 @@ OVERRIDE_FLAGS = {
     "--read-write-path": "TEXT",
     "--read-only-path": "TEXT",
     "--relay": "BOOLEAN",
+    "--otlp-endpoint": "TEXT",
 }
 
 

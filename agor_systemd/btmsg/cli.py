@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from agor_systemd import tracing
 from agor_systemd.btmsg.store import EXIT_DEAD_LETTER, Store, UnknownAgent, default_path, open_store
 from agor_systemd.console import run_main
 from agor_systemd.errors import UsageError
@@ -17,6 +18,7 @@ from agor_systemd.errors import UsageError
 PROG = "btmsg"
 EXIT_ATTENTION = 4  # sweep: an agent is stalled or a letter is parked
 PREVIEW = 120  # agor's inbox previews
+SWEEP_IDENTIFIER = "agor-btmsg-sweep"  # the sweep unit's SyslogIdentifier= (btmsg.units)
 
 TYPE_CHECKING = False  # import cost: argparse and typing are loaded only off the heartbeat path
 if TYPE_CHECKING:
@@ -174,16 +176,19 @@ def cmd_sweep(db: Store, args: argparse.Namespace) -> int:
     )
     result = sweep(db)
     priority = {STALLED: journal.WARNING, STALE: journal.NOTICE}
+
+    def log(text: str, level: int = journal.NOTICE) -> None:
+        journal.log(PROG, text, level)  # with tracing on: TRACE_ID= and SPAN_ID= too (traced_main)
+
     for agent in result.agents:
         if agent.changed and (agent.previous_state is not None or agent.state != HEALTHY):  # not a new agent
             since = f"last activity {when(agent.last_activity)}"
             text = f"agent {agent.id} is {agent.state} ({agent.attention_reason or since})"
-            sys.stderr.write(journal.line(PROG, text, priority.get(agent.state, journal.INFO)))
+            log(text, priority.get(agent.state, journal.INFO))
     for agent_id, count in result.expired.items():
-        text = f"{count} unread message(s) to stale {agent_id} returned to the dead-letter queue"
-        sys.stderr.write(journal.line(PROG, text))
+        log(f"{count} unread message(s) to stale {agent_id} returned to the dead-letter queue")
     for agent_id, count in result.redelivered.items():
-        sys.stderr.write(journal.line(PROG, f"{count} dead letter(s) redelivered to {agent_id}"))
+        log(f"{count} dead letter(s) redelivered to {agent_id}")
     counts = ", ".join(f"{n} {state}" for state, n in result.counts().items())
     letters = result.dead_letter_counts()
     text = (
@@ -309,6 +314,7 @@ def argument_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, leave_open: bool = False) -> int:
     """`leave_open`: do not close btmsg.db — the program then ends without checkpointing it (run())."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    tracing.current().rename(f"{PROG} {argv[0] if argv and not argv[0].startswith('-') else ''}".strip())
     if argv == ["heartbeat"]:  # the hot path, without argparse
         agent = identity_of(None)
         db = open_store()
@@ -330,6 +336,16 @@ def main(argv: Sequence[str] | None = None, leave_open: bool = False) -> int:
             db.close()
 
 
+def traced_main() -> int:
+    """main() in the span of this invocation (tracing on: $AGOR_OTLP_ENDPOINT), named after its command."""
+    # the sweep's journal lines carry the trace's ids (the unit's SyslogIdentifier=, native protocol)
+    tracing.start(PROG, journal_identifier=SWEEP_IDENTIFIER if sys.argv[1:2] == ["sweep"] else None)
+    with tracing.span(PROG) as span:
+        status = main(leave_open=True)
+        span.set(**{"exit.status": status})
+        return status
+
+
 def run() -> None:
     """The btmsg program (and `python -m agor_systemd.btmsg`)."""
-    run_main(PROG, lambda: main(leave_open=True), quick_exit=True)
+    run_main(PROG, traced_main, quick_exit=True)

@@ -25,6 +25,7 @@ import _sqlite3 as sqlite3  # import cost: ~3 ms less than `sqlite3` (agor_syste
 import os
 import time
 
+from agor_systemd import tracing
 from agor_systemd.btmsg.liveness import OPERATOR_TIER, Thresholds, is_stale
 from agor_systemd.btmsg.schema import EXIT_NOPERM, connect, database_error
 from agor_systemd.errors import AgorError, UsageError
@@ -237,8 +238,11 @@ class Store:
         self, sender: str, recipient: str, content: str, reply_to: str | None = None, now: float | None = None
     ) -> SendOutcome:
         """Deliver, or store as a dead letter when the recipient is stale (the outcome says which)."""
-        self.check_content(content)
-        return self.write(self._send, sender, recipient, content, reply_to, time.time() if now is None else now)
+        with tracing.span("btmsg.send", sender=sender, recipient=recipient, bytes=len(content)) as span:
+            self.check_content(content)
+            outcome = self.write(self._send, sender, recipient, content, reply_to, time.time() if now is None else now)
+            span.set(message_id=outcome.message_id, delivered=outcome.delivered)
+            return outcome
 
     def _send(self, sender: str, recipient: str, content: str, reply_to: str | None, now: float) -> SendOutcome:
         from_id, from_tier, from_group, _ = self.agent(sender, exact=True)
@@ -288,6 +292,7 @@ class Store:
         )
         event = "dead_letter_parked" if state == PARKED else "dead_letter"
         self._audit(from_id, event, f"message {message_id} to {to_id}: {error}")
+        tracing.event(event, message_id=message_id, recipient=to_id, reason=reason, attempts=attempts)
 
     def _audit(self, agent_id: str, event: str, detail: str) -> None:
         self.conn.execute(
@@ -329,7 +334,10 @@ class Store:
     def heartbeat(self, agent: str, now: float | None = None) -> int:
         """Record a heartbeat (agor's table and a sub-second copy); a returning agent gets its queued
         dead letters at once. Returns how many were redelivered."""
-        return self.write(self._heartbeat, agent, time.time() if now is None else now)
+        with tracing.span("btmsg.heartbeat", agent=agent) as span:
+            redelivered = self.write(self._heartbeat, agent, time.time() if now is None else now)
+            span.set(redelivered=redelivered)
+            return redelivered
 
     def _heartbeat(self, agent_id: str, now: float) -> int:
         try:
@@ -400,6 +408,7 @@ class Store:
             "dead_letter_redelivered",
             f"{len(letters)} dead letter(s) redelivered in their original order: {ids[0]} … {ids[-1]}",
         )
+        tracing.event("dead_letter_redelivered", agent=agent_id, letters=len(letters), first=ids[0], last=ids[-1])
         return len(letters)
 
     def expire(self, agent_id: str, now: float) -> int:

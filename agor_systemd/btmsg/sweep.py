@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from agor_systemd import tracing
 from agor_systemd.btmsg import liveness
 from agor_systemd.btmsg.store import PARKED, QUEUED, Store, open_store
 from agor_systemd.errors import AgorError
@@ -149,7 +150,19 @@ def report(store: Store, now: float | None = None) -> Report:
 
 def sweep(store: Store, now: float | None = None) -> Report:
     """One sweep (see the module's docstring), in one transaction."""
-    return store.write(_sweep, store, time.time() if now is None else now)
+    with tracing.span("btmsg.sweep", database=store.path) as span:
+        result = store.write(_sweep, store, time.time() if now is None else now)
+        span.set(
+            agents=len(result.agents),
+            changes=sum(1 for a in result.agents if a.changed),
+            redelivered=sum(result.redelivered.values()),
+            expired=sum(result.expired.values()),
+            new_messages=result.new_messages,
+            needs_attention=result.needs_attention,
+            **{f"agents.{state}": n for state, n in result.counts().items()},
+            **{f"dead_letters.{state}": n for state, n in result.dead_letter_counts().items()},
+        )
+        return result
 
 
 def _sweep(store: Store, now: float) -> Report:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agor_systemd.config import Config
-from agor_systemd.unitfile import HEADER, UnitFile, documentation, exec_line, seconds_text
+from agor_systemd.config import Config, telemetry_environment
+from agor_systemd.unitfile import HEADER, UnitFile, documentation, environment_assignment, exec_line, seconds_text
 
 SWEEP_SERVICE = "agor-btmsg-sweep.service"
 SWEEP_TIMER = "agor-btmsg-sweep.timer"
@@ -51,6 +51,8 @@ def sweep_units(config: Config, python: Sequence[str], docs: str | None = None) 
     # a sweep is one transaction: at most the 5 s busy timeout plus milliseconds of work
     service.add("Service", "TimeoutStartSec", "120s")
     service.add("Service", "SyslogIdentifier", "agor-btmsg-sweep")
+    for name, value in telemetry_environment(config.telemetry).items():
+        service.add("Service", "Environment", environment_assignment(name, value))
     # exit 4 (btmsg.cli.EXIT_ATTENTION) makes the unit `failed` on purpose: `systemctl --user status
     # agor-btmsg-sweep` shows it until a sweep finds nothing stalled or parked
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from agor_systemd import journal
+from agor_systemd import journal, tracing
 from agor_systemd.config import Config, expand_home, load_config
 from agor_systemd.console import run_main
 from agor_systemd.errors import AgorError, UsageError
@@ -338,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         args_in = ["serve", *args_in]
     args = argument_parser().parse_args(args_in)
     handlers = {"serve": serve, "cert": make_cert, "fingerprint": fingerprint, "connect": connect}
-    return handlers[args.command](args)
+    tracing.start(PROG)
+    if args.command == "serve":  # a daemon: its connections and commands are the spans
+        return serve(args)
+    with tracing.span(f"{PROG} {args.command}", command=args.command) as span:
+        status = handlers[args.command](args)
+        span.set(**{"exit.status": status})
+        return status
 
 
 def run() -> None:

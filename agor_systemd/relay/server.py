@@ -20,7 +20,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from agor_systemd import journal
+from agor_systemd import journal, tracing
 from agor_systemd.notify import notify, watchdog_interval_s
 from agor_systemd.relay.protocol import (
     CLOSE_SESSION_TAKEN,
@@ -44,6 +44,10 @@ from agor_systemd.relay.tls import ReloadableContext, TLSError
 
 MIB = 1024 * 1024
 STATUS_EVERY_S = 5.0
+
+
+# keystrokes, resizes and pings: too many to be worth a span each
+UNTRACED_COMMANDS = frozenset({"ping", "pty_write", "pty_resize"})
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,12 @@ class Relay:
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """Every connection attempt: the cap, the IP's lockout, the token; an HTTP refusal or None."""
         ip = str(connection.remote_address[0])
+        with tracing.span("relay.admit", ip=ip) as span:  # no await inside: the span stack stays whole
+            response = self._admit(connection, request, ip)
+            span.set(**{"http.status": response.status_code if response is not None else 101})
+            return response
+
+    def _admit(self, connection: ServerConnection, request: Request, ip: str) -> Response | None:
         now = time.monotonic()
         if len(self.connections) >= self.settings.max_connections:
             log(f"{ip}: refused, {len(self.connections)} connections is the cap", journal.WARNING)
@@ -218,6 +228,7 @@ class Relay:
     def auth_failed(self, ip: str, reason: str) -> None:
         locked = self.limiter.locked_for(ip, time.monotonic()) > 0
         log(f"{ip}: {reason}" + ("; locked out" if locked else ""), journal.WARNING)
+        tracing.current().fail(f"{reason}" + ("; locked out" if locked else ""))
 
     # -- a controller's connection -------------------------------------------------------------------
 
@@ -226,16 +237,33 @@ class Relay:
         link = Link(connection, self.settings.client_queue_bytes, session)
         session.attach(link, resumed)
         log(f"{connection.remote_address[0]}: session {session.id[:8]} {'resumed' if resumed else 'started'}")
+        # spans across awaits are ended by hand, with explicit parents: tracing's stack is per process
+        span = tracing.span("relay.connection", ip=str(connection.remote_address[0]), session=session.id[:8])
+        span.set(resumed=resumed)
         try:
             async for message in connection:
                 try:
-                    await self.run_command(session, parse_command(message))
+                    await self.traced_command(session, parse_command(message), span.traceparent)
                 except FrameError as e:
                     link.send(error_frame(str(e), e.command_id))
         except ConnectionClosed:
             pass
         finally:
             session.detach(link)
+            span.end()
+
+    async def traced_command(self, session: Session, command: Command, connection: str | None) -> None:
+        if command.type in UNTRACED_COMMANDS:
+            await self.run_command(session, command)
+            return
+        span = tracing.span("relay.command", parent=connection, type=command.type, session=session.id[:8])
+        try:
+            await self.run_command(session, command)
+        except FrameError as e:
+            span.fail(str(e))
+            raise
+        finally:
+            span.end()
 
     async def run_command(self, session: Session, command: Command) -> None:
         """Every controller command; a problem becomes an `error` frame naming the command."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from agor_systemd.config import Config, expand_home
+from agor_systemd.config import Config, expand_home, telemetry_environment
 from agor_systemd.relay.program import CREDENTIAL
-from agor_systemd.unitfile import HEADER, Text, UnitFile, documentation, exec_line, path_value
+from agor_systemd.unitfile import HEADER, Text, UnitFile, documentation, environment_assignment, exec_line, path_value
 
 RELAY_UNIT = "agor-relay.service"
 WATCHDOG_S = 30
@@ -34,6 +34,8 @@ def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -
         argv += ["--bind", relay.bind]
     argv += ["--tls-cert", relay.tls_cert, "--tls-key", relay.tls_key]
     unit.add("Service", "ExecStart", exec_line(argv))
+    for name, value in telemetry_environment(config.telemetry).items():
+        unit.add("Service", "Environment", environment_assignment(name, value))
     # the certificate is read again on SIGHUP (a bad pair is refused and the old one kept)
     unit.add("Service", "ExecReload", "/bin/kill -HUP $MAINPID")
     unit.add("Service", "LoadCredential", f"{CREDENTIAL}:{path_value(relay.token_file, '[relay] token_file')}")

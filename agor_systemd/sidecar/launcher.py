@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
     from agor_systemd.sandbox.enforce import Prepared
     from agor_systemd.sidecar.bridge import SocketBridge
+    from agor_systemd.sidecar.trace import AttemptTrace
 
     ReadinessStep = Literal["give up", "poll"] | None
     SignalAction = Literal["pass on", "watchdog", "stop", "stop and pass on"]
@@ -91,6 +92,8 @@ STATUS_REFRESH_S = 10.0
 CGROUP_CHECK_MS = 50  # on a stop: how often to look whether the rest of the unit has ended
 READY_LINE = b'{"type":"ready"}'
 FORWARD_OUTPUT = "--forward-output"  # the launcher's second role, see forward_output()
+OTLP_ENDPOINT_ENV = "AGOR_OTLP_ENDPOINT"  # tracing.ENDPOINT_ENV: tracing is loaded only when it is set
+TRACE: AttemptTrace | None = None  # this attempt's span, with tracing on (sidecar/trace.py)
 
 
 def log(message: str, priority: int = NOTICE) -> None:
@@ -797,6 +800,8 @@ class Supervisor:
         With the socket (`listen`), the sidecar's stdin is a pipe the bridge feeds (else systemd's
         /dev/null)."""
         env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+        if TRACE is not None and TRACE.traceparent is not None:
+            env["TRACEPARENT"] = TRACE.traceparent  # the sidecar can join the trace (environment carrier)
         ruleset = sandbox.ruleset if sandbox is not None else None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -876,6 +881,8 @@ class Supervisor:
         """systemd gave up on us: end the sidecar for good, even if it is stopped (SIGSTOP)."""
         self.watchdog_fired = True
         self.signal_child(_signal.SIGKILL)
+        if TRACE is not None:
+            TRACE.event("watchdog.timeout")
 
     def signal_child(self, signum: int) -> None:
         """Signal the sidecar through its pidfd: once it is reaped, its PID may belong to another
@@ -909,10 +916,16 @@ class Supervisor:
         self.last_output = self.ready_at
         self.stable_at = self.ready_at + self.options.stability_window_s
         notify("READY=1", self.status_text())
+        if TRACE is not None:
+            TRACE.ready(self.spawned_ns(), self.sandbox_level())
         if self.ping_s:
             notify("WATCHDOG=1")
             if self.options.probe:
                 self.start_probe_thread()
+
+    def spawned_ns(self) -> int:
+        """When the sidecar was started, in wall-clock time (spans carry it)."""
+        return time.time_ns() - round((time.monotonic() - self.started) * 1e9)
 
     def status_text(self) -> str:
         up_s = time.monotonic() - self.ready_at if self.ready_at is not None else 0.0
@@ -1068,6 +1081,8 @@ class Supervisor:
         kill.start()
 
     def report_hang(self) -> None:
+        if TRACE is not None:  # before the trigger: systemd's SIGTERM may come at once
+            TRACE.event("watchdog.trigger", reason=self.hung or "")
         notify(f"STATUS=hung: {self.hung}; pid {self.pid}; asking systemd's watchdog to restart it", "WATCHDOG=trigger")
         log(f"sidecar (pid {self.pid}) is hung: {self.hung}; no more watchdog pings", ERR)
 
@@ -1081,6 +1096,8 @@ class Supervisor:
                 elif self.bus is not None:
                     self.bus.reset_failed(self.options.unit)
                 log(f"sidecar stable for {number_text(self.options.stability_window_s)} s: restart budget reset", INFO)
+                if TRACE is not None:
+                    TRACE.event("budget.reset")
             except OSError as e:
                 log(f"{e}; the restart budget was not reset", WARNING)
         self.attempt = 0
@@ -1111,6 +1128,8 @@ class Supervisor:
         if end.after_stop:
             notify(end.status_line)
             log(end.record, end.priority)
+            if TRACE is not None:
+                TRACE.ended(cause, stopped=True, gave_up=False)
             # Everyone in the unit got SIGTERM too. Stay until they are done: systemd SIGKILLs
             # what is left once the main process is gone on a hybrid cgroup hierarchy in a
             # container, and a write to a pipe nobody reads would kill them with SIGPIPE.
@@ -1122,6 +1141,8 @@ class Supervisor:
             mark_given_up(self.options, self.bus, self.listen, cause)
         notify(end.status_line)
         log(end.record, end.priority)
+        if TRACE is not None:  # sent before the exit: a signal death runs no exit hooks
+            TRACE.ended(cause, stopped=False, gave_up=giving_up)
         if end.exit_status is not None:
             sys.exit(end.exit_status)
         exit_like(code, status)
@@ -1146,6 +1167,8 @@ def prepare_sandbox(options: ParsedLauncherOptions) -> Prepared:
     except SandboxRefused as e:
         notify(f"STATUS=gave up: {CRASH_MARK}{e}")
         log(f"{e}; not starting the sidecar ([sandbox] required = true)", ERR)
+        if TRACE is not None:
+            TRACE.ended(str(e), stopped=False, gave_up=True)
         sys.exit(GAVE_UP_STATUS)  # no restart can fix the kernel
     except OSError as e:
         log(f"cannot build the Landlock ruleset: {e}", ERR)
@@ -1194,6 +1217,8 @@ def fail_before_spawn(
         mark_given_up(options, bus, listen, cause)
     notify(end.status_line)
     log(end.record, end.priority)
+    if TRACE is not None:
+        TRACE.ended(cause, stopped=False, gave_up=end.exit_status == GAVE_UP_STATUS)
     sys.exit(end.exit_status)
 
 
@@ -1262,7 +1287,20 @@ def stop_before_start(_signum: int, _frame) -> None:
     "waiting 2.0s before restart 2/5" behind on the stopped unit."""
     notify("STATUS=")
     log("stop requested before the sidecar started", INFO)
+    if TRACE is not None:
+        TRACE.ended("stop requested before the sidecar started", stopped=True, gave_up=False)
     sys.exit(0)
+
+
+def start_tracing(options: ParsedLauncherOptions) -> None:
+    """With AGOR_OTLP_ENDPOINT set (the unit's Environment=): this attempt's span, in the run's
+    trace; its journal lines carry TRACE_ID= and SPAN_ID= from here on (docs/telemetry.md)."""
+    global TRACE
+    if os.environ.get(OTLP_ENDPOINT_ENV, "").strip():
+        # import cost: ~4 ms (tracing, the run file; the SDK loads later, in a thread); only with tracing on
+        from agor_systemd.sidecar.trace import AttemptTrace
+
+        TRACE = AttemptTrace(options.unit, options.system)
 
 
 def run(options: ParsedLauncherOptions) -> None:
@@ -1273,6 +1311,7 @@ def run(options: ParsedLauncherOptions) -> None:
     listen = socket_from_systemd()
     if listen is not None and GAVE_UP_ENV in os.environ:
         answer_given_up(options, listen, os.environ[GAVE_UP_ENV])
+    start_tracing(options)
     if options.wait_schedule is not None:
         bus = ManagerBus(options.system)
         attempt = wait_before_restart(options, bus)
@@ -1288,6 +1327,8 @@ def run(options: ParsedLauncherOptions) -> None:
         fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}", listen)
     if bus is None:
         supervisor.count_attempt()
+    if TRACE is not None:
+        TRACE.running(supervisor.pid, supervisor.attempt, options.attempts, supervisor.spawned_ns())
     if supervisor.bus is not None and supervisor.attempt == 0:
         forget_earlier_starts(supervisor.bus, options.unit)
     supervisor.finish(*supervisor.run())

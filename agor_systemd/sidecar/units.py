@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from agor_systemd.config import Config
+from agor_systemd.config import Config, telemetry_environment
 from agor_systemd.sandbox.hardening import (
     expected_effects,
     hardening_directives,
@@ -25,6 +25,7 @@ from agor_systemd.unitfile import (
     PACKAGED_DOCS,
     UnitFile,
     documentation,
+    environment_assignment,
     exec_line,
     path_value,
     usec_text,
@@ -36,7 +37,8 @@ NATIVE_BACKOFF_VERSION = 254
 RESTART_RESET_VERSION = 258
 
 # %t: $XDG_RUNTIME_DIR for a user manager, /run for the system one
-SOCKET_PATH = "%t/agor/sidecar.sock"
+RUN_DIRECTORY = "%t/agor"
+SOCKET_PATH = f"{RUN_DIRECTORY}/sidecar.sock"
 MIB = 1024 * 1024
 
 # How the units start the launcher when rendered for packagers and for units/:
@@ -140,11 +142,17 @@ def sidecar_unit(
     # would SIGKILL the agents the moment the launcher exits.)
     unit.add("Service", "KillMode", "control-group")
     unit.add("Service", "SyslogIdentifier", "agor-sidecar")
+    for name, value in telemetry_environment(config.telemetry).items():
+        unit.add("Service", "Environment", environment_assignment(name, value))
     if config.socket.enabled:
         # the listening socket comes from agor-sidecar.socket (pulled in, and ordered before)
         unit.add("Service", "Sockets", SIDECAR_SOCKET)
-    for section, key, value in hardening_directives(config, systemd_version, hardening, system):
+    directives = hardening_directives(config, systemd_version, hardening, system)
+    for section, key, value in directives:
         unit.add(section, key, value)
+    if telemetry_environment(config.telemetry) and any(key == "ProtectSystem" for _, key, _ in directives):
+        # the launcher keeps the run's trace context in %t/agor (sidecar/trace.py), read-only otherwise
+        unit.add("Service", "ReadWritePaths", f'"-{RUN_DIRECTORY}"')
     unit.add("Install", "WantedBy", "default.target")
     return unit
 

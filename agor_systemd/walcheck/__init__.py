@@ -34,8 +34,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TextIO
 
-from agor_systemd import journal
+from agor_systemd import journal, tracing
 from agor_systemd.config import WalcheckConfig, expand_home
 from agor_systemd.console import run_main
 from agor_systemd.sqlite import classify, sqlite_uri
@@ -428,20 +429,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     databases = args.databases or default_databases()
     results = []
     for db in databases:
-        try:
-            result = checkpoint(
-                db, args.busy_timeout, ensure_wal=args.ensure_wal, retry_delays_s=RETRY_DELAYS_S[: args.retries]
-            )
-        except Exception as e:
-            result = CheckpointResult(db, "error", f"unexpected {type(e).__name__}: {e}".splitlines()[0])
-        results.append(result)
-        if not args.json or not result.ok:
-            stream = sys.stdout if result.ok and not args.json else sys.stderr
-            level = _LEVELS.get(result.exit_status, 3)
-            prefix = journal.prefix(5 if result.outcome != "truncated" and result.ok else level, stream.fileno())
-            text = result.line() if stream is sys.stdout else f"{PROG}: {result.line()}"
-            stream.write(prefix + text.replace("\n", "\\n") + "\n")
-            stream.flush()
+        with tracing.span("walcheck.checkpoint", database=db) as span:
+            try:
+                result = checkpoint(
+                    db, args.busy_timeout, ensure_wal=args.ensure_wal, retry_delays_s=RETRY_DELAYS_S[: args.retries]
+                )
+            except Exception as e:
+                result = CheckpointResult(db, "error", f"unexpected {type(e).__name__}: {e}".splitlines()[0])
+            trace_result(span, result)
+            results.append(result)
+            if not args.json or not result.ok:
+                report(result, sys.stdout if result.ok and not args.json else sys.stderr)
     status = exit_status(results)
     if args.json:
         sys.stdout.write(
@@ -450,6 +448,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def report(result: CheckpointResult, stream: TextIO) -> None:
+    """One line for the database, with its priority when it goes to the journal (and, with
+    tracing on, TRACE_ID= and SPAN_ID=: the native protocol)."""
+    level = _LEVELS.get(result.exit_status, 3)
+    priority = 5 if result.outcome != "truncated" and result.ok else level
+    text = result.line() if stream is sys.stdout else f"{PROG}: {result.line()}"
+    if tracing.enabled() and journal.connected_to_journal(stream.fileno()):
+        stream.flush()
+        if journal.send_line(PROG, text, priority, tracing.journal_fields()):
+            return
+    stream.write(journal.prefix(priority, stream.fileno()) + text.replace("\n", "\\n") + "\n")
+    stream.flush()
+
+
+def trace_result(span: tracing.Span | tracing.NoSpan, result: CheckpointResult) -> None:
+    span.set(
+        outcome=result.outcome,
+        exit_status=result.exit_status,
+        attempts=result.attempts,
+        seconds=result.seconds,
+        truncate_s=result.truncate_s,
+        wal_bytes_before=result.wal_bytes_before if result.wal_bytes_before is not None else -1,
+        wal_bytes_after=result.wal_bytes_after if result.wal_bytes_after is not None else -1,
+    )
+    if not result.ok:
+        span.fail(f"{result.outcome}: {result.message}")
+
+
+def traced_main() -> int:
+    tracing.start(PROG)
+    with tracing.span(PROG) as span:
+        status = main()
+        span.set(**{"exit.status": status})
+        if status:
+            span.fail(f"exit status {status}")
+        return status
+
+
 def run() -> None:
     """The agor-walcheck program (and `python -m agor_systemd.walcheck`)."""
-    run_main(PROG, main)
+    run_main(PROG, traced_main)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from agor_systemd.config import Config
-from agor_systemd.unitfile import HEADER, UnitFile, documentation, exec_line, seconds_text
+from agor_systemd.config import Config, telemetry_environment
+from agor_systemd.unitfile import HEADER, UnitFile, documentation, environment_assignment, exec_line, seconds_text
 from agor_systemd.walcheck import RETRY_DELAYS_S
 
 WALCHECK_SERVICE = "agor-walcheck.service"
@@ -58,6 +58,8 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     # slow disk. Being killed is safe: SQLite's checkpoint is crash-safe and the next run redoes it.
     service.add("Service", "TimeoutStartSec", f"{math.ceil(worst_case_s(config)) + 600}s")
     service.add("Service", "SyslogIdentifier", "agor-walcheck")
+    for name, value in telemetry_environment(config.telemetry).items():
+        service.add("Service", "Environment", environment_assignment(name, value))
     # exit 75 (busy) and the error statuses make the unit `failed` on purpose: systemctl --user
     # status agor-walcheck shows it until the next good run.
 

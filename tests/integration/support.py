@@ -25,9 +25,11 @@ ALL_UNITS = [
 LOG_ID = "agor-sidecar"  # its SyslogIdentifier=: selects the launcher's lines even when it exited right after
 
 
-def agor_units(mgr: UserManager, *args: str | bytes, check: bool = False, timeout: float = 60):
-    """`agor-units ARGS` as the test user (the venv's console script)."""
-    cp = mgr.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), *args], timeout=timeout)
+def agor_units(
+    mgr: UserManager, *args: str | bytes, check: bool = False, timeout: float = 60, env: dict[str, str] | None = None
+):
+    """`agor-units ARGS` as the test user (the venv's console script), `env` added to its environment."""
+    cp = mgr.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), *args], timeout=timeout, env=env)
     if check and cp.returncode != 0:
         raise AssertionError(f"agor-units {' '.join(map(str, args))} exited {cp.returncode}: {cp.stderr.strip()}")
     return cp
@@ -102,6 +104,7 @@ def install_sidecar(
     window_s: float = 300,
     extra_words: Sequence[str] = (),
     install_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Sidecar:
     """Install agor-sidecar.service running the fake sidecar with `plan` (one behaviour per start)."""
     token = uuid.uuid4().hex[:8]
@@ -121,6 +124,7 @@ def install_sidecar(
         "--",
         *sidecar.command(extra_words),
         check=True,
+        env=env,
     )
     return sidecar
 

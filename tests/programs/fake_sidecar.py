@@ -3,7 +3,7 @@
     fake_sidecar.py --log FILE [--plan FILE] [BEHAVIOUR]
 
 Every start appends one JSON line to --log: CLOCK_MONOTONIC time, pid, argv (hex, so
-non-UTF-8 and newlines survive), cwd and FAKE_* environment variables, then prints agor's
+non-UTF-8 and newlines survive), cwd, FAKE_* and TRACEPARENT environment variables, then prints agor's
 ready line {"type":"ready"} on stdout. Then it does what line N of --plan says (N = this
 start's number; the last line repeats), else BEHAVIOUR:
 
@@ -64,7 +64,9 @@ def main(argv):
         "argv": [os.fsencode(a).hex() for a in sys.argv],
         "cwd": os.getcwd(),
         "env": {
-            k: v for k, v in os.environ.items() if k.startswith("FAKE_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith("FAKE_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "TRACEPARENT")
         },
     }
     if log_path:

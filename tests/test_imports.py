@@ -245,3 +245,12 @@ def test_the_readme_module_map_names_every_module():
         and f"`{module.rsplit('.', 1)[1]}/`" not in section
     ]
     assert missing == []
+
+
+def test_agor_units_does_not_load_the_relay_s_libraries():
+    """agor-units composes the relay's unit; its certificates (cryptography, ~95 ms) and WebSockets
+    load only in agor-relay."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import agor_systemd.cli; print(' '.join(sorted(sys.modules)))"
+    cp = subprocess.run([sys.executable, "-I", "-c", code, str(REPO)], capture_output=True, text=True, check=True)
+    loaded = {name.split(".")[0] for name in cp.stdout.split()}
+    assert {"cryptography", "websockets", "opentelemetry"} & loaded == set()

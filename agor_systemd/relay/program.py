@@ -25,11 +25,11 @@ from agor_systemd.relay.tls import (
     spki_pin,
     write_certificate,
 )
+from agor_systemd.relay.units import CREDENTIAL
 from agor_systemd.sandbox.policy import sandbox_paths
 from agor_systemd.usage import ArgumentParser
 
 PROG = "agor-relay"
-CREDENTIAL = "relay-token"  # LoadCredential=relay-token:... in agor-relay.service
 SUBCOMMANDS = ("serve", "cert", "fingerprint", "connect")
 MIB = 1024 * 1024
 

@@ -11,8 +11,9 @@ import os
 from collections.abc import Sequence
 
 from agor_systemd.config import Config, expand_home, telemetry_environment
-from agor_systemd.relay.program import CREDENTIAL
 from agor_systemd.unitfile import HEADER, Text, UnitFile, documentation, environment_assignment, exec_line, path_value
+
+CREDENTIAL = "relay-token"  # LoadCredential=relay-token:... here; the program reads $CREDENTIALS_DIRECTORY/relay-token
 
 RELAY_UNIT = "agor-relay.service"
 WATCHDOG_S = 30

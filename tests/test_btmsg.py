@@ -62,11 +62,6 @@ def test_attention_is_agors_stalled_item():
     assert liveness.attention(STALE, T0, T0 - 20 * 60) == (0, None)
 
 
-def test_last_activity_is_the_newest_known_time():
-    assert liveness.last_activity(None, T0 - 5, None, T0 - 9) == T0 - 5
-    assert liveness.last_activity(None, None) is None
-
-
 @pytest.mark.parametrize(("role", "tier"), [("admin", 0), ("manager", 1), ("reviewer", 1), ("project", 2), ("x", 2)])
 def test_tiers_come_from_the_role_as_in_agor(role, tier):
     assert tier_of(role) == tier

@@ -54,11 +54,6 @@ def is_stale(now: float, tier: int, last_heartbeat: float | None, thresholds: Th
     return last_heartbeat is None or now - last_heartbeat > thresholds.stale_after_s
 
 
-def last_activity(*times: float | None) -> float | None:
-    known = [t for t in times if t is not None]
-    return max(known) if known else None
-
-
 def agent_state(
     now: float, tier: int, last_heartbeat: float | None, active_since: float | None, thresholds: Thresholds
 ) -> str:

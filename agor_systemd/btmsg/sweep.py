@@ -26,11 +26,18 @@ from agor_systemd.errors import AgorError
 WATERMARK = "sweep_watermark"
 NEW = "new"  # agor_systemd_agent_health.state before the first sweep
 
+# (id, name, group, tier, last heartbeat or 0, last activity, recorded state); the last activity
+# (liveness.py: the newest heartbeat, message sent or read, else the registration) is computed by
+# SQLite, which parses agor's text timestamp only for agents that never did anything
 _AGENTS = (
-    "SELECT a.id, a.name, a.group_id, a.tier, unixepoch(a.created_at), "
-    "max(coalesce(h.timestamp, 0), coalesce(ah.last_heartbeat_at, 0)), ah.last_sent_at, ah.last_read_at, ah.state "
+    "SELECT id, name, group_id, tier, heartbeat, "
+    "CASE WHEN active > 0 THEN active ELSE unixepoch(created_at) END, state FROM ("
+    "SELECT a.id, a.name, a.group_id, a.tier, a.created_at, ah.state, "
+    "max(coalesce(h.timestamp, 0), coalesce(ah.last_heartbeat_at, 0)) AS heartbeat, "
+    "max(coalesce(h.timestamp, 0), coalesce(ah.last_heartbeat_at, 0), coalesce(ah.last_sent_at, 0), "
+    "coalesce(ah.last_read_at, 0)) AS active "
     "FROM agents a LEFT JOIN heartbeats h ON h.agent_id = a.id "
-    "LEFT JOIN agor_systemd_agent_health ah ON ah.agent_id = a.id ORDER BY a.id"
+    "LEFT JOIN agor_systemd_agent_health ah ON ah.agent_id = a.id ORDER BY a.id)"
 )
 
 
@@ -120,9 +127,8 @@ def assess(store: Store, now: float) -> Report:
     thresholds = store.thresholds
     letters = letter_counts(store)
     agents = []
-    for agent_id, name, group, tier, registered, heartbeat, sent, read, recorded in store.conn.execute(_AGENTS):
+    for agent_id, name, group, tier, heartbeat, active, recorded in store.conn.execute(_AGENTS):
         heartbeat = heartbeat or None
-        active = liveness.last_activity(heartbeat, sent, read, registered)
         state = liveness.agent_state(now, tier, heartbeat, active, thresholds)
         score, reason = liveness.attention(state, now, active)
         agents.append(

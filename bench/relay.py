@@ -6,7 +6,9 @@ Run outside systemd (no root needed)::
     /opt/agor-systemd/venv/bin/python bench/relay.py [--seconds 5] [--clients 100] [--idle 1000] [--json]
 
 The relay runs as `agor-relay serve` with a certificate from `agor-relay cert` (tests/relay_support.py
-starts it exactly as the tests do); the load generator runs in this process, on the same cores.
+starts it exactly as the tests do); the load generator runs in this process. With two or more CPUs
+the relay is pinned to the first and the generator to the second (`--no-pin`: both float), so the
+two single-threaded event loops do not take turns on one core.
 
 1. Connect: TLS handshake + WebSocket upgrade + the `ready` frame, sequential, median and p99.
 2. Round trips, one client: `ping` → `pong`, one in flight (the relay's own cost per frame).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -168,7 +171,17 @@ def main() -> int:
     parser.add_argument("--connects", type=int, default=200)
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="let relay and generator share the CPUs")
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cpus) >= 2
+
+    def pinned(relay: RunningRelay) -> RunningRelay:
+        if pin:
+            os.sched_setaffinity(relay.process.pid, {cpus[0]})
+            os.sched_setaffinity(0, {cpus[1]})
+        return relay
+
     out = sys.stderr if args.json else sys.stdout
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="agor-relay-bench.") as tmp:
@@ -178,7 +191,7 @@ def main() -> int:
             results["agent_messages"] = asyncio.run(agent_messages(relay, args.seconds, args.window))
         finally:
             relay.stop()
-        relay = start_relay(Path(tmp, "plain"), "--max-connections", cap, sidecar=False)
+        relay = pinned(start_relay(Path(tmp, "plain"), "--max-connections", cap, sidecar=False))
         try:
             times = asyncio.run(connect_times(relay, args.connects))
             results["connect"] = {

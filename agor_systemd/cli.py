@@ -184,6 +184,17 @@ def effective_config(
     )
 
 
+def rendered(ctx: click.Context, config: Config, systemd_version: int | None) -> dict[str, str]:
+    """The units install would write from `config`, for `systemd_version` or the running manager's."""
+    return render_units(
+        config,
+        systemd_version or target_version(ctx.obj["system"]),
+        current_launcher(),
+        ctx.obj["system"],
+        docs=installed_docs(),
+    )
+
+
 def target_version(system: bool) -> int:
     """The running manager's version, else the installed systemd's."""
     try:
@@ -229,13 +240,7 @@ def render(ctx, systemd_version, as_json, **overrides):
     """Print the unit files install would write."""
 
     config = effective_config(ctx, **overrides)
-    units = render_units(
-        config,
-        systemd_version or target_version(ctx.obj["system"]),
-        current_launcher(),
-        ctx.obj["system"],
-        docs=installed_docs(),
-    )
+    units = rendered(ctx, config, systemd_version)
     emit(units, as_json, "\n".join(f"# {name}\n{text}" for name, text in units.items()).rstrip("\n"))
 
 
@@ -361,13 +366,7 @@ def verify(ctx, systemd_version, **overrides):
     """Run `systemd-analyze verify` on the units rendered from the configuration."""
 
     config = effective_config(ctx, **overrides)
-    units = render_units(
-        config,
-        systemd_version or target_version(ctx.obj["system"]),
-        current_launcher(),
-        ctx.obj["system"],
-        docs=installed_docs(),
-    )
+    units = rendered(ctx, config, systemd_version)
 
     problems = start_path_problems(config) + verify_units(units, user=not ctx.obj["system"])
     for line in problems:

@@ -21,6 +21,25 @@ _SQLITE_AUTH, _SQLITE_NOTADB = 23, 26
 _URI_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/")
 
 
+# exit statuses of an SQLite outcome (sysexits.h), the same in every tool of the toolkit
+EXIT_DATAERR = 65  # not an SQLite database, empty file, corrupt, a directory
+EXIT_SOFTWARE = 70  # an SQLite error the toolkit does not know (a bug, report it)
+EXIT_IOERR = 74  # I/O error or disk full
+EXIT_TEMPFAIL = 75  # busy: other connections held the locks through every wait
+EXIT_NOPERM = 77  # the file (or its directory) cannot be read or written by this user
+
+# classify()'s outcome -> exit status
+OUTCOME_EXIT = {
+    "busy": EXIT_TEMPFAIL,
+    "not-a-database": EXIT_DATAERR,
+    "corrupt": EXIT_DATAERR,
+    "disk-full": EXIT_IOERR,
+    "io-error": EXIT_IOERR,
+    "permission-denied": EXIT_NOPERM,
+    "error": EXIT_SOFTWARE,
+}
+
+
 def sqlite_uri(path: str, query: str = "mode=rw") -> str:
     """An SQLite URI for any path (spaces, %, ?, #, newlines, any bytes); by default read-write, never create."""
     encoded = "".join(chr(b) if b in _URI_SAFE else f"%{b:02X}" for b in os.fsencode(os.path.abspath(path)))

@@ -184,3 +184,58 @@ def documentation(docs: str | None, *pages: str) -> str | None:
         return None
 
     return " ".join("file:" + quote(f"{docs}/{page}").replace("%", "%%") for page in pages)
+
+
+def timer_driven(
+    service_name: str,
+    timer_name: str,
+    descriptions: tuple[str, str],
+    pages: str | None,
+    argv: list[Text],
+    *,
+    timeout_start: str,
+    identifier: str,
+    environment: dict[str, str],
+    first_run_s: float,
+    interval_s: float,
+    accuracy: str,
+) -> list[UnitFile]:
+    """[service, timer]: a oneshot `argv` run every `interval_s` by its timer, counted from the END
+    of the previous run (agor-walcheck and the btmsg sweep). `descriptions`: (service, timer);
+    `pages`: a Documentation= value or None. A failing run leaves the service `failed` until the
+    next good one; the timer keeps going."""
+    service = UnitFile(service_name, header=HEADER)
+    service.add("Unit", "Description", descriptions[0])
+    if pages is not None:
+        service.add("Unit", "Documentation", pages)
+    # Only the timer starts it, at most once per interval and never while a run is still going, so
+    # the default start limit (5 starts per 10 s) could only trip for intervals under 2 s, as in
+    # the tests, and then the timer would stop for good.
+    service.add("Unit", "StartLimitIntervalSec", "0")
+    service.add("Service", "Type", "oneshot")
+    service.add("Service", "ExecStart", exec_line(argv))
+    # a oneshot has no start timeout by default
+    service.add("Service", "TimeoutStartSec", timeout_start)
+    service.add("Service", "SyslogIdentifier", identifier)
+    for name, value in environment.items():
+        service.add("Service", "Environment", environment_assignment(name, value))
+
+    timer = UnitFile(timer_name, header=HEADER)
+    timer.add("Unit", "Description", descriptions[1])
+    if pages is not None:
+        timer.add("Unit", "Documentation", pages)
+    # Monotonic, counted from the END of the last run (OnUnitInactiveSec=), not OnCalendar= and not
+    # OnUnitActiveSec=: a run still going when a timer elapses is never doubled (systemd leaves a
+    # running unit alone), but counted from the last *start* a run longer than the interval is
+    # followed by an immediate catch-up run, back to back; counted from its end there is always one
+    # full interval in between. No wall-clock alignment, so a clock change cannot bunch or skip
+    # runs, and Persistent= (only for OnCalendar=) is not needed: after a suspend or a login the
+    # next run comes within one interval anyway. OnUnitInactiveSec= alone never fires before the
+    # service has run once, hence OnStartupSec= (from the user manager's start, i.e. the login; if
+    # that is already past when the timer starts, as on a first `install --now`, at once).
+    timer.add("Timer", "OnStartupSec", seconds_text(first_run_s))
+    timer.add("Timer", "OnUnitInactiveSec", seconds_text(interval_s))
+    # the default AccuracySec= is 1 minute: a "5 minute" timer would fire after 5-6 minutes
+    timer.add("Timer", "AccuracySec", accuracy)
+    timer.add("Install", "WantedBy", "timers.target")
+    return [service, timer]

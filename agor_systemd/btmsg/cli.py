@@ -156,15 +156,14 @@ def cmd_sweep(db: Store, args: argparse.Namespace) -> int:
     from agor_systemd import journal  # import cost: these three only for the sweep (dataclasses: ~5 ms)
     from agor_systemd.btmsg.liveness import HEALTHY, STALE, STALLED, Thresholds  # import cost: as above
     from agor_systemd.btmsg.sweep import sweep  # import cost: as above
+    from agor_systemd.config import SETTINGS  # import cost: units.toml's declarations, for the sweep only
 
-    for flag, value, low, high in (
-        ("--stale-after-s", args.stale_after_s, 0.001, 1e9),
-        ("--stall-threshold-min", args.stall_threshold_min, 0.001, 1e7),
-        ("--max-deliver", args.max_deliver, 1, 1000),
-        ("--max-message-kib", args.max_message_kib, 0.001, 1024 * 1024),
-    ):
-        if value is not None and not low <= value <= high:
-            raise UsageError(f"{flag} must be between {low:g} and {high:g}, got {value:g}")
+    # the flags take what units.toml's [btmsg] takes (the sweep's unit passes those settings)
+    for setting in SETTINGS:
+        value = getattr(args, setting.key, None) if setting.table == "btmsg" else None
+        if value is not None and setting.limits is not None and not setting.limits[0] <= value <= setting.limits[1]:
+            low, high = setting.limits
+            raise UsageError(f"--{setting.key.replace('_', '-')} must be between {low:g} and {high:g}, got {value:g}")
     configured = db.thresholds
     db.configure(
         Thresholds(

@@ -18,27 +18,14 @@ import _sqlite3 as sqlite3  # import cost: ~3 ms less than `sqlite3` (agor_syste
 import os
 
 from agor_systemd.errors import AgorError
-from agor_systemd.sqlite import classify, sqlite_uri
+from agor_systemd.sqlite import EXIT_DATAERR, OUTCOME_EXIT, classify, sqlite_uri
 
-# exit statuses of a database that cannot be used (sysexits.h, as agor-walcheck)
-EXIT_DATAERR = 65  # not SQLite, empty, corrupt, not agor's btmsg.db, or a newer schema
-EXIT_NOINPUT = 66  # no database yet
-EXIT_SOFTWARE = 70  # an SQLite error this tool does not know
-EXIT_IOERR = 74  # I/O error, disk full
-EXIT_TEMPFAIL = 75  # locked by another writer beyond the busy timeout
-EXIT_NOPERM = 77  # cannot read or write the file or its directory
+# exit statuses of a database that cannot be used: the SQLite outcomes' (agor_systemd.sqlite; 65 also
+# for a file that is not agor's btmsg.db or has a newer schema), and no database yet
+EXIT_NOINPUT = 66
 
 BUSY_TIMEOUT_S = 5.0  # agor's, on every connection
 
-_OUTCOME_EXIT = {
-    "busy": EXIT_TEMPFAIL,
-    "not-a-database": EXIT_DATAERR,
-    "corrupt": EXIT_DATAERR,
-    "disk-full": EXIT_IOERR,
-    "io-error": EXIT_IOERR,
-    "permission-denied": EXIT_NOPERM,
-    "error": EXIT_SOFTWARE,
-}
 _OUTCOME_TEXT = {
     "busy": f"locked by another writer for more than {BUSY_TIMEOUT_S:g} s; try again",
     "not-a-database": "not an SQLite database; left untouched",
@@ -59,7 +46,7 @@ class DatabaseError(AgorError):
 
 def database_error(path: str, error: sqlite3.Error) -> DatabaseError:
     outcome, reason = classify(error)
-    return DatabaseError(f"{path}: {_OUTCOME_TEXT.get(outcome, reason)}", _OUTCOME_EXIT[outcome])
+    return DatabaseError(f"{path}: {_OUTCOME_TEXT.get(outcome, reason)}", OUTCOME_EXIT[outcome])
 
 
 # agor's Rust `open_db_or_create` (agor-facts §3.4), statement for statement; "IF NOT EXISTS" so that

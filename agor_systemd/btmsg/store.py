@@ -27,8 +27,9 @@ import time
 
 from agor_systemd import tracing
 from agor_systemd.btmsg.liveness import OPERATOR_TIER, Thresholds, is_stale
-from agor_systemd.btmsg.schema import EXIT_NOPERM, connect, database_error
+from agor_systemd.btmsg.schema import connect, database_error
 from agor_systemd.errors import AgorError, UsageError
+from agor_systemd.sqlite import EXIT_NOPERM
 
 TYPE_CHECKING = False  # import cost: `typing` is ~6 ms, a third of `btmsg heartbeat`'s budget
 if TYPE_CHECKING:

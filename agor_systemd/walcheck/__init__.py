@@ -39,20 +39,26 @@ from typing import TextIO
 from agor_systemd import journal, tracing
 from agor_systemd.config import WalcheckConfig, expand_home
 from agor_systemd.console import run_main
-from agor_systemd.sqlite import classify, sqlite_uri
+from agor_systemd.sqlite import (
+    EXIT_DATAERR,
+    EXIT_IOERR,
+    EXIT_NOPERM,
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    OUTCOME_EXIT,
+    classify,
+    sqlite_uri,
+)
 from agor_systemd.usage import ArgumentParser
 
 PROG = "agor-walcheck"
 
 # Exit statuses (sysexits.h where one fits). With several databases the most severe one wins,
 # in this order: 65, 74, 77, 70, 75, then 0.
+# 65, 70, 74, 75, 77: the SQLite outcomes' (agor_systemd.sqlite); 75 here: readers or writers held
+# the database through every retry
 EXIT_OK = 0  # every database checkpointed and truncated, or skipped (missing, not in WAL mode)
 EXIT_USAGE = 2  # bad command line
-EXIT_DATAERR = 65  # not an SQLite database, empty file, corrupt, a directory
-EXIT_SOFTWARE = 70  # an SQLite error this tool does not know (a bug, report it)
-EXIT_IOERR = 74  # I/O error or disk full during the checkpoint
-EXIT_TEMPFAIL = 75  # busy: readers or writers held the database through every retry
-EXIT_NOPERM = 77  # the file (or its directory) cannot be read or written by this user
 SEVERITY = (EXIT_DATAERR, EXIT_IOERR, EXIT_NOPERM, EXIT_SOFTWARE, EXIT_TEMPFAIL)
 
 # outcome -> exit status
@@ -60,13 +66,7 @@ OUTCOMES = {
     "truncated": EXIT_OK,  # checkpointed, WAL truncated to 0 bytes
     "missing": EXIT_OK,  # no such file: skipped (agor has not created it yet)
     "not-wal": EXIT_OK,  # rollback-journal mode: no WAL to checkpoint; --ensure-wal switches
-    "busy": EXIT_TEMPFAIL,
-    "not-a-database": EXIT_DATAERR,
-    "corrupt": EXIT_DATAERR,
-    "disk-full": EXIT_IOERR,
-    "io-error": EXIT_IOERR,
-    "permission-denied": EXIT_NOPERM,
-    "error": EXIT_SOFTWARE,
+    **OUTCOME_EXIT,
 }
 
 # The busy timeout is the most one run waits for locks on one database, over all its attempts.

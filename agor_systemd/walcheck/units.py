@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 
 from agor_systemd.config import Config, telemetry_environment
-from agor_systemd.unitfile import HEADER, UnitFile, documentation, environment_assignment, exec_line, seconds_text
+from agor_systemd.unitfile import UnitFile, documentation, timer_driven
 from agor_systemd.walcheck import RETRY_DELAYS_S
 
 WALCHECK_SERVICE = "agor-walcheck.service"
@@ -31,18 +31,6 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
     """[service, timer]; `python` is the interpreter argv (e.g. ["/usr/bin/python3", "-I"]), `docs`
     the directory of the installed docs (None: no Documentation=)."""
     walcheck = config.walcheck
-    service = UnitFile(WALCHECK_SERVICE, header=HEADER)
-    service.add(
-        "Unit", "Description", "agor: checkpoint and truncate the WAL of agor's SQLite databases (agor-walcheck)"
-    )
-    pages = documentation(docs, "walcheck.md")
-    if pages is not None:
-        service.add("Unit", "Documentation", pages)
-    # Only the timer starts this unit, at most once per interval (and never while a run is still
-    # going), so the default start limit (5 starts per 10 s) could only trip for intervals under
-    # 2 s, as in the tests, and then the timer would stop for good.
-    service.add("Unit", "StartLimitIntervalSec", "0")
-    service.add("Service", "Type", "oneshot")
     argv = [
         *python,
         "-m",
@@ -52,39 +40,26 @@ def walcheck_units(config: Config, python: Sequence[str], docs: str | None = Non
         "--",
         *walcheck.databases,
     ]
-    service.add("Service", "ExecStart", exec_line(argv))
-    # A oneshot has no start timeout by default. Bound it: the lock waits are bounded (busy timeout
-    # per attempt, bounded retries), the rest is copying the WAL; 10 minutes covers a huge WAL on a
-    # slow disk. Being killed is safe: SQLite's checkpoint is crash-safe and the next run redoes it.
-    service.add("Service", "TimeoutStartSec", f"{math.ceil(worst_case_s(config)) + 600}s")
-    service.add("Service", "SyslogIdentifier", "agor-walcheck")
-    for name, value in telemetry_environment(config.telemetry).items():
-        service.add("Service", "Environment", environment_assignment(name, value))
-    # exit 75 (busy) and the error statuses make the unit `failed` on purpose: systemctl --user
-    # status agor-walcheck shows it until the next good run.
-
-    timer = UnitFile(WALCHECK_TIMER, header=HEADER)
-    timer.add("Unit", "Description", f"agor: WAL checkpoint of agor's SQLite databases every {walcheck.interval_s:g} s")
-    if pages is not None:
-        timer.add("Unit", "Documentation", pages)
-    # Monotonic, counted from the END of the last run (OnUnitInactiveSec=), not OnCalendar= and not
-    # OnUnitActiveSec=:
-    # * this is agor's own loop (sleep 300 s, checkpoint, repeat);
-    # * a run still going when a timer elapses is never doubled (systemd leaves a running unit
-    #   alone), but with OnCalendar= or OnUnitActiveSec= (both counted from the last *start*) a run
-    #   longer than the interval is followed by an immediate catch-up run, back to back, holding
-    #   agor's writers up again at once. Counted from the end of a run, there is always one full
-    #   interval without a checkpoint in between, however long a run took (a busy run waits up to
-    #   busy timeout + 1.75 s per database);
-    # * no wall-clock alignment, so a clock change cannot bunch or skip runs, and Persistent=
-    #   (which only applies to OnCalendar=) is not needed: after a suspend or a login the next run
-    #   comes within one interval anyway.
-    # OnUnitInactiveSec= alone never fires before the service has run once, hence OnStartupSec=
-    # (relative to the user manager's start, i.e. the login; if that is already past when the
-    # timer starts, as on a first `agor-units install --now`, the first run is immediate).
-    timer.add("Timer", "OnStartupSec", seconds_text(min(FIRST_RUN_S, walcheck.interval_s)))
-    timer.add("Timer", "OnUnitInactiveSec", seconds_text(walcheck.interval_s))
-    # the default AccuracySec= is 1 minute: without this a "5 minute" timer fires after 5-6 minutes
-    timer.add("Timer", "AccuracySec", "1s")
-    timer.add("Install", "WantedBy", "timers.target")
-    return [service, timer]
+    # Counted from the end of a run, as agor's own loop (sleep 300 s, checkpoint, repeat): a busy run
+    # (up to busy timeout + 1.75 s per database) is never followed at once by another that would hold
+    # agor's writers up again. Exit 75 (busy) and the error statuses make the unit `failed` on
+    # purpose: systemctl --user status agor-walcheck shows it until the next good run.
+    return timer_driven(
+        WALCHECK_SERVICE,
+        WALCHECK_TIMER,
+        (
+            "agor: checkpoint and truncate the WAL of agor's SQLite databases (agor-walcheck)",
+            f"agor: WAL checkpoint of agor's SQLite databases every {walcheck.interval_s:g} s",
+        ),
+        documentation(docs, "walcheck.md"),
+        argv,
+        # Bounded: the lock waits are (busy timeout per attempt, bounded retries), the rest is copying
+        # the WAL; 10 minutes covers a huge WAL on a slow disk. Being killed is safe: SQLite's
+        # checkpoint is crash-safe and the next run redoes it.
+        timeout_start=f"{math.ceil(worst_case_s(config)) + 600}s",
+        identifier="agor-walcheck",
+        environment=telemetry_environment(config.telemetry),
+        first_run_s=min(FIRST_RUN_S, walcheck.interval_s),
+        interval_s=walcheck.interval_s,
+        accuracy="1s",
+    )

@@ -483,6 +483,11 @@ def attach_note(line: bytes) -> str | None:
         return f"-- {message['lines']} lines dropped ({message['reason']})"
     if message.get("type") == "supervisor" and message.get("state") == "failed":
         return f"-- the sidecar gave up: {message['last_error']}; run `agor-units restart`"
+    if message.get("type") == "supervisor" and message.get("state") == "restarting":
+        return (
+            f"-- the sidecar ended ({message['last_error']}); "
+            f"restart {message['restart']} of {message['attempts']} follows: attach again"
+        )
     return None
 
 

@@ -20,12 +20,13 @@ from agor_systemd.config import (
 )
 from agor_systemd.errors import AgorError
 from agor_systemd.files import atomic_write, digest
+from agor_systemd.giveup import GAVE_UP_ENV
 from agor_systemd.manager import BusError, Systemd, installed_systemd_version
 from agor_systemd.relay.units import RELAY_UNIT, relay_files_missing
 from agor_systemd.sandbox.enforce import probe_start
 from agor_systemd.sandbox.hardening import probe, version_gaps, wanted_groups
 from agor_systemd.sandbox.policy import sandbox_paths, working_directory_problem
-from agor_systemd.sidecar.protocol import GAVE_UP_ENV, SIDECAR_UNIT
+from agor_systemd.sidecar.protocol import SIDECAR_UNIT
 from agor_systemd.sidecar.trace import begin_run, mark_manual_restart
 from agor_systemd.unitfile import HEADER, HomePath, Text
 from agor_systemd.units import render_units
@@ -341,7 +342,8 @@ def install(
         # the sandbox lets the sidecar write its databases here, but not create the directory
         (Path.home() / AGOR_DATA).mkdir(mode=0o700, parents=True, exist_ok=True)
         manager.reload()
-        manager.enable([str(directory / name) for name in units])
+        # templates (agor-relay-sidecar@) have no [Install]: the relay starts their instances
+        manager.enable([str(directory / name) for name in units if "@." not in name])
         report.actions += ["daemon-reload", "enable " + " ".join(units)]
         if now:
             # a fresh start with a full restart budget, running the units just written; with

@@ -95,9 +95,7 @@ class Systemd:
 
     def unit_properties(self, unit: str) -> dict[str, Any]:
         """Unit + Service properties merged, with str keys and values."""
-        from pystemd.dbuslib import path_encode  # import cost: loaded by __enter__ already
-
-        path = path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
+        path = unit_path(unit)
         props: dict[str, Any] = {}
         for interface in (b"org.freedesktop.systemd1.Unit", b"org.freedesktop.systemd1.Service"):
             body = self.call(path, PROPERTIES_IFACE, b"GetAll", b"s", [interface])
@@ -212,6 +210,13 @@ class Systemd:
                         pass  # failed units are not running; gone already
                     self.reset_failed(started)
         return outcomes
+
+
+def unit_path(unit: str) -> bytes:
+    """The D-Bus object path of a unit."""
+    from pystemd.dbuslib import path_encode  # import cost: loaded by Systemd.__enter__ already
+
+    return path_encode(b"/org/freedesktop/systemd1/unit", unit.encode())
 
 
 def _bytes(value: Any) -> Any:

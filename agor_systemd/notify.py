@@ -20,16 +20,32 @@ class Notifier:
         self._address = os.environ.get("NOTIFY_SOCKET")
         self._socket: _socket.socket | None = None
 
-    def __call__(self, *fields: str) -> None:
-        if not self._address:
-            return
+    def _connected(self) -> _socket.socket:
         if self._socket is None:
             import _socket  # import cost: `socket` would import enum (~2 ms per start)
 
+            assert self._address
             address = "\0" + self._address[1:] if self._address.startswith("@") else self._address
             self._socket = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
             self._socket.connect(address)
-        self._socket.sendall("\n".join(fields).encode("utf-8", "surrogateescape"))
+        return self._socket
+
+    def __call__(self, *fields: str) -> None:
+        if not self._address:
+            return
+        self._connected().sendall("\n".join(fields).encode("utf-8", "surrogateescape"))
+
+    def with_fds(self, fds: list[int], *fields: str) -> bool:
+        """Fields with file descriptors attached (FDSTORE=1: systemd keeps them across a restart);
+        False when there is no $NOTIFY_SOCKET to send them to."""
+        if not self._address:
+            return False
+        import _socket  # import cost: none, _connected loaded it
+        import array  # import cost: ~1 ms, only in programs that store fds (the relay)
+
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
+        self._connected().sendmsg(["\n".join(fields).encode("utf-8", "surrogateescape")], ancillary)
+        return True
 
 
 notify = Notifier()

@@ -7,6 +7,7 @@ or raise UnitValueError naming what cannot be expressed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -34,7 +35,23 @@ class HomePath:
         return "~/" + self.relative if self.relative else "~"
 
 
+@dataclass(frozen=True)
+class Specifier:
+    """A systemd specifier written as is (`%n`: the unit's own name, `%i`: its instance), for the
+    words of a template unit that name the instance; never built from user input."""
+
+    letter: str
+
+    def __post_init__(self) -> None:
+        if self.letter not in ("n", "i"):
+            raise UnitValueError(f"specifier %{self.letter} is not one the toolkit writes")
+
+    def __str__(self) -> str:
+        return "%" + self.letter
+
+
 Text = str | HomePath
+Word = Text | Specifier  # a word of a command line
 
 
 def check_text(value: str, what: str) -> None:
@@ -61,12 +78,14 @@ def _escape_exec_char(ch: str) -> str:
     return ch
 
 
-def exec_word(value: Text, what: str = "argument") -> str:
+def exec_word(value: Word, what: str = "argument") -> str:
     """One ExecStart= word, double-quoted with C escapes; systemd unquotes it back to `value`.
 
     `$` needs no escaping because command lines are written with the ':' prefix, which turns
     off environment variable substitution (systemd ≥ 243).
     """
+    if isinstance(value, Specifier):
+        return f'"{value}"'
     if isinstance(value, HomePath):
         check_text(value.relative, what)
         rest = "".join(_escape_exec_char(c) for c in value.relative)
@@ -75,9 +94,11 @@ def exec_word(value: Text, what: str = "argument") -> str:
     return '"' + "".join(_escape_exec_char(c) for c in value) + '"'
 
 
-def check_program(program: Text) -> None:
+def check_program(program: Word) -> None:
     """systemd strips prefix characters (-@:+!) from the program word even when quoted, and
     refuses names with quotes, backslashes or control characters, or ending in '/'."""
+    if isinstance(program, Specifier):
+        raise UnitValueError(f"program path {program} is a specifier")
     text = str(program) if isinstance(program, str) else "%h/" + program.relative
     if (
         not text
@@ -89,7 +110,7 @@ def check_program(program: Text) -> None:
         raise UnitValueError(f"program path {text!r} cannot be started by systemd; move it to a plain path")
 
 
-def exec_line(argv: list[Text]) -> str:
+def exec_line(argv: Sequence[Word]) -> str:
     """An ExecStart= value running argv verbatim: no $VAR expansion, every word quoted."""
     if not argv:
         raise UnitValueError("empty command line")

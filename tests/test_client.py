@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -10,6 +11,7 @@ import pytest
 from agor_systemd.cli import attach_note
 from agor_systemd.sidecar.bridge import dropped_notice
 from agor_systemd.sidecar.client import LineStream, SocketUnavailable, connect, socket_path
+from agor_systemd.sidecar.launcher import failed_line, restarting_line
 
 
 def test_connect_sends_whole_lines_and_reads_until_eof(tmp_path):
@@ -59,5 +61,19 @@ def test_attach_says_the_bridge_and_supervisor_lines_in_words():
     assert attach_note(dropped_notice(12, "no client").rstrip()) == "-- 12 lines dropped (no client)"
     failed = b'{"type": "supervisor", "state": "failed", "attempts": 5, "last_error": "exited with status 3"}'
     assert attach_note(failed) == "-- the sidecar gave up: exited with status 3; run `agor-units restart`"
+    restarting = restarting_line("killed by signal 9 (KILL)", 2, 5, -9)
+    assert json.loads(restarting) == {
+        "type": "supervisor",
+        "state": "restarting",
+        "restart": 2,
+        "attempts": 5,
+        "last_error": "killed by signal 9 (KILL)",
+        "exit_code": -9,
+    }
+    assert attach_note(restarting.rstrip()) == (
+        "-- the sidecar ended (killed by signal 9 (KILL)); restart 2 of 5 follows: attach again"
+    )
+    assert json.loads(failed_line("exited with status 3", 5, 3))["exit_code"] == 3
+    assert "exit_code" not in json.loads(failed_line("exited with status 3", 5))  # a later client's answer
     assert attach_note(b'{"type":"agent","text":"bridge"}') is None
     assert attach_note(b"not json, bridge supervisor") is None

@@ -1,6 +1,7 @@
 """The package's layering, read from its source: lowest layer first, nothing imports upward.
 
     core          errors journal notify console files sqlite unitfile config manager usage tracing otlp
+                  giveup
                   (and __init__)
     sandbox       sandbox/*
     capabilities  sidecar/*, walcheck/*, btmsg/*, relay/*  (never each other)
@@ -28,6 +29,7 @@ CORE = {
     "agor_systemd.errors",
     "agor_systemd.journal",
     "agor_systemd.notify",
+    "agor_systemd.giveup",
     "agor_systemd.console",
     "agor_systemd.files",
     "agor_systemd.sqlite",
@@ -190,6 +192,7 @@ LAUNCHER_MODULES = {
     "agor_systemd",
     "agor_systemd.console",
     "agor_systemd.errors",
+    "agor_systemd.giveup",
     "agor_systemd.journal",
     "agor_systemd.notify",
     "agor_systemd.sandbox",

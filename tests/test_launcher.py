@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agor_systemd.giveup import GAVE_UP_STATUS
 from agor_systemd.journal import ERR, INFO, WARNING
 from agor_systemd.sidecar.health import health_from_properties, last_error
 from agor_systemd.sidecar.launcher import (
@@ -38,7 +39,7 @@ from agor_systemd.sidecar.launcher import (
     start_failure,
     verdict,
 )
-from agor_systemd.sidecar.protocol import CLD_DUMPED, CLD_EXITED, CLD_KILLED, GAVE_UP_STATUS, LauncherOptions
+from agor_systemd.sidecar.protocol import CLD_DUMPED, CLD_EXITED, CLD_KILLED, LauncherOptions
 
 REPO = Path(__file__).resolve().parent.parent
 

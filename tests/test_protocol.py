@@ -6,11 +6,11 @@ import signal
 
 import pytest
 
+from agor_systemd.giveup import GAVE_UP_STATUS
 from agor_systemd.sidecar.protocol import (
     CLD_DUMPED,
     CLD_EXITED,
     CLD_KILLED,
-    GAVE_UP_STATUS,
     SIDECAR_UNIT,
     LauncherOptions,
     describe_exit,

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from agor_systemd.cli import main
 from agor_systemd.config import Config, SidecarConfig
+from agor_systemd.giveup import GAVE_UP_STATUS
 from agor_systemd.install import InstallError, check_start_paths, start_path_problems
 from agor_systemd.sidecar.launcher import fail_before_spawn, missing_start_path
 from agor_systemd.sidecar.protocol import (
-    GAVE_UP_STATUS,
     LauncherOptions,
     launcher_arguments,
     parse_launcher_arguments,

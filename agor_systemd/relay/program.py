@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agor_systemd import journal, tracing
 from agor_systemd.config import Config, expand_home, load_config
@@ -25,9 +27,12 @@ from agor_systemd.relay.tls import (
     spki_pin,
     write_certificate,
 )
-from agor_systemd.relay.units import CREDENTIAL
+from agor_systemd.relay.units import CREDENTIAL, RUNTIME_DIRECTORY
 from agor_systemd.sandbox.policy import sandbox_paths
 from agor_systemd.usage import ArgumentParser
+
+if TYPE_CHECKING:
+    from agor_systemd.relay.server import RelaySettings
 
 PROG = "agor-relay"
 SUBCOMMANDS = ("serve", "cert", "fingerprint", "connect")
@@ -74,6 +79,11 @@ def argument_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ping-timeout", type=float, metavar="S", help="ping every S s, drop after S s more (15)")
     serve.add_argument("--session-linger", type=float, metavar="S", help="keep a detached session S s (600)")
     serve.add_argument("--no-sidecar", action="store_true", help="terminals only: sessions start no sidecar")
+    serve.add_argument(
+        "--session-units",
+        action="store_true",
+        help="terminals and sidecars as systemd user units, so sessions outlive a restart (agor-relay.service)",
+    )
 
     cert = sub.add_parser("cert", help="make a certificate and key", description=CERT_HELP)
     cert.add_argument("--host", action="append", required=True, metavar="NAME", help="name or IP (repeatable)")
@@ -240,8 +250,25 @@ def serve(args: argparse.Namespace) -> int:
         sidecar=None if args.no_sidecar else sidecar_spec(config),
         default_shell=os.environ.get("SHELL") or "/bin/bash",
     )
+    if args.session_units:
+        settings = with_session_units(settings)
     asyncio.run(Relay(settings).run())
     return 0
+
+
+def with_session_units(settings: RelaySettings) -> RelaySettings:
+    """--session-units: the user manager over D-Bus, and the sessions' state in the unit's runtime
+    directory (RuntimeDirectory=, kept across a restart); outside a unit, $XDG_RUNTIME_DIR/agor-relay."""
+    from agor_systemd.relay.host import UnitHost  # import cost: pystemd's (~45 ms), only for --session-units
+
+    directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if not directory:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if not runtime:
+            raise UsageError("--session-units needs a user manager: $XDG_RUNTIME_DIR is not set")
+        directory = os.path.join(runtime, RUNTIME_DIRECTORY)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    return dataclasses.replace(settings, host=UnitHost(), state_directory=directory)
 
 
 def cert_paths(args: argparse.Namespace, cert: Path | None, key: Path | None) -> tuple[Path, Path]:

@@ -8,11 +8,15 @@ controller's connection from `ready` to close), `Relay.run_command` (every contr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
+import json
+import os
 import secrets
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,7 +25,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from agor_systemd import journal, tracing
+from agor_systemd.files import atomic_write
 from agor_systemd.notify import notify, watchdog_interval_s
+from agor_systemd.relay.host import (
+    SESSION_ID,
+    STATE_FILE,
+    UnitHost,
+    forget_fd,
+    parse_pty_fd_name,
+    passed_fds,
+    pty_fd_name,
+    pty_unit,
+)
 from agor_systemd.relay.protocol import (
     CLOSE_SESSION_TAKEN,
     CLOSE_TRY_AGAIN_LATER,
@@ -39,7 +54,16 @@ from agor_systemd.relay.protocol import (
     state_sync,
     token_matches,
 )
-from agor_systemd.relay.sessions import Pty, Sidecar, SidecarSpec, log
+from agor_systemd.relay.sessions import (
+    Pty,
+    Sidecar,
+    SidecarSpec,
+    UnitSidecar,
+    adopt_unit_pty,
+    log,
+    spawn_child_pty,
+    spawn_unit_pty,
+)
 from agor_systemd.relay.tls import ReloadableContext, TLSError
 
 MIB = 1024 * 1024
@@ -67,6 +91,10 @@ class RelaySettings:
     lockout_window_s: float = 300.0
     sidecar: SidecarSpec | None = None
     default_shell: str = "/bin/bash"
+    # --session-units: terminals and sidecars as systemd units, sessions kept across a restart in
+    # `state_directory` (relay/host.py); None: they are the relay's children and end with it
+    host: UnitHost | None = None
+    state_directory: str | None = None
 
 
 class Link:
@@ -119,17 +147,24 @@ class Link:
 
 
 class Session:
-    """A controller's PTYs and sidecar; they outlive its connection for `session_linger_s`."""
+    """A controller's PTYs and sidecar; they outlive its connection for `session_linger_s` (and,
+    with --session-units, the relay's process)."""
 
-    def __init__(self, relay: Relay, session_id: str) -> None:
+    def __init__(self, relay: Relay, session_id: str, with_sidecar: bool = True) -> None:
         self.relay, self.id = relay, session_id
         self.ptys: dict[str, Pty] = {}
         self.link: Link | None = None
         self.replay = ReplayBuffer(relay.settings.replay_bytes)
         self.linger: asyncio.TimerHandle | None = None
         self.ptys_held = False
-        spec = relay.settings.sidecar
-        self.sidecar = Sidecar(spec, self.emit) if spec is not None else None
+        settings = relay.settings
+        self.sidecar: Sidecar | UnitSidecar | None = None
+        if settings.sidecar is not None and with_sidecar:
+            if settings.host is not None:
+                runtime_dir = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+                self.sidecar = UnitSidecar(settings.host, session_id, settings.sidecar, self.emit, runtime_dir)
+            else:
+                self.sidecar = Sidecar(settings.sidecar, self.emit)
 
     def hold_ptys(self, held: bool) -> None:
         """Stop (or resume) reading the PTYs while the controller's queue is full."""
@@ -165,14 +200,39 @@ class Session:
         if self.link is link:
             self.link = None
             self.hold_ptys(False)  # while detached their output goes to the replay buffer
-            loop = asyncio.get_running_loop()
-            self.linger = loop.call_later(self.relay.settings.session_linger_s, self.relay.end_session, self)
+            self.start_linger()
+
+    def start_linger(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.linger = loop.call_later(self.relay.settings.session_linger_s, self.relay.end_session, self)
 
     async def close(self) -> None:
         for pty in self.ptys.values():
-            pty.close()
+            pty.end()
         if self.sidecar is not None:
             await self.sidecar.stop()
+
+    async def suspend(self) -> None:
+        """The relay restarts: everything stays as it is, only the relay lets go of it."""
+        if self.linger is not None:
+            self.linger.cancel()
+        for pty in self.ptys.values():
+            pty.suspend()
+        if self.sidecar is not None:
+            await self.sidecar.suspend()
+
+    def saved(self, with_replay: bool) -> dict[str, Any]:
+        """What the next relay process needs to take this session over (relay/host.py)."""
+        state: dict[str, Any] = {
+            "id": self.id,
+            "ptys": [pty.id for pty in self.ptys.values() if pty.alive],
+            "sidecar": self.sidecar is not None,
+        }
+        if with_replay:
+            frames, lost = self.replay.take()
+            state["replay"] = [[f.type, f.session_id, f.payload] for f in frames]
+            state["lost"] = lost
+        return state
 
 
 class Relay:
@@ -213,8 +273,9 @@ class Relay:
         session = self.sessions.get(wanted) if wanted else None
         resumed = session is not None
         if session is None:
-            session = Session(self, secrets.token_urlsafe(18))
+            session = Session(self, secrets.token_hex(16))
             self.sessions[session.id] = session
+            self.save_sessions()
         self.admitted[connection] = (session, resumed)
         self.connections.add(connection)
         asyncio.get_running_loop().create_task(self._forget(connection))
@@ -272,7 +333,7 @@ class Relay:
             if command.type == "ping":
                 emit(Outbound("pong"))
             elif command.type == "pty_create":
-                self.create_pty(session, command)
+                await self.create_pty(session, command)
             elif command.type in ("pty_write", "pty_resize", "pty_close"):
                 pty = session.ptys.get(payload_field(command, "id", str))
                 if pty is None:
@@ -288,14 +349,13 @@ class Relay:
             elif command.type == "sidecar_restart":
                 if session.sidecar is None:
                     raise FrameError("this relay runs no sidecar", command.id)
-                await session.sidecar.stop()
-                session.sidecar = Sidecar(session.sidecar.spec, session.emit)
+                session.sidecar = await session.sidecar.restarted()
         except (OSError, ValueError) as e:
             if isinstance(e, FrameError):
                 raise
             raise FrameError(f"{command.type}: {e}", command.id) from None
 
-    def create_pty(self, session: Session, command: Command) -> None:
+    async def create_pty(self, session: Session, command: Command) -> None:
         shell = payload_field(command, "shell", str, self.settings.default_shell)
         args = payload_field(command, "args", list, [])
         if not all(isinstance(a, str) for a in args):
@@ -303,8 +363,14 @@ class Relay:
         cwd = payload_field(command, "cwd", str, "") or None
         cols, rows = payload_field(command, "cols", int, 80), payload_field(command, "rows", int, 24)
         pty_id = secrets.token_hex(8)
-        session.ptys[pty_id] = Pty(pty_id, [shell, *args], cwd, cols, rows, session.emit)
+        host = self.settings.host
+        if host is not None:
+            pty = await spawn_unit_pty(host, session.id, pty_id, [shell, *args], cwd, cols, rows, session.emit)
+        else:
+            pty = spawn_child_pty(pty_id, [shell, *args], cwd, cols, rows, session.emit)
+        session.ptys[pty_id] = pty
         session.emit(Outbound("pty_created", pty_id, {"commandId": command.id}))
+        self.save_sessions()
 
     def to_sidecar(self, session: Session, command: Command) -> None:
         if session.sidecar is None:
@@ -319,6 +385,68 @@ class Relay:
         if self.sessions.pop(session.id, None) is not None:
             log(f"session {session.id[:8]} ended: no controller for {self.settings.session_linger_s:g} s")
             asyncio.get_running_loop().create_task(session.close())
+            self.save_sessions()
+
+    # -- sessions across a restart (--session-units) ------------------------------------------------
+
+    def state_path(self) -> str | None:
+        directory = self.settings.state_directory
+        return os.path.join(directory, STATE_FILE) if self.settings.host is not None and directory else None
+
+    def save_sessions(self, with_replay: bool = False) -> None:
+        """The sessions' ids and terminals, written at each change (a crash keeps them too); on a
+        restart also what each replay buffer holds."""
+        path = self.state_path()
+        if path is None:
+            return
+        state = {"sessions": [session.saved(with_replay) for session in self.sessions.values()]}
+        try:
+            atomic_write(Path(path), json.dumps(state, separators=(",", ":")), mode=0o600)
+        except OSError as e:
+            log(f"cannot save the sessions to {path}: {e}; a restart will end them", journal.ERR)
+
+    def restore_sessions(self) -> None:
+        """The sessions an earlier relay process left: their terminals' masters from the fd store,
+        their programs and sidecars still running in their units."""
+        host, path = self.settings.host, self.state_path()
+        if host is None or path is None:
+            return
+        stored = passed_fds(dict(os.environ), os.getpid())
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            entries = state["sessions"] if isinstance(state, dict) else []
+        except FileNotFoundError:
+            entries = []
+        except (OSError, ValueError, KeyError) as e:
+            log(f"{path}: unreadable ({e}); the earlier sessions are ended", journal.WARNING)
+            entries = []
+        for entry in entries:
+            if not isinstance(entry, dict) or not SESSION_ID.fullmatch(str(entry.get("id"))):
+                continue
+            session = Session(self, entry["id"], with_sidecar=bool(entry.get("sidecar")))
+            frames = [Outbound(t, sid, payload) for t, sid, payload in entry.get("replay", [])]
+            session.replay.extend(frames)
+            for kind, count in entry.get("lost", {}).items():
+                session.replay.lost[kind] = session.replay.lost.get(kind, 0) + count
+            for pty_id in entry.get("ptys", []):
+                fd = stored.pop(pty_fd_name(session.id, pty_id), None)
+                if fd is None:  # it ended while no relay ran (its pty_exit was sent before)
+                    host.stop(pty_unit(session.id, pty_id))
+                    continue
+                session.ptys[pty_id] = adopt_unit_pty(host, session.id, pty_id, fd, session.emit)
+            self.sessions[session.id] = session
+            session.start_linger()
+        for name, fd in stored.items():  # not in any session: nothing will read it again
+            os.close(fd)
+            forget_fd(name)
+            if (ids := parse_pty_fd_name(name)) is not None:
+                host.stop(pty_unit(*ids))
+        if self.sessions:
+            live = sum(len(s.ptys) for s in self.sessions.values())
+            log(f"took over {len(self.sessions)} sessions ({live} terminals) from the previous relay process")
 
     # -- the daemon ------------------------------------------------------------------------------------
 
@@ -361,6 +489,7 @@ class Relay:
             server_header="agor-relay",
         ) as server:
             self.server = server
+            self.restore_sessions()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stopped.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload_certificate)
@@ -374,5 +503,21 @@ class Relay:
             await self.stopped.wait()
             notify("STOPPING=1")
             heartbeat.cancel()
-            server.close(code=1001, reason="relay stopping")
-            await asyncio.gather(*(session.close() for session in self.sessions.values()), return_exceptions=True)
+            if settings.host is not None and settings.host.stopping_for_restart():
+                await self.stop_for_restart(server)
+            else:
+                server.close(code=1001, reason="relay stopping")
+                await asyncio.gather(*(session.close() for session in self.sessions.values()), return_exceptions=True)
+                if (path := self.state_path()) is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+
+    async def stop_for_restart(self, server: Server) -> None:
+        """systemd restarts the relay: controllers are told to come back (1012, service restart),
+        sessions are left running and saved with what the controllers have not received yet."""
+        for session in self.sessions.values():  # first: no output may reach a closing connection
+            await session.suspend()
+        server.close(code=1012, reason="relay restarting; reconnect with your session to resume it")
+        await server.wait_closed()  # what each connection had queued is in its session's replay now
+        self.save_sessions(with_replay=True)
+        log(f"restarting: {len(self.sessions)} sessions kept for the next relay process")

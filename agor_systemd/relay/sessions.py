@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -30,7 +31,10 @@ from typing import Any
 
 import agor_systemd
 from agor_systemd import journal
+from agor_systemd.manager import BusError
+from agor_systemd.relay.host import UnitHost, forget_fd, pty_fd_name, pty_unit, store_fd
 from agor_systemd.relay.protocol import Outbound, sidecar_restart_delay_s
+from agor_systemd.relay.units import relay_sidecar_instance, relay_sidecar_socket_path
 
 Emit = Callable[[Outbound], None]
 READ_CHUNK = 64 * 1024
@@ -62,42 +66,147 @@ def _take_controlling_terminal() -> None:  # runs in the child between fork and 
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-class Pty:
-    """A shell (or program) on a real pseudo-terminal; its output becomes pty_data frames."""
+class ChildTerminal:
+    """A terminal's program as the relay's own child (`agor-relay serve` by hand, the tests)."""
 
-    def __init__(self, pty_id: str, argv: list[str], cwd: str | None, cols: int, rows: int, emit: Emit) -> None:
-        self.id, self.emit = pty_id, emit
-        master, slave = os.openpty()
-        try:
-            set_window_size(master, cols, rows)
-            self.process = subprocess.Popen(
-                argv,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=child_environment({"TERM": os.environ.get("TERM", "xterm-256color")}),
-                start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
-            )
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
-        self.master = master
+    def __init__(self, argv: list[str], cwd: str | None, slave: int) -> None:
+        self.process = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=child_environment({"TERM": os.environ.get("TERM", "xterm-256color")}),
+            start_new_session=True,
+            preexec_fn=_take_controlling_terminal,
+        )
+        self.pid = self.process.pid
+
+    async def exit_status(self) -> int | None:
+        return self.process.wait()  # its pidfd said it has exited: no wait
+
+    def end(self) -> None:
+        """The session ends: hang up (SIGHUP to its process group), as a closing terminal window."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGHUP)
+
+    def forget(self) -> None:
+        """It has exited and its status is read: nothing is left to clean up."""
+
+
+class UnitTerminal:
+    """A terminal's program as a transient service (relay/host.py): it outlives the relay."""
+
+    def __init__(self, host: UnitHost, session: str, pty: str, pid: int) -> None:
+        self.host, self.unit, self.fd_name, self.pid = host, pty_unit(session, pty), pty_fd_name(session, pty), pid
+
+    async def exit_status(self) -> int | None:
+        """What systemd recorded: it reaps the program a moment after its pidfd says it has ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT_S
+        while (status := self.host.exit_status(self.unit)) is None and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        return status
+
+    def end(self) -> None:
+        self.host.stop(self.unit)  # SendSIGHUP=: SIGTERM and SIGHUP to everything on the terminal
+        forget_fd(self.fd_name)
+
+    def forget(self) -> None:
+        self.host.stop(self.unit)  # what the program left running on the terminal, and the unit
+        forget_fd(self.fd_name)
+
+
+Terminal = ChildTerminal | UnitTerminal
+
+
+def open_pty(cols: int, rows: int) -> tuple[int, int]:
+    master, slave = os.openpty()
+    try:
+        set_window_size(master, cols, rows)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave
+
+
+def check_program(argv: list[str], cwd: str | None) -> list[str]:
+    """argv with its program found on $PATH, or ValueError naming what is missing."""
+    if cwd is not None and not os.path.isdir(cwd):
+        raise ValueError(f"no directory {cwd!r}")
+    program = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
+    if program is None or not os.access(program, os.X_OK) or os.path.isdir(program):
+        raise ValueError(f"no program {argv[0]!r}")
+    return [program, *argv[1:]]
+
+
+def spawn_child_pty(pty_id: str, argv: list[str], cwd: str | None, cols: int, rows: int, emit: Emit) -> Pty:
+    master, slave = open_pty(cols, rows)
+    try:
+        terminal = ChildTerminal(argv, cwd, slave)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return Pty(pty_id, master, terminal, emit)
+
+
+async def spawn_unit_pty(
+    host: UnitHost, session: str, pty_id: str, argv: list[str], cwd: str | None, cols: int, rows: int, emit: Emit
+) -> Pty:
+    argv = check_program(argv, cwd)
+    master, slave = open_pty(cols, rows)
+    try:
+        pid = await host.start_terminal(
+            pty_unit(session, pty_id),
+            argv,
+            cwd,
+            os.ttyname(slave),
+            {"TERM": os.environ.get("TERM", "xterm-256color")},
+            f"agor relay session {session[:8]}: terminal {pty_id} ({argv[0]})",
+        )
+        store_fd(master, pty_fd_name(session, pty_id))
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)  # held until the program has the terminal: no hangup in between
+    return Pty(pty_id, master, UnitTerminal(host, session, pty_id, pid), emit)
+
+
+def adopt_unit_pty(host: UnitHost, session: str, pty_id: str, master: int, emit: Emit) -> Pty:
+    """A terminal of an earlier relay process: its master from the fd store, its program still
+    running in its unit (or ended meanwhile: then its pty_exit follows at once)."""
+    return Pty(pty_id, master, UnitTerminal(host, session, pty_id, host.main_pid(pty_unit(session, pty_id))), emit)
+
+
+class Pty:
+    """A program on a real pseudo-terminal; its output becomes pty_data frames."""
+
+    def __init__(self, pty_id: str, master: int, terminal: Terminal, emit: Emit) -> None:
+        self.id, self.master, self.terminal, self.emit = pty_id, master, terminal, emit
         os.set_blocking(master, False)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pending_input = b""
         self.exit_code: int | None = None
+        self.ended = False
+        self.ending: asyncio.Task[None] | None = None  # its exit status being read
         loop = asyncio.get_running_loop()
         loop.add_reader(master, self._readable)
-        self.pidfd = os.pidfd_open(self.process.pid)
-        loop.add_reader(self.pidfd, self._exited)
+        try:
+            self.pidfd: int | None = os.pidfd_open(terminal.pid) if terminal.pid else None
+        except ProcessLookupError:  # ended before we looked (an adopted terminal)
+            self.pidfd = None
+        if self.pidfd is None:
+            loop.call_soon(self._exited)
+        else:
+            loop.add_reader(self.pidfd, self._exited)
 
     @property
     def alive(self) -> bool:
-        return self.exit_code is None
+        return not self.ended
 
     def _readable(self) -> None:
         try:
@@ -113,15 +222,22 @@ class Pty:
 
     def _exited(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self.pidfd)
-        os.close(self.pidfd)
-        self.exit_code = self.process.wait()
-        with contextlib.suppress(OSError):  # what the shell wrote last
+        if self.pidfd is not None:
+            loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+        self.ending = loop.create_task(self._end())
+
+    async def _end(self) -> None:
+        self.exit_code = await self.terminal.exit_status()
+        loop = asyncio.get_running_loop()
+        self.ended = True
+        with contextlib.suppress(OSError):  # what the program wrote last
             while data := os.read(self.master, READ_CHUNK):
                 self.emit(Outbound("pty_data", self.id, self.decoder.decode(data)))
         loop.remove_reader(self.master)
         loop.remove_writer(self.master)
         os.close(self.master)
+        self.terminal.forget()
         self.emit(Outbound("pty_exit", self.id, {"exitCode": self.exit_code}))
 
     def hold(self, held: bool) -> None:
@@ -160,13 +276,27 @@ class Pty:
             set_window_size(self.master, cols, rows)
 
     def close(self) -> None:
-        """SIGHUP to its process group, as a terminal window closing does."""
-        if self.alive:
+        """pty_close: SIGHUP to its process group, as a terminal window closing does."""
+        if self.alive and self.terminal.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGHUP)
+                os.killpg(self.terminal.pid, signal.SIGHUP)
+
+    def end(self) -> None:
+        """The session ends: the program is hung up, and (in a unit) stopped with what it left."""
+        if self.alive:
+            self.terminal.end()
+
+    def suspend(self) -> None:
+        """The relay restarts: stop reading; the master stays open in the fd store."""
+        if self.alive:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.master)
+            loop.remove_writer(self.master)
+            if self.pidfd is not None:
+                loop.remove_reader(self.pidfd)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "pid": self.process.pid, "alive": self.alive, "exitCode": self.exit_code}
+        return {"id": self.id, "pid": self.terminal.pid, "alive": self.alive, "exitCode": self.exit_code}
 
 
 # -- the sidecar -----------------------------------------------------------------------------------------
@@ -192,17 +322,45 @@ _PASS_SOCKET = 'export LISTEN_PID=$$; fd=$1; shift; exec "$@" 3<&"$fd" {fd}<&-'
 FD_NAME = "sidecar"
 
 
-class Sidecar:
-    """One session's sidecar under the launcher program, restarted on the [restart] schedule."""
+class SidecarInput:
+    """What a session's sidecar is sent: NDJSON lines to its bridge; while it (re)starts they wait
+    for it, and so do lines it does not read yet, both bounded."""
 
-    def __init__(self, spec: SidecarSpec, emit: Emit) -> None:
-        self.spec, self.emit = spec, emit
+    def __init__(self) -> None:
         self.state = "starting"  # starting, running, restarting, failed, stopped
-        self.restarts = 0
-        self.process: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.pending: list[bytes] = []  # input while the sidecar (re)starts
         self.pending_bytes = 0
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        if self.writer is not None and self.state == "running":
+            if self.writer.transport.get_write_buffer_size() + len(line) > PENDING_LIMIT_BYTES:
+                raise ValueError("the sidecar is not reading its input, and input waiting for it is full")
+            self.writer.write(line)
+        elif self.state in ("starting", "restarting") and self.pending_bytes + len(line) <= PENDING_LIMIT_BYTES:
+            self.pending.append(line)
+            self.pending_bytes += len(line)
+        else:
+            raise ValueError(
+                f"the sidecar is {self.state}" + (", and input waiting for it is full" * (self.state != "failed"))
+            )
+
+    def connected(self, writer: asyncio.StreamWriter) -> None:
+        """The bridge takes input now: what waited goes first."""
+        self.writer = writer
+        writer.writelines(self.pending)
+        self.pending, self.pending_bytes = [], 0
+
+
+class Sidecar(SidecarInput):
+    """One session's sidecar under the launcher program, restarted on the [restart] schedule."""
+
+    def __init__(self, spec: SidecarSpec, emit: Emit) -> None:
+        super().__init__()
+        self.spec, self.emit = spec, emit
+        self.restarts = 0
+        self.process: asyncio.subprocess.Process | None = None
         self.output_closed = asyncio.Event()  # the bridge's EOF: the sidecar itself has ended
         self.directory = tempfile.mkdtemp(prefix="agor-relay-sidecar.")  # mode 0700
         self.task = asyncio.get_running_loop().create_task(self._supervise())
@@ -229,9 +387,8 @@ class Sidecar:
             )
         finally:
             listener.close()  # the launcher holds it now
-        reader, self.writer = await asyncio.open_unix_connection(path, limit=16 * 1024 * 1024)
-        self.writer.writelines(self.pending)
-        self.pending, self.pending_bytes = [], 0
+        reader, writer = await asyncio.open_unix_connection(path, limit=16 * 1024 * 1024)
+        self.connected(writer)
         return reader
 
     async def _supervise(self) -> None:
@@ -270,19 +427,6 @@ class Sidecar:
                 continue  # not NDJSON (a stray print): the launcher logs the sidecar's lines anyway
             self.emit(Outbound("sidecar_message", payload=message))
 
-    def send(self, message: dict[str, Any]) -> None:
-        """One NDJSON line to the sidecar; while it (re)starts, lines wait for it (bounded)."""
-        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
-        if self.writer is not None and self.state == "running":
-            self.writer.write(line)
-        elif self.state in ("starting", "restarting") and self.pending_bytes + len(line) <= PENDING_LIMIT_BYTES:
-            self.pending.append(line)
-            self.pending_bytes += len(line)
-        else:
-            raise ValueError(
-                f"the sidecar is {self.state}" + (", and input waiting for it is full" * (self.state != "failed"))
-            )
-
     async def stop(self) -> None:
         """SIGTERM to the launcher, which stops the sidecar; once the sidecar's output has ended
         the launcher is killed if still there: after a stop it waits until it is alone in its
@@ -306,6 +450,118 @@ class Sidecar:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.directory, "sidecar.sock"))
             os.rmdir(self.directory)
+
+    async def restarted(self) -> Sidecar:
+        """sidecar_restart: stopped, and started again with a fresh restart budget."""
+        await self.stop()
+        return Sidecar(self.spec, self.emit)
+
+    async def suspend(self) -> None:
+        """The relay restarts: a sidecar that is the relay's child cannot outlive it."""
+        await self.stop()
+
+
+CONNECT_WAIT_S = 10.0  # for the instance's socket to appear after its start job
+
+
+class UnitSidecar(SidecarInput):
+    """A session's sidecar as the instance agor-relay-sidecar@SESSION (relay/units.py): systemd
+    supervises it with agor-sidecar.service's restart schedule and give-up, and it outlives the
+    relay's process. The relay is its socket's one client: the bridge keeps what the sidecar writes
+    while the relay is away (up to [socket] buffer_mib) and hands it over on the next connect."""
+
+    def __init__(self, host: UnitHost, session: str, spec: SidecarSpec, emit: Emit, runtime_dir: str) -> None:
+        self.host, self.session, self.spec, self.emit, self.runtime_dir = host, session, spec, emit, runtime_dir
+        super().__init__()
+        self.service, self.socket = relay_sidecar_instance(session)
+        self.path = relay_sidecar_socket_path(runtime_dir, session)
+        self.task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _connect(self) -> asyncio.StreamReader:
+        self.host.start(self.socket)  # listening already: nothing happens
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_WAIT_S
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.path, limit=16 * 1024 * 1024)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        self.connected(writer)
+        return reader
+
+    async def _supervise(self) -> None:
+        while self.state != "stopped":
+            end: dict[str, Any] = {}
+            try:
+                reader = await self._connect()
+                self.state = "running"
+                end = await self._forward(reader)
+            except (OSError, BusError) as e:
+                log(f"cannot reach {self.service}: {e}", journal.ERR)
+                end = {"state": "failed"}
+            self.writer = None
+            if self.state == "stopped":
+                return
+            restart = int(end.get("restart", 0)) or None
+            delay = None
+            if end.get("state") == "restarting" and restart is not None:
+                delay = sidecar_restart_delay_s(restart, self.spec.base_s, self.spec.cap_s, self.spec.attempts)
+            self.state = "failed" if end.get("state") == "failed" else "restarting"
+            self.emit(
+                Outbound(
+                    "sidecar_exited",
+                    payload={"exitCode": end.get("exit_code"), "restart": restart, "retryInS": delay},
+                )
+            )
+            if self.state == "failed":
+                log(f"{self.service} gave up; sidecar_restart starts it again")
+                return
+            # connecting at once is right: systemd keeps the connection in the socket's backlog
+            # until its restart delay has passed and the next launcher takes it
+
+    async def _forward(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """Lines to the controller until EOF. The launcher's last line says how the sidecar ended
+        (`{"type": "supervisor", "state": "restarting" | "failed", ...}`, docs/socket.md): returned,
+        for sidecar_exited, not forwarded; {} when the sidecar was stopped or killed with its launcher."""
+        end: dict[str, Any] = {}
+        while line := await reader.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and message.get("type") == "supervisor":
+                end = message
+                continue
+            self.emit(Outbound("sidecar_message", payload=message))
+        return end
+
+    async def _disconnect(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    async def stop(self) -> None:
+        """The session ends: its sidecar units are stopped (the service's stop is the launcher's)."""
+        self.state = "stopped"
+        await self._disconnect()
+        self.host.forget_sidecar(self.service, self.socket)
+
+    async def restarted(self) -> UnitSidecar:
+        self.state = "stopped"
+        await self._disconnect()
+        self.host.restart_sidecar(self.service)
+        return UnitSidecar(self.host, self.session, self.spec, self.emit, self.runtime_dir)
+
+    async def suspend(self) -> None:
+        """The relay restarts: only the connection ends; the bridge keeps the output meanwhile."""
+        self.state = "stopped"
+        await self._disconnect()
 
 
 def launcher_program() -> list[str]:

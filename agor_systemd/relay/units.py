@@ -11,12 +11,37 @@ import os
 from collections.abc import Sequence
 
 from agor_systemd.config import Config, expand_home, telemetry_environment
-from agor_systemd.unitfile import HEADER, Text, UnitFile, documentation, environment_assignment, exec_line, path_value
+from agor_systemd.unitfile import (
+    HEADER,
+    Text,
+    UnitFile,
+    documentation,
+    environment_assignment,
+    exec_line,
+    path_value,
+)
 
 CREDENTIAL = "relay-token"  # LoadCredential=relay-token:... here; the program reads $CREDENTIALS_DIRECTORY/relay-token
 
 RELAY_UNIT = "agor-relay.service"
 WATCHDOG_S = 30
+# the relay's own directory under $XDG_RUNTIME_DIR: its sessions, kept across a restart
+RUNTIME_DIRECTORY = "agor-relay"
+# PTY masters the fd store keeps while the relay restarts (one per live terminal of every session)
+FD_STORE_MAX = 4096
+
+# A session's sidecar is an instance (the session's id) of agor-relay-sidecar@.service and .socket,
+# agor-sidecar's units for the relay (rendered with them: units.relay_sidecar_units).
+RELAY_SIDECAR_SOCKET_PATH = "%t/agor/relay/%i.sock"
+
+
+def relay_sidecar_instance(session: str) -> tuple[str, str]:
+    """(service, socket) of a session's sidecar."""
+    return f"agor-relay-sidecar@{session}.service", f"agor-relay-sidecar@{session}.socket"
+
+
+def relay_sidecar_socket_path(runtime_dir: str, session: str) -> str:
+    return RELAY_SIDECAR_SOCKET_PATH.replace("%t", runtime_dir).replace("%i", session)
 
 
 def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -> UnitFile | None:
@@ -33,7 +58,7 @@ def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -
     argv: list[Text] = [*python, "-m", "agor_systemd.relay", "serve", "--port", str(relay.port)]
     if relay.bind:
         argv += ["--bind", relay.bind]
-    argv += ["--tls-cert", relay.tls_cert, "--tls-key", relay.tls_key]
+    argv += ["--tls-cert", relay.tls_cert, "--tls-key", relay.tls_key, "--session-units"]
     unit.add("Service", "ExecStart", exec_line(argv))
     for name, value in telemetry_environment(config.telemetry).items():
         unit.add("Service", "Environment", environment_assignment(name, value))
@@ -44,7 +69,13 @@ def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -
     unit.add("Service", "WatchdogSec", f"{WATCHDOG_S}s")
     unit.add("Service", "Restart", "on-failure")
     unit.add("Service", "RestartSec", "1s")
-    # sessions' terminals and sidecars are the relay's children: they end with it
+    # Sessions survive a restart (docs/relay.md): their terminals and sidecars are units of their
+    # own (--session-units), the PTY masters wait in the fd store, the sessions' state in the runtime
+    # directory; a stop ends the sessions (the relay asks systemd whether its stop is a restart).
+    unit.add("Service", "FileDescriptorStoreMax", str(FD_STORE_MAX))
+    unit.add("Service", "RuntimeDirectory", RUNTIME_DIRECTORY)
+    unit.add("Service", "RuntimeDirectoryMode", "0700")
+    unit.add("Service", "RuntimeDirectoryPreserve", "restart")
     unit.add("Service", "KillMode", "control-group")
     unit.add("Service", "TimeoutStopSec", "20s")
     unit.add("Service", "SyslogIdentifier", "agor-relay")

@@ -7,8 +7,9 @@
         for line in sidecar:                 # bytes, one line each, newline stripped; ends at EOF
             ...
 
-EOF is the sidecar's exit (or a given-up sidecar's one `{"type":"supervisor","state":"failed"}`
-line before it), as agor knows it from a runner's stdout; connect again for the next sidecar.
+EOF is the sidecar's exit, as agor knows it from a runner's stdout, after one line that says how it
+ended: `{"type":"supervisor","state":"restarting",...}`, or `"failed"` after the last attempt (none
+after a stop); connect again for the next sidecar.
 """
 
 from __future__ import annotations

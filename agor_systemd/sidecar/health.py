@@ -19,13 +19,13 @@ import re
 from typing import Any
 
 from agor_systemd.errors import AgorError
+from agor_systemd.giveup import GAVE_UP_STATUS
 from agor_systemd.manager import Systemd
 from agor_systemd.sidecar.protocol import (
     CLD_DUMPED,
     CLD_EXITED,
     CLD_KILLED,
     CRASH_MARK,
-    GAVE_UP_STATUS,
     SIDECAR_UNIT,
     LauncherOptions,
     describe_exit,

@@ -48,14 +48,13 @@ import time
 
 from agor_systemd import journal
 from agor_systemd.console import run_main
+from agor_systemd.giveup import GAVE_UP_ENV, GAVE_UP_STATUS, gave_up_variable
 from agor_systemd.journal import ERR, INFO, NOTICE, WARNING
 from agor_systemd.notify import notify, watchdog_interval_s
 from agor_systemd.sandbox.effects import EFFECT_TEXT, missing_effects
 from agor_systemd.sidecar.protocol import (
     CLD_EXITED,
     CRASH_MARK,
-    GAVE_UP_ENV,
-    GAVE_UP_STATUS,
     ParsedLauncherOptions,
     describe_exit,
     monotonic_usec,
@@ -75,7 +74,7 @@ if TYPE_CHECKING:
     ReadinessStep = Literal["give up", "poll"] | None
     SignalAction = Literal["pass on", "watchdog", "stop", "stop and pass on"]
 
-# the socket's variables (and the given-up mark) are the launcher's, never the sidecar's
+# the socket's variables (and the given-up marks, GAVE_UP_ENV...) are the launcher's, never the sidecar's
 STRIPPED_ENV = (
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -83,7 +82,6 @@ STRIPPED_ENV = (
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
-    GAVE_UP_ENV,
 )
 LINE_MAX = 48 * 1024  # journald's default LineMax=: longer records are split there anyway
 READY_POLL_S = 0.05
@@ -94,6 +92,10 @@ READY_LINE = b'{"type":"ready"}'
 FORWARD_OUTPUT = "--forward-output"  # the launcher's second role, see forward_output()
 OTLP_ENDPOINT_ENV = "AGOR_OTLP_ENDPOINT"  # tracing.ENDPOINT_ENV: tracing is loaded only when it is set
 TRACE: AttemptTrace | None = None  # this attempt's span, with tracing on (sidecar/trace.py)
+
+
+def launcher_only(variable: str) -> bool:
+    return variable in STRIPPED_ENV or variable.startswith(GAVE_UP_ENV)
 
 
 def log(message: str, priority: int = NOTICE) -> None:
@@ -539,7 +541,7 @@ def probe_once(probe: str, timeout_s: float) -> str | None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             timeout=timeout_s,
-            env={k: v for k, v in os.environ.items() if k not in STRIPPED_ENV},
+            env={k: v for k, v in os.environ.items() if not launcher_only(k)},
         )
     except subprocess.TimeoutExpired:
         return f"probe did not answer within {number_text(timeout_s)} s"
@@ -799,7 +801,7 @@ class Supervisor:
         """Start the sidecar and its supervisor; from here on, stop signals reach the sidecar.
         With the socket (`listen`), the sidecar's stdin is a pipe the bridge feeds (else systemd's
         /dev/null)."""
-        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+        env = {k: v for k, v in os.environ.items() if not launcher_only(k)}
         if TRACE is not None and TRACE.traceparent is not None:
             env["TRACEPARENT"] = TRACE.traceparent  # the sidecar can join the trace (environment carrier)
         ruleset = sandbox.ruleset if sandbox is not None else None
@@ -1059,7 +1061,7 @@ class Supervisor:
             os.posix_spawn(
                 sys.executable,
                 [sys.executable, "-I", "-S", script, FORWARD_OUTPUT],
-                {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV},
+                {k: v for k, v in os.environ.items() if not launcher_only(k)},
                 file_actions=[(os.POSIX_SPAWN_DUP2, out_r, 3), (os.POSIX_SPAWN_DUP2, err_r, 4)],
             )
         except OSError as e:
@@ -1124,7 +1126,13 @@ class Supervisor:
         )
         giving_up = end.exit_status == GAVE_UP_STATUS
         if self.bridge is not None:  # its clients get EOF now, as agor gets it from a runner's stdout
-            self.bridge.finish(failed_line(cause, self.options.attempts) if giving_up else None)
+            exit_code = status if code == CLD_EXITED else -status
+            last: bytes | None = None  # a stop: EOF alone
+            if giving_up:
+                last = failed_line(cause, self.options.attempts, exit_code)
+            elif not end.after_stop:
+                last = restarting_line(cause, self.attempt + 1, self.options.attempts, exit_code)
+            self.bridge.finish(last)
         if end.after_stop:
             notify(end.status_line)
             log(end.record, end.priority)
@@ -1236,12 +1244,23 @@ def socket_from_systemd() -> int | None:
     return fd
 
 
-def failed_line(cause: str, attempts: int) -> bytes:
-    """What a client of a given-up sidecar is told, as one JSON line."""
+def failed_line(cause: str, attempts: int, exit_code: int | None = None) -> bytes:
+    """What a client of a given-up sidecar is told, as one JSON line (`exit_code`: the sidecar's
+    status, minus the signal that killed it; left out when it is not known any more)."""
     import json  # import cost: ~8 ms, only at a give-up
 
     state = {"type": "supervisor", "state": "failed", "attempts": attempts, "last_error": cause}
+    if exit_code is not None:
+        state["exit_code"] = exit_code
     return json.dumps({**state, "hint": "run `agor-units restart` to start it again"}).encode() + b"\n"
+
+
+def restarting_line(cause: str, restart: int, attempts: int, exit_code: int) -> bytes:
+    """What the clients are told before the EOF of a sidecar that ended on its own and is restarted."""
+    import json  # import cost: ~8 ms, only when the sidecar has ended
+
+    state = {"type": "supervisor", "state": "restarting", "restart": restart, "attempts": attempts}
+    return json.dumps({**state, "last_error": cause, "exit_code": exit_code}).encode() + b"\n"
 
 
 def mark_given_up(options: ParsedLauncherOptions, bus: ManagerBus | None, listen: int | None, cause: str) -> None:
@@ -1250,7 +1269,9 @@ def mark_given_up(options: ParsedLauncherOptions, bus: ManagerBus | None, listen
     if listen is None:
         return
     try:
-        (bus or ManagerBus(options.system)).manager_environment(b"SetEnvironment", f"{GAVE_UP_ENV}={cause}")
+        (bus or ManagerBus(options.system)).manager_environment(
+            b"SetEnvironment", f"{gave_up_variable(options.unit)}={cause}"
+        )
     except OSError as e:
         log(f"{e}; a client connecting to the socket will start the sidecar again", WARNING)
 
@@ -1263,7 +1284,7 @@ def answer_given_up(options: ParsedLauncherOptions, listen: int, cause: str) -> 
 
     bus = ManagerBus(options.system)
     if not connection_pending(listen):
-        bus.manager_environment(b"UnsetEnvironment", GAVE_UP_ENV)
+        bus.manager_environment(b"UnsetEnvironment", gave_up_variable(options.unit))
         return
     bus.reset_failed(options.unit)  # else a reconnecting app hits the start limit, and the socket fails
     answered = respond_and_close(listen, failed_line(cause, options.attempts))
@@ -1309,8 +1330,8 @@ def run(options: ParsedLauncherOptions) -> None:
     bus: ManagerBus | None = None
     attempt = 0
     listen = socket_from_systemd()
-    if listen is not None and GAVE_UP_ENV in os.environ:
-        answer_given_up(options, listen, os.environ[GAVE_UP_ENV])
+    if listen is not None and gave_up_variable(options.unit) in os.environ:
+        answer_given_up(options, listen, os.environ[gave_up_variable(options.unit)])
     start_tracing(options)
     if options.wait_schedule is not None:
         bus = ManagerBus(options.system)

@@ -16,17 +16,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any
 
-    from agor_systemd.unitfile import Text
+    from agor_systemd.unitfile import Text, Word
 
 SIDECAR_UNIT = "agor-sidecar.service"
 SIDECAR_SOCKET = "agor-sidecar.socket"  # the sidecar's stdio for agor (docs/socket.md)
-# in the manager's environment while a sidecar with a socket is given up (docs/socket.md)
-GAVE_UP_ENV = "AGOR_SIDECAR_GAVE_UP"
-
-# The launcher exits with this status after the last allowed crash; the unit lists it in
-# RestartPreventExitStatus=, so the unit goes `failed` at once instead of after one more
-# holdoff. 250 is outside the ranges used by shells (126–165) and systemd (200–245).
-GAVE_UP_STATUS = 250
 
 # STATUS= text after a sidecar death; health reads the cause back from it because the
 # launcher's own exit can only imitate the child's (a core dump cannot be re-created).
@@ -56,14 +49,14 @@ def _join(values: Iterable[float]) -> str:
     return ",".join(number_text(v) for v in values)
 
 
-def _as_is(value: Text) -> Text:
+def _as_is(value: Word) -> Word:
     """Paths stay as they are (a HomePath becomes %h/... when the unit is written)."""
     return value
 
 
 # flag → (attribute, parse, render); flags whose value equals the default are left out
-_FLAGS: dict[str, tuple[str, Callable[[str], object], Callable[[Any], Text] | None]] = {
-    "--unit": ("unit", str, str),
+_FLAGS: dict[str, tuple[str, Callable[[str], object], Callable[[Any], Word] | None]] = {
+    "--unit": ("unit", str, _as_is),  # a template's is Specifier("n"), %n
     "--attempts": ("attempts", int, str),
     "--stability-window": ("stability_window_s", float, None),
     "--wait-schedule": ("wait_schedule", _float_list, _join),
@@ -116,7 +109,7 @@ class LauncherOptions:
 
     def __init__(
         self,
-        unit: str,
+        unit: Word,
         attempts: int,
         stability_window_s: float,
         command: tuple[Text, ...],
@@ -175,11 +168,11 @@ def number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def launcher_arguments(options: LauncherOptions) -> list[Text]:
+def launcher_arguments(options: LauncherOptions) -> list[Word]:
     """The launcher's arguments (after the interpreter and script), ending with `--` argv; a
     HomePath stays one until the unit is written (exec_line)."""
     defaults = LauncherOptions("", 0, 0.0, ())
-    args: list[Text] = []
+    args: list[Word] = []
     for flag, (attr, _, render) in _FLAGS.items():
         value = getattr(options, attr)
         if flag not in _REQUIRED and (value is None or value == getattr(defaults, attr)):
@@ -198,6 +191,7 @@ class ParsedLauncherOptions(LauncherOptions):
     path is a plain str (what the launcher hands to the kernel)."""
 
     __slots__ = ()
+    unit: str
     command: tuple[str, ...]
     read_write: tuple[str, ...]
     read_only: tuple[str, ...]

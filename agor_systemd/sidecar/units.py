@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from agor_systemd.config import Config, telemetry_environment
+from agor_systemd.giveup import GAVE_UP_STATUS
 from agor_systemd.sandbox.hardening import (
     expected_effects,
     hardening_directives,
@@ -14,7 +16,6 @@ from agor_systemd.sandbox.hardening import (
 from agor_systemd.sandbox.policy import sandbox_paths
 from agor_systemd.sidecar.backoff import native_backoff, schedule
 from agor_systemd.sidecar.protocol import (
-    GAVE_UP_STATUS,
     SIDECAR_SOCKET,
     SIDECAR_UNIT,
     LauncherOptions,
@@ -24,6 +25,7 @@ from agor_systemd.unitfile import (
     HEADER,
     PACKAGED_DOCS,
     UnitFile,
+    Word,
     documentation,
     environment_assignment,
     exec_line,
@@ -46,6 +48,28 @@ MIB = 1024 * 1024
 PACKAGED_LAUNCHER = ("/usr/bin/python3", "-I", "-S", "/usr/lib/python3/dist-packages/agor_systemd/_launch.py")
 
 
+@dataclass(frozen=True)
+class SidecarNames:
+    """Who a sidecar's service and socket are: agor-sidecar's own (the default), or a template
+    whose instances are the relay's per-session sidecars (relay/units.py)."""
+
+    service: str = SIDECAR_UNIT
+    socket: str = SIDECAR_SOCKET
+    socket_path: str = SOCKET_PATH
+    # the unit as the launcher asks systemd about it (Specifier("n") in a template: %n)
+    launcher_unit: Word = SIDECAR_UNIT
+    identifier: str = "agor-sidecar"
+    description: str = "agor sidecar (agent runners), supervised by systemd"
+    socket_description: str = "agor sidecar's stdin and stdout for agor (agor-units attach)"
+    # what Sockets= and Service= name: the other unit of the pair (`@%i.` in a template)
+    socket_of_service: str = SIDECAR_SOCKET
+    service_of_socket: str = SIDECAR_UNIT
+    installed: bool = True  # an [Install] section: enabled units start with the manager
+
+
+AGOR_SIDECAR = SidecarNames()
+
+
 def uses_native_backoff(config: Config, systemd_version: int) -> bool:
     return systemd_version >= NATIVE_BACKOFF_VERSION and native_backoff(config.restart) is not None
 
@@ -57,6 +81,7 @@ def sidecar_unit(
     system: bool = False,
     hardening: set[str] | frozenset[str] | None = None,
     docs: str | None = PACKAGED_DOCS,
+    names: SidecarNames = AGOR_SIDECAR,
 ) -> UnitFile:
     """The sidecar's unit for a manager of `systemd_version`.
 
@@ -72,7 +97,7 @@ def sidecar_unit(
     native = native_backoff(policy) if systemd_version >= NATIVE_BACKOFF_VERSION else None
     delays = schedule(policy)
     options = LauncherOptions(
-        unit=SIDECAR_UNIT,
+        unit=names.launcher_unit,
         attempts=policy.attempts,
         stability_window_s=policy.stability_window_s,
         command=tuple(config.sidecar.command),
@@ -95,8 +120,8 @@ def sidecar_unit(
         options.sandbox = "required" if config.sandbox.required else "best"
         options.read_write, options.read_only = read_write, read_only
         options.tcp_connect, options.tcp_bind = config.sandbox.tcp_connect, config.sandbox.tcp_bind
-    unit = UnitFile(SIDECAR_UNIT, header=HEADER)
-    unit.add("Unit", "Description", "agor sidecar (agent runners), supervised by systemd")
+    unit = UnitFile(names.service, header=HEADER)
+    unit.add("Unit", "Description", names.description)
     if (pages := documentation(docs, "supervision.md", "watchdog.md", "sandbox.md")) is not None:
         unit.add("Unit", "Documentation", pages)
     # A safety net for a launcher that cannot even start (its interpreter gone, ...): the launcher
@@ -141,38 +166,42 @@ def sidecar_unit(
     # agents, their git — and TimeoutStopSec= to finish; only then SIGKILL. (KillMode=mixed
     # would SIGKILL the agents the moment the launcher exits.)
     unit.add("Service", "KillMode", "control-group")
-    unit.add("Service", "SyslogIdentifier", "agor-sidecar")
+    unit.add("Service", "SyslogIdentifier", names.identifier)
     for name, value in telemetry_environment(config.telemetry).items():
         unit.add("Service", "Environment", environment_assignment(name, value))
     if config.socket.enabled:
         # the listening socket comes from agor-sidecar.socket (pulled in, and ordered before)
-        unit.add("Service", "Sockets", SIDECAR_SOCKET)
+        unit.add("Service", "Sockets", names.socket_of_service)
     directives = hardening_directives(config, systemd_version, hardening, system)
     for section, key, value in directives:
         unit.add(section, key, value)
     if telemetry_environment(config.telemetry) and any(key == "ProtectSystem" for _, key, _ in directives):
         # the launcher keeps the run's trace context in %t/agor (sidecar/trace.py), read-only otherwise
         unit.add("Service", "ReadWritePaths", f'"-{RUN_DIRECTORY}"')
-    unit.add("Install", "WantedBy", "default.target")
+    if names.installed:
+        unit.add("Install", "WantedBy", "default.target")
     return unit
 
 
-def sidecar_socket(config: Config, docs: str | None = PACKAGED_DOCS) -> UnitFile | None:
+def sidecar_socket(
+    config: Config, docs: str | None = PACKAGED_DOCS, names: SidecarNames = AGOR_SIDECAR
+) -> UnitFile | None:
     """agor-sidecar.socket: the sidecar's stdio as a unix socket that belongs to systemd, so it
     outlives every launcher: connections made during a restart wait in its backlog (docs/socket.md).
     None when [socket] enabled = false."""
     if not config.socket.enabled:
         return None
-    unit = UnitFile(SIDECAR_SOCKET, header=HEADER)
-    unit.add("Unit", "Description", "agor sidecar's stdin and stdout for agor (agor-units attach)")
+    unit = UnitFile(names.socket, header=HEADER)
+    unit.add("Unit", "Description", names.socket_description)
     if (pages := documentation(docs, "socket.md")) is not None:
         unit.add("Unit", "Documentation", pages)
-    unit.add("Socket", "ListenStream", SOCKET_PATH)
+    unit.add("Socket", "ListenStream", names.socket_path)
     unit.add("Socket", "SocketMode", "0600")
     unit.add("Socket", "DirectoryMode", "0700")
     unit.add("Socket", "FileDescriptorName", "sidecar")  # bridge.FD_NAME, in LISTEN_FDNAMES
     unit.add("Socket", "Accept", "no")  # one launcher serves every client
     unit.add("Socket", "RemoveOnStop", "yes")
-    unit.add("Socket", "Service", SIDECAR_UNIT)
-    unit.add("Install", "WantedBy", "sockets.target")
+    unit.add("Socket", "Service", names.service_of_socket)
+    if names.installed:
+        unit.add("Install", "WantedBy", "sockets.target")
     return unit

@@ -1,6 +1,6 @@
 """agor-relay.service under real user managers (252 and 254): the token as a systemd credential,
 never in the unit, the command lines, `systemctl show` or the journal; a controller's session with
-its sidecar under the launcher inside the unit; reload and restart."""
+its sidecar as an instance of agor-relay-sidecar@.service; reload; a session that outlives a restart."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import json
 import secrets
 import socket
 from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
 
 from agor_systemd.lab.testbed import OPT_ROOT
 from agor_systemd.relay.client import connect, peer_certificate
@@ -108,12 +111,116 @@ def test_the_relay_unit_serves_with_the_token_as_a_credential(user_manager, echo
         "the new certificate", lambda: certificate_pin(asyncio.run(peer_certificate("127.0.0.1", port))) == new_pin, 10
     )
 
-    # a restart: the relay is back at once; sessions lived in the old process (a new one starts)
-    mgr.systemctl("restart", UNIT, check=True)
+    # a session's sidecar is a unit of its own, an instance of agor-relay-sidecar@.service
+    sidecar = f"agor-relay-sidecar@{result['ready']['payload']['session']}.service"
+    assert mgr.unit_property(sidecar, "ActiveState") == "active"
+    assert result["sidecar_pid"] not in unit_pids(mgr)
+
+
+class Controller:
+    """A controller's connection, as agor's: frames in, frames out, wait for one that matches."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.frames: list[dict] = []
+
+    @classmethod
+    async def open(cls, url: str, token: str, known: Path, session: str | None = None) -> Controller:
+        return cls(await connect(url, token, known_hosts=known, session=session))
+
+    async def send(self, kind: str, payload: dict | None = None, command_id: str = "c") -> None:
+        await self.connection.send(json.dumps({"id": command_id, "type": kind, "payload": payload or {}}))
+
+    async def until(self, matches, timeout: float = 20) -> dict:
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = json.loads(await self.connection.recv())
+                self.frames.append(frame)
+                if matches(frame):
+                    return frame
+
+
+def terminal_output(frames: list[dict], pty: str) -> str:
+    return "".join(f["payload"] for f in frames if f["type"] == "pty_data" and f.get("sessionId") == pty)
+
+
+def test_a_session_outlives_a_restart_of_the_relay(user_manager, echo_sidecar_path, tmp_path):
+    """`systemctl --user restart agor-relay` with a terminal and a sidecar at work: the controller is
+    told to come back (1012), reconnects with its session and gets state_sync, the output its
+    terminal wrote meanwhile, the same shell and the same sidecar; a stop ends the session."""
+    mgr = user_manager
+    token, port = install_relay(mgr, echo_sidecar_path)
+    url, known = f"wss://127.0.0.1:{port}", tmp_path / "known_hosts"
+    project = mgr.home / "projects" / "demo"
+    mgr.run(["mkdir", "-p", str(project)], check=True)
+
+    async def before() -> tuple[str, str]:
+        c = await Controller.open(url, token, known)
+        session = (await c.until(lambda f: f["type"] == "ready"))["payload"]["session"]
+        await c.send("pty_create", {"shell": "/bin/bash", "args": ["--norc", "--noprofile", "-i"], "cwd": str(project)})
+        pty = (await c.until(lambda f: f["type"] == "pty_created"))["sessionId"]
+        await c.until(lambda f: "$ " in terminal_output(c.frames, pty))  # the prompt: bash reads input now
+        await c.send("pty_write", {"id": pty, "data": "pwd; echo before-$((1+1))\n"})
+        await c.until(lambda f: "before-2" in terminal_output(c.frames, pty))
+        assert str(project) in terminal_output(c.frames, pty)
+        await c.send("agent_query", {"prompt": "hi"})
+        await c.until(lambda f: f["type"] == "sidecar_message" and f["payload"]["type"] == "echo")
+        # output that comes while no relay runs
+        await c.send("pty_write", {"id": pty, "data": "sleep 2; echo away-$((2+2))\n"})
+        await c.until(lambda f: "away-$((2+2))" in terminal_output(c.frames, pty))  # the terminal's echo
+        mgr.systemctl("restart", UNIT, check=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            await c.until(lambda f: False)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        return session, pty
+
+    session, pty = asyncio.run(before())
+    terminal, sidecar = f"agor-relay-pty-{session}-{pty}.service", f"agor-relay-sidecar@{session}.service"
+    shell_pid, launcher_pid = mgr.unit_property(terminal, "MainPID"), mgr.unit_property(sidecar, "MainPID")
     mgr.wait_property(UNIT, "ActiveState", "active", timeout=20)
-    known.unlink()
-    again = asyncio.run(session_round_trip(url, token, known, session=result["ready"]["payload"]["session"]))
-    assert again["ready"]["payload"]["resumed"] is False and again["echo"]["payload"]["type"] == "echo"
+    journal = "\n".join(mgr.journal_lines(UNIT, identifier="agor-relay"))
+    assert "restarting: 1 sessions kept" in journal and "took over 1 sessions (1 terminals)" in journal
+
+    terminal = f"agor-relay-pty-{session}-{pty}.service"
+    sidecar = f"agor-relay-sidecar@{session}.service"
+
+    async def after() -> list[dict]:
+        await asyncio.sleep(2.5)  # `away` is written while the controller is away
+        c = await Controller.open(url, token, known, session=session)
+        ready = await c.until(lambda f: f["type"] == "ready")
+        assert ready["payload"] == {"session": session, "resumed": True}
+        sync = await c.until(lambda f: f["type"] == "state_sync")
+        assert sync["payload"]["ptys"] == [{"id": pty, "pid": int(shell_pid), "alive": True, "exitCode": None}]
+        assert sync["payload"]["sidecar"] in ("running", "starting")
+        await c.until(lambda f: "away-4" in terminal_output(c.frames, pty), timeout=10)
+        await c.send("pty_write", {"id": pty, "data": "echo after-$((3+3))\n"})
+        await c.until(lambda f: "after-6" in terminal_output(c.frames, pty))
+        await c.send("agent_query", {"prompt": "again"})
+        echo = await c.until(lambda f: f["type"] == "sidecar_message" and f["payload"]["type"] == "echo")
+        assert echo["payload"]["message"]["prompt"] == "again"
+        # a crash of the sidecar: systemd restarts it on its schedule, the relay reports it
+        await c.send("agent_query", {"prompt": "crash"})
+        exited = await c.until(lambda f: f["type"] == "sidecar_exited")
+        assert exited["payload"] == {"exitCode": 3, "restart": 1, "retryInS": 1.0}
+        await c.send("agent_query", {"prompt": "back"})
+        await c.until(
+            lambda f: f["type"] == "sidecar_message" and f["payload"].get("message", {}).get("prompt") == "back"
+        )
+        # the shell's own exit status, read from systemd
+        await c.send("pty_write", {"id": pty, "data": "exit 7\n"})
+        end = await c.until(lambda f: f["type"] == "pty_exit")
+        await c.connection.close()
+        return [end]
+
+    (end,) = asyncio.run(after())
+    assert end == {"type": "pty_exit", "sessionId": pty, "payload": {"exitCode": 7}}
+    assert mgr.unit_property(sidecar, "MainPID") != launcher_pid  # restarted after the crash
+    wait_for("the terminal's unit gone", lambda: mgr.unit_property(terminal, "LoadState") == "not-found", 10)
+
+    # a stop (not a restart) ends the sessions: their sidecar units stop too
+    mgr.systemctl("stop", UNIT, check=True)
+    wait_for("the sidecar stopped", lambda: mgr.unit_property(sidecar, "ActiveState") == "inactive", 10)
+    assert "sessions kept" not in "\n".join(mgr.journal_lines(UNIT, identifier="agor-relay")).split("took over")[-1]
 
 
 async def refused(url: str, token: str, known: Path) -> str:

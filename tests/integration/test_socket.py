@@ -84,14 +84,25 @@ def test_query_gets_the_answer_and_the_socket_is_private(user_manager, fake_side
 
 
 def test_crash_gives_eof_and_the_next_connection_waits_for_the_restart(user_manager, fake_sidecar_path):
-    """A crash: EOF, as agor gets it from a runner's stdout. Connections made during the backoff
-    (1 s here) are queued by systemd's socket, never refused, and reach the restarted sidecar."""
+    """A crash: one line saying so, then EOF, as agor gets it from a runner's stdout. Connections
+    made during the backoff (1 s here) are queued by systemd's socket, never refused, and reach the
+    restarted sidecar."""
     install_sidecar(user_manager, fake_sidecar_path, ["echo"], base_s=1)
     wait_health(user_manager, "healthy", 20)
     client = Client(user_manager)
     assert client.message() == {"type": "ready"}
     first_pid = running_pid(user_manager)
     client.send("crash")
+    told = client.message()
+    assert told == {
+        "type": "supervisor",
+        "state": "restarting",
+        "restart": 1,
+        "attempts": 5,
+        "last_error": told["last_error"],
+        "exit_code": told["exit_code"],
+    }
+    assert told["last_error"] == f"exited with status {told['exit_code']}"
     assert client.line() == b""  # EOF
     client.close()
     crashed = time.monotonic()
@@ -224,8 +235,12 @@ def test_attach_sends_lines_and_prints_the_output_until_eof(user_manager, fake_s
     )
     assert attach.returncode == 0, attach.stderr
     lines = [json.loads(line) for line in attach.stdout.splitlines()]
-    assert lines[0] == {"type": "ready"} and lines[1]["to"] == "hello" and len(lines) == 2
+    assert lines[0] == {"type": "ready"} and lines[1]["to"] == "hello" and len(lines) == 3
+    assert lines[2]["type"] == "supervisor" and lines[2]["state"] == "restarting"
     assert attach.stderr == ""  # --json: nothing added
+    said = user_manager.run([str(OPT_ROOT / "venv" / "bin" / "agor-units"), "attach"], input="crash\n", timeout=30)
+    assert said.returncode == 0 and "-- the sidecar ended (exited with status" in said.stderr, said.stderr
+    assert "restart 2 of 5 follows" in said.stderr  # its second crash in this test
 
 
 def test_a_client_connected_at_the_give_up_is_told_before_its_eof(user_manager, fake_sidecar_path):

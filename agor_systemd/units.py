@@ -76,7 +76,7 @@ def render_units(
         units.append(socket)
     units += walcheck_units(config, [launcher[0], "-I"], docs)
     units += sweep_units(config, [launcher[0], "-I"], docs)
-    if (relay := relay_unit(config, [launcher[0], "-I"], docs)) is not None:
+    if (relay := relay_unit(config, [launcher[0], "-I"], docs, systemd_version, hardening)) is not None:
         units.append(relay)
         units += relay_sidecar_units(config, systemd_version, launcher, hardening, docs)
     return {unit.name: unit.render() for unit in units}

@@ -5,6 +5,9 @@ tests/integration/test_relay.py)."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -13,6 +16,7 @@ from agor_systemd.config import Config
 from agor_systemd.giveup import GAVE_UP_ENV, gave_up_variable
 from agor_systemd.relay.host import exit_code, parse_pty_fd_name, passed_fds, pty_fd_name, pty_unit
 from agor_systemd.relay.units import RELAY_UNIT, relay_sidecar_instance, relay_sidecar_socket_path
+from agor_systemd.sandbox import landlock
 from agor_systemd.units import render_units
 from agor_systemd.verify import verify_units
 
@@ -78,3 +82,58 @@ def test_the_sidecar_template_is_agor_sidecars_units_for_one_session(version):
 def test_the_templates_verify():
     units = {name: text for name, text in render_units(relay_config(), 252).items() if "relay" in name}
     assert verify_units(units, user=False) == []
+
+
+CONFINED = """
+import socket, sys
+from agor_systemd.relay.program import confine
+from agor_systemd.relay.server import RelaySettings
+confine(RelaySettings(token_digest=b"", tls=None, port=int(sys.argv[1]), state_directory=sys.argv[2]))
+def attempt(what, action):
+    try:
+        action()
+        print(f"{what}: allowed")
+    except OSError:
+        print(f"{what}: refused")
+def bind(port):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+def connect(port):
+    with socket.socket() as s:
+        s.connect(("127.0.0.1", port))
+attempt("bind own port", lambda: bind(int(sys.argv[1])))
+attempt("bind other port", lambda: bind(int(sys.argv[1]) + 1))
+attempt("connect", lambda: connect(int(sys.argv[3])))
+attempt("write state", lambda: open(sys.argv[2] + "/sessions.json", "w").close())
+attempt("write elsewhere", lambda: open(sys.argv[4] + "/x", "w").close())
+attempt("read", lambda: open("/etc/hostname").read())
+"""
+
+
+@pytest.mark.skipif(landlock.abi_version() < 4, reason="the kernel's Landlock has no network rules (ABI < 4)")
+def test_the_relay_confines_itself_to_its_port_and_its_runtime_directory(tmp_path):
+    state, elsewhere = tmp_path / "state", tmp_path / "home"
+    state.mkdir()
+    elsewhere.mkdir()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "AGOR_OTLP_ENDPOINT"}
+        argv = [sys.executable, "-c", CONFINED, str(port), str(state), str(listener.getsockname()[1]), str(elsewhere)]
+        cp = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    assert f"confined (Landlock ABI {landlock.abi_version()}): TCP bind on port {port} only" in cp.stderr
+    assert dict(line.split(": ") for line in cp.stdout.splitlines()) == {
+        "bind own port": "allowed",
+        "bind other port": "refused",
+        "connect": "refused",
+        "write state": "allowed",
+        "write elsewhere": "refused",
+        "read": "allowed",
+    }, cp.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

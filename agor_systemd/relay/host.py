@@ -135,6 +135,13 @@ class UnitHost:
         except BusError:
             return None
 
+    def kill(self, name: str, signal: int) -> None:
+        """Manager.KillUnit: `signal` to every process of the unit."""
+        try:
+            self.systemd.manager("KillUnit", "ssi", name, "all", signal)
+        except BusError:
+            pass  # ended meanwhile
+
     def stop(self, *names: str) -> None:
         """Stop each unit, if loaded, and forget a failed one (a transient unit is gone then)."""
         for name in names:

@@ -85,6 +85,11 @@ class ChildTerminal:
     async def exit_status(self) -> int | None:
         return self.process.wait()  # its pidfd said it has exited: no wait
 
+    def hang_up(self) -> None:
+        """pty_close: SIGHUP to its process group, as a terminal window closing does."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGHUP)
+
     def end(self) -> None:
         """The session ends: hang up (SIGHUP to its process group), as a closing terminal window."""
         with contextlib.suppress(ProcessLookupError):
@@ -107,6 +112,11 @@ class UnitTerminal:
         while (status := self.host.exit_status(self.unit)) is None and loop.time() < deadline:
             await asyncio.sleep(0.005)
         return status
+
+    def hang_up(self) -> None:
+        """pty_close: SIGHUP to everything in its unit (the relay's Landlock domain may signal
+        nothing outside itself: systemd does it)."""
+        self.host.kill(self.unit, signal.SIGHUP)
 
     def end(self) -> None:
         self.host.stop(self.unit)  # SendSIGHUP=: SIGTERM and SIGHUP to everything on the terminal
@@ -276,10 +286,9 @@ class Pty:
             set_window_size(self.master, cols, rows)
 
     def close(self) -> None:
-        """pty_close: SIGHUP to its process group, as a terminal window closing does."""
+        """pty_close: the terminal hangs up."""
         if self.alive and self.terminal.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.terminal.pid, signal.SIGHUP)
+            self.terminal.hang_up()
 
     def end(self) -> None:
         """The session ends: the program is hung up, and (in a unit) stopped with what it left."""

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 from agor_systemd.config import Config, expand_home, telemetry_environment
+from agor_systemd.sandbox.hardening import hardening_directives
 from agor_systemd.unitfile import (
     HEADER,
     Text,
@@ -44,8 +45,15 @@ def relay_sidecar_socket_path(runtime_dir: str, session: str) -> str:
     return RELAY_SIDECAR_SOCKET_PATH.replace("%t", runtime_dir).replace("%i", session)
 
 
-def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -> UnitFile | None:
-    """`python`: the interpreter argv (e.g. ["/usr/bin/python3", "-I"])."""
+def relay_unit(
+    config: Config,
+    python: Sequence[str],
+    docs: str | None = None,
+    systemd_version: int = 252,
+    hardening: set[str] | frozenset[str] | None = None,
+) -> UnitFile | None:
+    """`python`: the interpreter argv (e.g. ["/usr/bin/python3", "-I"]); `hardening`: the groups the
+    install probe found to take effect (None: all), as for agor-sidecar.service."""
     relay = config.relay
     if not relay.enabled:
         return None
@@ -79,6 +87,12 @@ def relay_unit(config: Config, python: Sequence[str], docs: str | None = None) -
     unit.add("Service", "KillMode", "control-group")
     unit.add("Service", "TimeoutStopSec", "20s")
     unit.add("Service", "SyslogIdentifier", "agor-relay")
+    # the project's hardening, as agor-sidecar.service's: the relay starts no program of its own
+    # (its sessions' terminals and sidecars are units of their own); it writes only in its
+    # RuntimeDirectory=, which systemd keeps writable, and confines itself with Landlock too
+    for section, key, value in hardening_directives(config, systemd_version, hardening):
+        if key != "ReadWritePaths":  # the sidecar's project directories: nothing the relay writes
+            unit.add(section, key, value)
     unit.add("Install", "WantedBy", "default.target")
     return unit
 

@@ -150,8 +150,10 @@ def prepare(
     tcp_bind: tuple[int, ...],
     required: bool,
     command_read: list[str] | None = None,
+    scopes: tuple[str, ...] = SCOPES,
 ) -> Prepared:
-    """The ruleset for these rules; `command_read`: the command_paths, read-only too."""
+    """The ruleset for these rules; `command_read`: the command_paths, read-only too. `scopes`: the
+    IPC the domain may not reach outside itself (abstract unix sockets, signals)."""
     cap = os.environ.get("AGOR_LANDLOCK_ABI")  # lets tests (and the curious) play an older kernel
     abi = landlock.abi_version(int(cap) if cap and cap.isdigit() else None)
     if abi <= 0:
@@ -160,7 +162,7 @@ def prepare(
         return Prepared(None, 0, [])
     read_only = read_only + (command_read or [])
     net = ("bind_tcp",) + (("connect_tcp",) if tcp_connect is not None else ())
-    ruleset = landlock.Ruleset(abi, ALL_FS, net, SCOPES)
+    ruleset = landlock.Ruleset(abi, ALL_FS, net, scopes)
     skipped = []
     for paths, rights in ((read_only, landlock.READ_ONLY), (read_write, READ_WRITE), (TERMINALS, ALL_FS)):
         for path in paths:

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from agor_systemd.lab.testbed import OPT_ROOT
 from agor_systemd.relay.client import connect, peer_certificate
 from agor_systemd.relay.tls import certificate_pin, der_of_pem
+from agor_systemd.sandbox import landlock
 
 from .support import agor_units, wait_for
 
@@ -94,6 +95,9 @@ def test_the_relay_unit_serves_with_the_token_as_a_credential(user_manager, echo
     assert "clients" in status and "sessions" in status, status
     journal = "\n".join(mgr.journal_lines(UNIT, identifier="agor-relay"))
     assert "listening on wss://127.0.0.1" in journal and token not in journal
+    # the project's hardening, and the relay's own Landlock domain where the kernel has Landlock
+    assert mgr.unit_property(UNIT, "ProtectSystem") == "strict" and mgr.unit_property(UNIT, "NoNewPrivileges") == "yes"
+    assert ("confined (Landlock ABI" if landlock.abi_version() > 0 else "not confined") in journal
 
     # a wrong token: 401, and the journal names the IP, never the token tried
     assert asyncio.run(refused(url, "not-" + token, known)) == "401"

@@ -3,7 +3,7 @@
 
 Run outside systemd (no root needed)::
 
-    /opt/agor-systemd/venv/bin/python bench/relay.py [--seconds 5] [--clients 100] [--idle 1000] [--json]
+    /opt/agor-systemd/venv/bin/python bench/relay.py [--seconds 15] [--clients 100] [--idle 1000] [--json]
 
 The relay runs as `agor-relay serve` with a certificate from `agor-relay cert` (tests/relay_support.py
 starts it exactly as the tests do); the load generator runs in this process. With two or more CPUs
@@ -65,8 +65,11 @@ async def connect_times(relay: RunningRelay, count: int) -> list[float]:
     return times
 
 
-async def pinger(connection, seconds: float, window: int, interval: float, latencies: list[float]) -> int:
-    """Keep `window` pings in flight (or send one every `interval` s); returns pongs received."""
+async def pinger(
+    connection, seconds: float, window: int, interval: float, latencies: list[float], phase: float = 0.0
+) -> int:
+    """Keep `window` pings in flight (or send one every `interval` s, starting `phase` of an interval
+    late); returns pongs received."""
     sent: list[float] = []
     done = 0
     deadline = time.perf_counter() + seconds
@@ -82,7 +85,7 @@ async def pinger(connection, seconds: float, window: int, interval: float, laten
                 in_flight.release()
 
     receiver = asyncio.create_task(receive())
-    next_send = time.perf_counter()
+    next_send = time.perf_counter() + phase * interval
     while (now := time.perf_counter()) < deadline:
         if interval:
             if now < next_send:
@@ -104,7 +107,11 @@ async def relayed(relay: RunningRelay, clients: int, seconds: float, window: int
     latencies: list[float] = []
     interval = clients / rate if rate else 0
     started = time.perf_counter()
-    counts = await asyncio.gather(*(pinger(c, seconds, window, interval, latencies) for c in connections))
+    # paced clients are spread over the interval, as independent controllers are: all of them
+    # sending in the same instant would measure the burst, not the rate
+    counts = await asyncio.gather(
+        *(pinger(c, seconds, window, interval, latencies, i / clients) for i, c in enumerate(connections))
+    )
     elapsed = time.perf_counter() - started - 0.5
     for connection in connections:
         await connection.close()
@@ -165,7 +172,7 @@ async def idle_memory(relay: RunningRelay, count: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--connects", type=int, default=200)

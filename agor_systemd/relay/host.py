@@ -18,8 +18,10 @@ a local round trip of well under a millisecond.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
+import socket
 from typing import Any
 
 from agor_systemd.giveup import gave_up_variable
@@ -29,7 +31,9 @@ from agor_systemd.notify import notify
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 PTY_ID = re.compile(r"[0-9a-f]{16}")
 STATE_FILE = "sessions.json"
+LISTEN_FD_NAME = "listen"  # the relay's listening socket in the fd store
 JOB_WAIT_S = 10.0  # a transient unit's start job: systemd forks at once, this is the backstop
+LISTEN_BACKLOG = 128  # connections waiting while the relay restarts (asyncio's default backlog, 100)
 
 
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
@@ -68,6 +72,36 @@ def passed_fds(environ: dict[str, str], pid: int) -> dict[str, int]:
     count = int(environ["LISTEN_FDS"])
     names = environ.get("LISTEN_FDNAMES", "").split(":")
     return {(names[i] if i < len(names) else f"unknown{i}"): 3 + i for i in range(count)}
+
+
+def bind_listener(bind: str | None, port: int) -> socket.socket:
+    """A listening TCP socket on `bind` (None: every address, one IPv6 socket that takes IPv4 too,
+    or IPv4 alone where the kernel has no IPv6)."""
+    if bind is None:
+        try:
+            listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            address: tuple[str, int] = ("::", port)
+        except OSError:
+            listener, address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port)
+    else:
+        family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
+        listener, address = socket.socket(family, socket.SOCK_STREAM), (bind, port)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def listening_as(listener: socket.socket, bind: str | None, port: int) -> bool:
+    """Whether a stored listening socket is bound as the settings say (they may have changed)."""
+    host, bound_port = listener.getsockname()[:2]
+    wanted = {"::", "0.0.0.0"} if bind is None else {str(ipaddress.ip_address(bind))}
+    return bound_port == port and host in wanted
 
 
 def store_fd(fd: int, name: str) -> bool:

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +29,18 @@ from agor_systemd import journal, tracing
 from agor_systemd.files import atomic_write
 from agor_systemd.notify import notify, watchdog_interval_s
 from agor_systemd.relay.host import (
+    LISTEN_FD_NAME,
     SESSION_ID,
     STATE_FILE,
     UnitHost,
+    bind_listener,
     forget_fd,
+    listening_as,
     parse_pty_fd_name,
     passed_fds,
     pty_fd_name,
     pty_unit,
+    store_fd,
 )
 from agor_systemd.relay.protocol import (
     CLOSE_SESSION_TAKEN,
@@ -68,6 +73,8 @@ from agor_systemd.relay.tls import ReloadableContext, TLSError
 
 MIB = 1024 * 1024
 STATUS_EVERY_S = 5.0
+# a peer's close frame is awaited this long (websockets' default, 10 s, would hold a restart up)
+CLOSE_TIMEOUT_S = 2.0
 
 
 # keystrokes, resizes and pings: too many to be worth a span each
@@ -405,15 +412,28 @@ class Relay:
         except OSError as e:
             log(f"cannot save the sessions to {path}: {e}; a restart will end them", journal.ERR)
 
-    def restore_sessions(self) -> None:
+    def listening_socket(self, stored: dict[str, int]) -> socket.socket:
+        """--session-units: the listening socket, kept in the fd store too, so that connections
+        made while the relay restarts wait in its backlog instead of being refused; the stored one
+        when it is bound as the settings say, else a new one (every address: one dual-stack socket)."""
+        settings = self.settings
+        fd = stored.pop(LISTEN_FD_NAME, None)
+        if fd is not None:
+            listener = socket.socket(fileno=fd)
+            if listening_as(listener, settings.bind, settings.port):
+                return listener
+            listener.close()
+            forget_fd(LISTEN_FD_NAME)
+        listener = bind_listener(settings.bind, settings.port)
+        store_fd(listener.fileno(), LISTEN_FD_NAME)
+        return listener
+
+    def restore_sessions(self, stored: dict[str, int]) -> None:
         """The sessions an earlier relay process left: their terminals' masters from the fd store,
         their programs and sidecars still running in their units."""
         host, path = self.settings.host, self.state_path()
         if host is None or path is None:
             return
-        stored = passed_fds(dict(os.environ), os.getpid())
-        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
         try:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
@@ -475,10 +495,15 @@ class Relay:
     async def run(self, on_listening: Any = None) -> None:
         settings = self.settings
         loop = asyncio.get_running_loop()
+        stored = passed_fds(dict(os.environ), os.getpid())  # the fd store's, after a restart
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        where: dict[str, Any] = {"host": settings.bind, "port": settings.port}
+        if settings.host is not None:
+            where = {"sock": self.listening_socket(stored)}
         async with serve(
             self.serve_connection,
-            settings.bind,
-            settings.port,
+            **where,
             ssl=settings.tls.context if settings.tls is not None else None,
             process_request=self.admit,
             compression=None,  # 50 KiB less per connection, no compression bombs
@@ -486,10 +511,11 @@ class Relay:
             max_queue=4,
             ping_interval=settings.ping_interval_s,
             ping_timeout=settings.ping_timeout_s,
+            close_timeout=CLOSE_TIMEOUT_S,
             server_header="agor-relay",
         ) as server:
             self.server = server
-            self.restore_sessions()
+            self.restore_sessions(stored)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stopped.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload_certificate)

@@ -8,6 +8,8 @@ import asyncio
 import json
 import secrets
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,34 @@ def test_the_relay_unit_serves_with_the_token_as_a_credential(user_manager, echo
     assert result["sidecar_pid"] not in unit_pids(mgr)
 
 
+class Knocker(threading.Thread):
+    """Connects to the relay's port again and again, counting connects accepted and refused."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.accepted, self.refused, self.timed_out, self.done = port, 0, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+                self.accepted += 1
+            except ConnectionRefusedError:
+                self.refused += 1
+            except TimeoutError:
+                self.timed_out += 1
+            time.sleep(0.05)
+
+    def __enter__(self) -> Knocker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.3)  # and a moment after the restart job is done
+        self.done.set()
+        self.join()
+
+
 class Controller:
     """A controller's connection, as agor's: frames in, frames out, wait for one that matches."""
 
@@ -149,8 +179,9 @@ def terminal_output(frames: list[dict], pty: str) -> str:
 
 
 def test_a_session_outlives_a_restart_of_the_relay(user_manager, echo_sidecar_path, tmp_path):
-    """`systemctl --user restart agor-relay` with a terminal and a sidecar at work: the controller is
-    told to come back (1012), reconnects with its session and gets state_sync, the output its
+    """`systemctl --user restart agor-relay` with a terminal and a sidecar at work: no connect is
+    refused meanwhile (the listening socket waits in the fd store), the controller is told to come
+    back (1012), reconnects with its session and gets state_sync, the output its
     terminal wrote meanwhile, the same shell and the same sidecar; a stop ends the session."""
     mgr = user_manager
     token, port = install_relay(mgr, echo_sidecar_path)
@@ -172,7 +203,9 @@ def test_a_session_outlives_a_restart_of_the_relay(user_manager, echo_sidecar_pa
         # output that comes while no relay runs
         await c.send("pty_write", {"id": pty, "data": "sleep 2; echo away-$((2+2))\n"})
         await c.until(lambda f: "away-$((2+2))" in terminal_output(c.frames, pty))  # the terminal's echo
-        mgr.systemctl("restart", UNIT, check=True)
+        with Knocker(port) as knocks:  # TCP connects all through the restart
+            mgr.systemctl("restart", UNIT, check=True)
+        assert knocks.refused == knocks.timed_out == 0 and knocks.accepted > 5, vars(knocks)
         with pytest.raises(ConnectionClosed) as closed:
             await c.until(lambda f: False)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012

@@ -180,10 +180,11 @@ async def spawn_unit_pty(
         store_fd(master, pty_fd_name(session, pty_id))
     except BaseException:
         os.close(master)
+        os.close(slave)
         raise
-    finally:
-        os.close(slave)  # held until the program has the terminal: no hangup in between
-    return Pty(pty_id, master, UnitTerminal(host, session, pty_id, pid), emit)
+    # The slave stays open here while the terminal lives: systemd's child opens the terminal some
+    # time after the start job is done, and a master with no slave open reads EIO, the end.
+    return Pty(pty_id, master, UnitTerminal(host, session, pty_id, pid), emit, slave)
 
 
 def adopt_unit_pty(host: UnitHost, session: str, pty_id: str, master: int, emit: Emit) -> Pty:
@@ -195,8 +196,8 @@ def adopt_unit_pty(host: UnitHost, session: str, pty_id: str, master: int, emit:
 class Pty:
     """A program on a real pseudo-terminal; its output becomes pty_data frames."""
 
-    def __init__(self, pty_id: str, master: int, terminal: Terminal, emit: Emit) -> None:
-        self.id, self.master, self.terminal, self.emit = pty_id, master, terminal, emit
+    def __init__(self, pty_id: str, master: int, terminal: Terminal, emit: Emit, slave: int | None = None) -> None:
+        self.id, self.master, self.terminal, self.emit, self.slave = pty_id, master, terminal, emit, slave
         os.set_blocking(master, False)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pending_input = b""
@@ -247,6 +248,8 @@ class Pty:
         loop.remove_reader(self.master)
         loop.remove_writer(self.master)
         os.close(self.master)
+        if self.slave is not None:
+            os.close(self.slave)
         self.terminal.forget()
         self.emit(Outbound("pty_exit", self.id, {"exitCode": self.exit_code}))
 

@@ -34,9 +34,13 @@ def _text(value: Any) -> Any:
     return value
 
 
+def runtime_directory() -> str:
+    """The user manager's runtime directory (%t in its units)."""
+    return os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+
+
 def user_private_socket() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return Path(runtime) / "systemd" / "private"
+    return Path(runtime_directory()) / "systemd" / "private"
 
 
 class Systemd:

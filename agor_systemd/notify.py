@@ -1,4 +1,5 @@
-"""sd_notify(3) without libsystemd: READY=1, STATUS=, WATCHDOG=1 as datagrams to $NOTIFY_SOCKET.
+"""sd_notify(3) without libsystemd: READY=1, STATUS=, WATCHDOG=1 as datagrams to $NOTIFY_SOCKET, fds
+for the fd store; and sd_listen_fds(3), the fds systemd passes back.
 
 Shared by every Type=notify daemon of the toolkit (the launcher today). Import-light: the socket
 is made with the C module `_socket` on first use (`socket` would import enum, ~2 ms per start).
@@ -56,3 +57,20 @@ def watchdog_interval_s() -> float:
     usec = os.environ.get("WATCHDOG_USEC", "")
     owner = os.environ.get("WATCHDOG_PID", str(os.getpid()))
     return int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and owner == str(os.getpid()) else 0.0
+
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+
+
+def listen_fds(environ: dict[str, str], pid: int) -> list[tuple[str, int]]:
+    """sd_listen_fds_with_names(3): (name, fd) of each fd systemd passed process `pid` — a socket
+    unit's sockets, the fd store's fds — with "" where systemd gave no name; [] when the variables
+    are not `pid`'s (LISTEN_PID: inherited from a parent)."""
+    try:
+        if int(environ.get("LISTEN_PID", "")) != pid:
+            return []
+        count = int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    return [(names[i] if i < len(names) else "", LISTEN_FDS_START + i) for i in range(count)]

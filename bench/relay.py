@@ -119,61 +119,48 @@ def is_echo(frame: dict) -> bool:
     return frame["type"] == "sidecar_message" and frame["payload"]["type"] == "echo"
 
 
-async def relayed(relay: RunningRelay, clients: int, seconds: float, window: int, rate: float = 0) -> dict:
-    connections = [await controller(relay) for _ in range(clients)]
-    for connection in connections:
-        await next_frame(connection, "ready")
+async def load(
+    connections: list, message: str, is_answer, seconds: float, window: int, rate: float
+) -> tuple[float, float, float]:
+    """Every connection sends `message` for `seconds` (`exchange`), then closes: (answers/s, p50 ms,
+    p99 ms). Paced clients (`rate` in all) are spread over the interval, as independent controllers
+    are: all of them sending in the same instant would measure the burst, not the rate."""
     latencies: list[float] = []
-    interval = clients / rate if rate else 0
+    interval = len(connections) / rate if rate else 0
     started = time.perf_counter()
     deadline = started + seconds
-    ping = '{"id":"b","type":"ping"}'
-    # paced clients are spread over the interval, as independent controllers are: all of them
-    # sending in the same instant would measure the burst, not the rate
-    counts = await asyncio.gather(
+    answered = await asyncio.gather(
         *(
-            exchange(c, ping, is_pong, deadline, window, interval, i / clients, latencies)
+            exchange(c, message, is_answer, deadline, window, interval, i / len(connections), latencies)
             for i, c in enumerate(connections)
         )
     )
     elapsed = time.perf_counter() - started
     for connection in connections:
         await connection.close()
-    return {
-        "frames_per_s": sum(counts) / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
+    return sum(answered) / elapsed, percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+
+
+async def relayed(relay: RunningRelay, clients: int, seconds: float, window: int, rate: float = 0) -> dict:
+    connections = [await controller(relay) for _ in range(clients)]
+    for connection in connections:
+        await next_frame(connection, "ready")
+    per_s, p50_ms, p99_ms = await load(connections, '{"id":"b","type":"ping"}', is_pong, seconds, window, rate)
+    return {"frames_per_s": per_s, "p50_ms": p50_ms, "p99_ms": p99_ms}
 
 
 async def agent_messages(relay: RunningRelay, seconds: float, window: int, clients: int = 1, rate: float = 0) -> dict:
     """`clients` controllers (each its own session and sidecar) keep `window` queries in flight, or
-    send `rate` queries/s in all, spread over the interval as in `relayed`."""
+    send `rate` queries/s in all (`load`)."""
     connections = []
     for _ in range(clients):
         connections.append(await controller(relay))
         await next_frame(connections[-1], "ready")
     for connection in connections:
         await next_frame(connection, "sidecar_message", timeout=60)  # its sidecar is up
-    latencies: list[float] = []
     query = json.dumps({"id": "q", "type": "agent_query", "payload": {"prompt": PROMPT}})
-    interval = clients / rate if rate else 0
-    started = time.perf_counter()
-    deadline = started + seconds
-    answered = await asyncio.gather(
-        *(
-            exchange(c, query, is_echo, deadline, window, interval, i / clients, latencies)
-            for i, c in enumerate(connections)
-        )
-    )
-    elapsed = time.perf_counter() - started
-    for connection in connections:
-        await connection.close()
-    return {
-        "messages_per_s": sum(answered) / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
+    per_s, p50_ms, p99_ms = await load(connections, query, is_echo, seconds, window, rate)
+    return {"messages_per_s": per_s, "p50_ms": p50_ms, "p99_ms": p99_ms}
 
 
 async def idle_memory(relay: RunningRelay, count: int) -> dict:

@@ -25,8 +25,8 @@ import socket
 from typing import Any
 
 from agor_systemd.giveup import gave_up_variable
-from agor_systemd.manager import PROPERTIES_IFACE, BusError, Systemd, unit_path
-from agor_systemd.notify import notify
+from agor_systemd.manager import PROPERTIES_IFACE, BusError, Systemd, runtime_directory, unit_path
+from agor_systemd.notify import listen_fds, notify
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 PTY_ID = re.compile(r"[0-9a-f]{16}")
@@ -66,12 +66,8 @@ def exit_code(code: int, status: int) -> int | None:
 
 
 def passed_fds(environ: dict[str, str], pid: int) -> dict[str, int]:
-    """The fds systemd passed this process (LISTEN_FDS, from fd 3; its fd store included), by name."""
-    if environ.get("LISTEN_PID") != str(pid) or not environ.get("LISTEN_FDS", "").isdigit():
-        return {}
-    count = int(environ["LISTEN_FDS"])
-    names = environ.get("LISTEN_FDNAMES", "").split(":")
-    return {(names[i] if i < len(names) else f"unknown{i}"): 3 + i for i in range(count)}
+    """The fds systemd passed this process (its fd store's), by name; unnamed ones as unknownN."""
+    return {name or f"unknown{i}": fd for i, (name, fd) in enumerate(listen_fds(environ, pid))}
 
 
 def bind_listener(bind: str | None, port: int) -> socket.socket:
@@ -118,11 +114,15 @@ class UnitHost:
 
     def __init__(self, system: bool = False) -> None:
         self.systemd = Systemd(system).__enter__()
+        self.runtime_dir = runtime_directory()  # the manager's %t: where the sidecars' sockets are
 
-    def _unit(self, name: str, interface: str, prop: str) -> Any:
-        path = unit_path(name)
+    def _get(self, path: bytes, interface: str, prop: str) -> Any:
+        """Properties.Get: the value itself (pystemd hands back the one-element body)."""
         reply = self.systemd.call(path, PROPERTIES_IFACE, b"Get", b"ss", [interface.encode(), prop.encode()])
         return reply[0] if isinstance(reply, list | tuple) and len(reply) == 1 else reply
+
+    def _unit(self, name: str, interface: str, prop: str) -> Any:
+        return self._get(unit_path(name), interface, prop)
 
     # -- terminals -----------------------------------------------------------------------------------
 
@@ -211,14 +211,10 @@ class UnitHost:
         try:
             path = self.systemd.manager("GetUnitByPID", "u", os.getpid())
             path = path[0] if isinstance(path, list | tuple) else path
-            reply = self.systemd.call(path.encode(), PROPERTIES_IFACE, b"Get", b"ss", [UNIT_IFACE.encode(), b"Job"])
-            job_id, job_path = reply[0] if len(reply) == 1 else reply
+            job_id, job_path = self._get(path.encode(), UNIT_IFACE, "Job")
             if not job_id:
                 return False
-            reply = self.systemd.call(
-                job_path.encode(), PROPERTIES_IFACE, b"Get", b"ss", [b"org.freedesktop.systemd1.Job", b"JobType"]
-            )
-            job_type = reply[0] if isinstance(reply, list | tuple) else reply
+            job_type = self._get(job_path.encode(), "org.freedesktop.systemd1.Job", "JobType")
             return str(job_type) in ("restart", "try-restart", "reload-or-restart")
         except BusError:
             return False

@@ -168,8 +168,7 @@ class Session:
         self.sidecar: Sidecar | UnitSidecar | None = None
         if settings.sidecar is not None and with_sidecar:
             if settings.host is not None:
-                runtime_dir = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
-                self.sidecar = UnitSidecar(settings.host, session_id, settings.sidecar, self.emit, runtime_dir)
+                self.sidecar = UnitSidecar(settings.host, session_id, settings.sidecar, self.emit)
             else:
                 self.sidecar = Sidecar(settings.sidecar, self.emit)
 

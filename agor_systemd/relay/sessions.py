@@ -91,9 +91,8 @@ class ChildTerminal:
             os.killpg(self.pid, signal.SIGHUP)
 
     def end(self) -> None:
-        """The session ends: hang up (SIGHUP to its process group), as a closing terminal window."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGHUP)
+        """The session ends: hang up, as a closing terminal window."""
+        self.hang_up()
 
     def forget(self) -> None:
         """It has exited and its status is read: nothing is left to clean up."""
@@ -114,13 +113,12 @@ class UnitTerminal:
         return status
 
     def hang_up(self) -> None:
-        """pty_close: SIGHUP to everything in its unit (the relay's Landlock domain may signal
-        nothing outside itself: systemd does it)."""
+        """pty_close: SIGHUP to every process of its unit (systemd knows them all, the relay is
+        not their parent)."""
         self.host.kill(self.unit, signal.SIGHUP)
 
     def end(self) -> None:
-        self.host.stop(self.unit)  # SendSIGHUP=: SIGTERM and SIGHUP to everything on the terminal
-        forget_fd(self.fd_name)
+        self.forget()  # the stop is the hangup: SendSIGHUP=, SIGTERM and SIGHUP to all of the unit
 
     def forget(self) -> None:
         self.host.stop(self.unit)  # what the program left running on the terminal, and the unit
@@ -482,11 +480,11 @@ class UnitSidecar(SidecarInput):
     relay's process. The relay is its socket's one client: the bridge keeps what the sidecar writes
     while the relay is away (up to [socket] buffer_mib) and hands it over on the next connect."""
 
-    def __init__(self, host: UnitHost, session: str, spec: SidecarSpec, emit: Emit, runtime_dir: str) -> None:
-        self.host, self.session, self.spec, self.emit, self.runtime_dir = host, session, spec, emit, runtime_dir
+    def __init__(self, host: UnitHost, session: str, spec: SidecarSpec, emit: Emit) -> None:
+        self.host, self.session, self.spec, self.emit = host, session, spec, emit
         super().__init__()
         self.service, self.socket = relay_sidecar_instance(session)
-        self.path = relay_sidecar_socket_path(runtime_dir, session)
+        self.path = relay_sidecar_socket_path(host.runtime_dir, session)
         self.task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _connect(self) -> asyncio.StreamReader:
@@ -568,7 +566,7 @@ class UnitSidecar(SidecarInput):
         self.state = "stopped"
         await self._disconnect()
         self.host.restart_sidecar(self.service)
-        return UnitSidecar(self.host, self.session, self.spec, self.emit, self.runtime_dir)
+        return UnitSidecar(self.host, self.session, self.spec, self.emit)
 
     async def suspend(self) -> None:
         """The relay restarts: only the connection ends; the bridge keeps the output meanwhile."""

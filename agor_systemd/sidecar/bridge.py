@@ -26,9 +26,9 @@ import os
 import select
 from _collections import deque  # the C type: `collections` itself imports a dozen modules
 
+from agor_systemd.notify import listen_fds
 from agor_systemd.sidecar.protocol import BUFFER_BYTES, CLIENT_QUEUE_BYTES
 
-LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 FD_NAME = "sidecar"  # the socket unit's FileDescriptorName=
 LISTEN_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 STDIN_QUEUE_BYTES = 1024 * 1024  # beyond this, clients are not read until the sidecar reads its stdin
@@ -37,19 +37,13 @@ CLOSE_FLUSH_S = 1.0  # at the sidecar's exit: how long clients get to take what 
 
 
 def listen_fd(environ: dict[str, str], pid: int) -> int | None:
-    """The fd of the socket named FD_NAME that systemd passed to process `pid`, else None
-    (sd_listen_fds: LISTEN_PID must be ours, else the variables were inherited)."""
-    try:
-        if int(environ.get("LISTEN_PID", "")) != pid:
-            return None
-        count = int(environ.get("LISTEN_FDS", ""))
-    except ValueError:
-        return None
-    names = environ.get("LISTEN_FDNAMES", "").split(":")
-    for index in range(count):
-        if index < len(names) and names[index] == FD_NAME:
-            return LISTEN_FDS_START + index
-    return LISTEN_FDS_START if count == 1 and names == [""] else None
+    """The fd of the socket named FD_NAME that systemd passed to process `pid`, else None; a single
+    socket without a name is it too."""
+    passed = listen_fds(environ, pid)
+    for name, fd in passed:
+        if name == FD_NAME:
+            return fd
+    return passed[0][1] if len(passed) == 1 and passed[0][0] == "" else None
 
 
 def dropped_notice(lines: int, reason: str) -> bytes:

@@ -19,6 +19,11 @@ two single-threaded event loops do not take turns on one core.
    then `--sessions` clients at once, each its own session with its own sidecar (as agor: a sidecar
    per controller), `--window` in flight each.
 5. Memory: relay RSS with `--idle` idle TLS connections (--no-sidecar relay), per connection.
+6. Where the p99 target holds: when the 100 sessions' p99 at half rate misses 10 ms, the same at
+   40, 30 and 20 % of the maximum until one meets it.
+7. The machine's price of a wakeup: two processes passing 1 KiB back and forth over a socketpair,
+   on one CPU and on two. A message through the relay wakes four processes six times (relay,
+   launcher, sidecar, launcher, relay; the generator), so this sets its floor.
 
 Output: a table; with --json, the table goes to stderr and a JSON document to stdout.
 Exit status: 0 issue 11's targets met (≥ 10,000 agent messages/s with `--sessions` clients, each with
@@ -32,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -55,6 +61,30 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def wakeup_round_trip(cpus: tuple[int, int], rounds: int = 20_000) -> tuple[float, float]:
+    """(µs per round trip, µs of the sender's CPU per round trip): 1 KiB to a child pinned to
+    cpus[1] and back, this process on cpus[0]."""
+    here, there = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        os.sched_setaffinity(0, {cpus[1]})
+        for _ in range(rounds):
+            there.sendall(there.recv(4096))
+        os._exit(0)
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    message = b"x" * 1024
+    cpu, started = time.process_time(), time.perf_counter()
+    for _ in range(rounds):
+        here.sendall(message)
+        here.recv(4096)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    os.waitpid(child, 0)
+    os.sched_setaffinity(0, affinity)
+    here.close(), there.close()
+    return elapsed / rounds * 1e6, cpu / rounds * 1e6
 
 
 async def connect_times(relay: RunningRelay, count: int) -> list[float]:
@@ -210,6 +240,13 @@ def main() -> int:
                     agent_messages(relay, args.seconds, 1, args.sessions, rate=many["messages_per_s"] / 2)
                 )
                 results[f"agent_messages_{args.sessions}_sessions_half_rate"] = half
+                for fraction in (0.4, 0.3, 0.2):  # where the p99 target holds, when it misses at half
+                    if half["p99_ms"] <= 10:
+                        break
+                    half = asyncio.run(
+                        agent_messages(relay, args.seconds, 1, args.sessions, rate=many["messages_per_s"] * fraction)
+                    )
+                    results[f"agent_messages_{args.sessions}_sessions_{fraction:.0%}_rate"] = half
         finally:
             relay.stop()
         relay = pinned(start_relay(Path(tmp, "plain"), "--max-connections", cap, sidecar=False))
@@ -227,8 +264,14 @@ def main() -> int:
             results["idle"] = asyncio.run(idle_memory(relay, args.idle))
         finally:
             relay.stop()
+    pairs = {"wakeup_round_trip_one_cpu": (cpus[0], cpus[0])}
+    if len(cpus) >= 2:
+        pairs["wakeup_round_trip_two_cpus"] = (cpus[0], cpus[1])
+    for label, pair in pairs.items():
+        round_trip, cpu = wakeup_round_trip(pair)
+        results[label] = {"round_trip_us": round_trip, "sender_cpu_us": cpu}
     for name, values in results.items():
-        print(f"{name:34} " + "  ".join(f"{k} {v:,.2f}" for k, v in values.items()), file=out)
+        print(f"{name:40} " + "  ".join(f"{k} {v:,.2f}" for k, v in values.items()), file=out)
     idle = results["idle"]  # with --idle other than 1,000: its RSS plus the per-connection cost for the rest
     at_1000 = idle["rss_mib"] + idle["per_connection_kib"] * (1000 - args.idle) / 1024
     targets = {"1,000 idle connections <= 350 MiB": at_1000 <= 350}

@@ -1,10 +1,14 @@
-"""The bridge's Sans-I/O core: line framing, the backlog, per-client queues, overflow notices."""
+"""The bridge's Sans-I/O core: line framing, the backlog, per-client queues, overflow notices; and
+its I/O on real sockets and pipes."""
 
 from __future__ import annotations
 
 import json
+import os
+import select
+import socket
 
-from agor_systemd.sidecar.bridge import Bridge, Outbox, dropped_notice, listen_fd, split_lines
+from agor_systemd.sidecar.bridge import Bridge, Outbox, SocketBridge, dropped_notice, listen_fd, split_lines
 from agor_systemd.sidecar.health import socket_clients
 
 
@@ -138,6 +142,46 @@ def test_input_stops_being_read_while_the_sidecars_stdin_is_full():
     assert not bridge.wants_input()
     bridge.stdin.wrote(11)
     assert bridge.wants_input()
+
+
+def test_lines_are_written_as_they_come_and_polled_for_only_when_a_socket_is_full(tmp_path):
+    """Each message would otherwise cost two more wakeups of the launcher (poll for POLLOUT, write)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "sidecar.sock"))
+    listener.listen()
+    stdin_r, stdin_w = os.pipe()
+    os.set_blocking(stdin_r, False)  # nothing there: BlockingIOError, not a hang
+    poller = select.poll()
+    bridge = SocketBridge(listener.detach(), stdin_w, poller, Bridge(), on_change=lambda: None)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(tmp_path / "sidecar.sock"))
+    client.settimeout(0.1)
+    bridge.handle(bridge.listener.fileno(), select.POLLIN)
+    [fd] = bridge.core.clients
+
+    client.sendall(b'{"type":"query"}\n')
+    bridge.handle(fd, select.POLLIN)
+    assert os.read(stdin_r, 100) == b'{"type":"query"}\n'  # in the same call, no POLLOUT round
+    assert not bridge.interest.get(stdin_w, 0) & select.POLLOUT
+
+    bridge.sidecar_output(b'{"type":"answer"}\n')
+    assert client.recv(100) == b'{"type":"answer"}\n'
+    assert not bridge.interest[fd] & select.POLLOUT
+
+    # a client that does not read: what its socket cannot take waits, polled for
+    lines = [b"%06d" % n + b"x" * 1000 + b"\n" for n in range(2000)]
+    bridge.sidecar_output(b"".join(lines))
+    assert bridge.interest[fd] & select.POLLOUT and bridge.core.clients[fd].outbox
+    client.setblocking(False)
+    received = b""
+    while len(received) < sum(map(len, lines)):
+        try:
+            received += client.recv(1 << 20)
+        except BlockingIOError:
+            for ready, events in poller.poll(1000):
+                bridge.handle(ready, events)
+    assert received.splitlines(keepends=True) == lines
+    assert not bridge.interest[fd] & select.POLLOUT
 
 
 def test_listen_fd_wants_our_pid_and_the_name():

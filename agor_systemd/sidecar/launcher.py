@@ -774,6 +774,9 @@ class Supervisor:
         self.sandbox = sandbox  # the Landlock set-up, when the sandbox is on
         self.bus = bus  # fallback mode: connected before the spawn; native: by count_attempt()
         self.attempt = attempt
+        # None when this process is not its unit's: a relay run by hand started it, and has no
+        # unit of that name to ask about; the relay keeps the restart count itself
+        self.unit_procs_file = own_cgroup_procs_file(options.unit)
         self.stopping = False
         self.watchdog_fired = False
         self.ready_at: float | None = None
@@ -870,6 +873,8 @@ class Supervisor:
     def systemd_signalling_all(self) -> str | None:
         """The unit's SubState when systemd is signalling every process of the unit itself
         (KillMode=control-group), else None; None also when systemd cannot be asked."""
+        if self.unit_procs_file is None:
+            return None
         try:
             bus = ManagerBus(self.options.system)
             try:
@@ -1144,7 +1149,7 @@ class Supervisor:
             # what is left once the main process is gone on a hybrid cgroup hierarchy in a
             # container, and a write to a pipe nobody reads would kill them with SIGPIPE.
             # systemd's stop timeout bounds the wait.
-            forward_until_closed(self.streams, until_alone_in=own_cgroup_procs_file(self.options.unit))
+            forward_until_closed(self.streams, until_alone_in=self.unit_procs_file)
             sys.exit(end.exit_status)
         self.hand_over_output()
         if giving_up:
@@ -1348,7 +1353,7 @@ def run(options: ParsedLauncherOptions) -> None:
         supervisor = Supervisor.spawn(options, sandbox, bus, attempt, listen)
     except OSError as e:  # e.g. the program was removed after install
         fail_before_spawn(options, bus, attempt, f"cannot start {options.command[0]}: {e.strerror}", listen)
-    if bus is None:
+    if bus is None and supervisor.unit_procs_file is not None:
         supervisor.count_attempt()
     if TRACE is not None:
         TRACE.running(supervisor.pid, supervisor.attempt, options.attempts, supervisor.spawned_ns())

@@ -493,6 +493,23 @@ def test_cgroup_procs_file(proc_self_cgroup, unit, expected):
     assert cgroup_procs_file(proc_self_cgroup, unit) == expected
 
 
+def test_a_launcher_outside_its_unit_names_the_missing_program(tmp_path):
+    """A relay run by hand starts launchers in its own cgroup: no unit of that name to ask systemd
+    about, so the attempt count stays the relay's and the one-line error is the real cause."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(REPO / "agor_systemd" / "_launch.py"), "--unit", "agor-relay-sidecar"]
+        + ["--attempts", "5", "--stability-window", "300", "--", str(tmp_path / "no-such-runner")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")},
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"<3>agor-launch: cannot start {tmp_path / 'no-such-runner'}: No such file or directory; restart 1/5 follows"
+    ]
+
+
 def test_the_output_forwarder_outlives_sigterm_and_ends_when_the_writers_are_gone():
     """What takes the pipes over after a crash: it forwards with priorities until end of file."""
     out_r, out_w = os.pipe()

@@ -1225,7 +1225,9 @@ def fail_before_spawn(
     options: ParsedLauncherOptions, bus: ManagerBus | None, attempt: int, cause: str, listen: int | None = None
 ) -> NoReturn:
     """End an attempt that cannot spawn the sidecar as a crash: the schedule and the budget apply."""
-    if bus is None and options.attempts:  # native backoff: the attempt number is needed only now
+    # native backoff: the attempt number is needed only now, and only systemd's own process of the
+    # unit can ask (as count_attempt)
+    if bus is None and options.attempts and own_cgroup_procs_file(options.unit) is not None:
         attempt = ManagerBus(options.system).restart_count(options.unit)
     end = start_failure(cause, attempt, options.attempts)
     if end.exit_status == GAVE_UP_STATUS:
